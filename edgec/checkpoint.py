@@ -1,0 +1,180 @@
+"""Streaming, validating reader for gpt-oss checkpoints in the HF layout or OpenAI's `original/` layout.
+
+`Checkpoint.open(path)` validates every shard header against the spec before any work and raises an
+`EdgecError` naming the file and tensor of the first problem. Tensors are then read one at a time through a
+memory map, always by their HF name (the original layout's fused qkv is split by row views).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import mxfp4
+from .errors import EdgecError
+from .safetensors_io import SafetensorsFile, bf16_to_f32
+from .spec import GptOssConfig, TensorSpec, hf_tensors, load_json, original_sources, original_tensors
+
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def _safe_member(root: Path, name: str, where: str) -> Path:
+    """Resolve a file named by an index inside `root`, refusing anything that escapes it."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+        raise EdgecError(f"{where}: shard path {name!r} escapes the checkpoint folder")
+    full = (root / p).resolve()
+    if full.parent != root.resolve():
+        raise EdgecError(f"{where}: shard path {name!r} escapes the checkpoint folder")
+    return root / p
+
+
+@dataclass
+class Checkpoint:
+    """An opened, validated checkpoint. Read tensors with `raw`, `f32` or `iter_tensors`."""
+
+    path: Path
+    layout: str  # "hf" or "original"
+    config: GptOssConfig
+    files: dict[str, SafetensorsFile] = field(default_factory=dict)
+    location: dict[str, str] = field(default_factory=dict)  # stored tensor name -> file name
+    _sources: dict[str, tuple[str, slice | None]] = field(default_factory=dict)
+
+    # ---- opening ----------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, check_scales: bool = True) -> Checkpoint:
+        ckpt = cls.scan(path)
+        problems = ckpt.problems(check_scales=check_scales)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise EdgecError(problems[0] + more)
+        return ckpt
+
+    @classmethod
+    def scan(cls, path: str | Path) -> Checkpoint:
+        """Read config and shard headers; raise only for problems that stop all inspection."""
+        root = Path(path)
+        if not root.exists():
+            raise EdgecError(f"{root}: no such checkpoint folder")
+        if not root.is_dir():
+            raise EdgecError(f"{root}: expected a checkpoint folder (config.json + *.safetensors), got a file")
+        cfg_path = root / "config.json"
+        if not cfg_path.exists():
+            raise EdgecError(f"{cfg_path}: file not found (not a checkpoint folder)")
+        raw_cfg = load_json(cfg_path)
+        if "model_type" not in raw_cfg and "num_experts" in raw_cfg and "experts_per_token" in raw_cfg:
+            layout, config = "original", GptOssConfig.from_original(raw_cfg, str(cfg_path))
+        else:
+            layout, config = "hf", GptOssConfig.from_hf(raw_cfg, str(cfg_path))
+        ckpt = cls(root, layout, config)
+        index = root / INDEX
+        if index.exists():
+            wm = load_json(index).get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise EdgecError(f"{index}: missing or empty weight_map")
+            names = sorted(set(wm.values()))
+            for n in names:
+                if not isinstance(n, str):
+                    raise EdgecError(f"{index}: weight_map values must be file names")
+                _safe_member(root, n, str(index))
+        else:
+            names = sorted(p.name for p in root.glob("*.safetensors"))
+            if not names:
+                raise EdgecError(f"{root}: no *.safetensors shards and no {INDEX}")
+        for n in names:
+            f = SafetensorsFile(root / n)
+            ckpt.files[n] = f
+            for t in f.entries:
+                if t in ckpt.location:
+                    raise EdgecError(f"{root / n}: tensor {t}: also stored in {ckpt.location[t]}")
+                ckpt.location[t] = n
+        if index.exists():
+            for t, n in load_json(index)["weight_map"].items():
+                if t not in ckpt.files[n].entries:
+                    raise EdgecError(f"{root / n}: tensor {t}: named in {INDEX} but not in this shard")
+        if layout == "hf":
+            ckpt._sources = {t.name: (t.name, None) for t in hf_tensors(config)}
+        else:
+            ckpt._sources = original_sources(config)
+        return ckpt
+
+    def expected(self) -> list[TensorSpec]:
+        return hf_tensors(self.config) if self.layout == "hf" else original_tensors(self.config)
+
+    def problems(self, check_scales: bool = True) -> list[str]:
+        """Every mismatch between the stored tensors and the spec, one line each (file and tensor named)."""
+        out = []
+        expected = {t.name: t for t in self.expected()}
+        for name, t in expected.items():
+            fname = self.location.get(name)
+            if fname is None:
+                out.append(f"{self.path}: tensor {name}: missing (expected {t.dtype} {list(t.shape)})")
+                continue
+            e = self.files[fname].entries[name]
+            where = f"{self.path / fname}: tensor {name}"
+            if e["dtype"] != t.dtype:
+                out.append(f"{where}: dtype {e['dtype']}, expected {t.dtype}")
+            elif tuple(e["shape"]) != t.shape:
+                out.append(f"{where}: shape {list(e['shape'])}, expected {list(t.shape)}")
+            elif check_scales and t.kind == "expert_scales":
+                try:
+                    mxfp4.check_scales(self.files[fname].raw(name), where)
+                except EdgecError as err:
+                    out.append(str(err))
+        for name, fname in self.location.items():
+            if name not in expected:
+                out.append(f"{self.path / fname}: tensor {name}: unexpected tensor, not part of gpt-oss "
+                           f"({self.layout} layout)")
+        return out
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def specs(self) -> list[TensorSpec]:
+        """The HF-named tensors this checkpoint provides, in model order."""
+        return hf_tensors(self.config)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of an HF-named tensor (BF16 as uint16, MXFP4 parts as uint8)."""
+        stored, rows = self._sources[name]
+        arr = self.files[self.location[stored]].raw(stored)
+        return arr if rows is None else arr[rows]
+
+    def f32(self, name: str) -> np.ndarray:
+        """A BF16 tensor as float32 (a copy)."""
+        return bf16_to_f32(self.raw(name))
+
+    def experts(self, layer: int, which: str, experts: list[int] | np.ndarray) -> np.ndarray:
+        """Decode only the given experts of `gate_up_proj` or `down_proj` to float32 [len, out, in]."""
+        p = f"model.layers.{layer}.mlp.experts.{which}"
+        blocks, scales = self.raw(p + "_blocks"), self.raw(p + "_scales")
+        idx = np.asarray(experts)
+        return mxfp4.decode(blocks[idx], scales[idx])
+
+    def iter_tensors(self) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+        for t in self.specs():
+            yield t, self.raw(t.name)
+
+    def source_bytes(self) -> int:
+        return sum(f.path.stat().st_size for f in self.files.values())
+
+    def config_hash(self) -> str:
+        return hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
+
+    def tokenizer_files(self) -> list[Path]:
+        """Tokenizer and generation files present beside the weights (HF root for an `original/` folder)."""
+        roots = [self.path] + ([self.path.parent] if self.layout == "original" else [])
+        found: dict[str, Path] = {}
+        for r in roots:
+            for n in TOKENIZER_FILES:
+                if n not in found and (r / n).is_file():
+                    found[n] = r / n
+        return list(found.values())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()

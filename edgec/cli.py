@@ -1,0 +1,186 @@
+"""The `edgec` command line. Commands stay thin; the work lives in the modules they call.
+
+Importing this module never imports a backend (mlx, onnxruntime): those load inside the commands that need
+them, and a missing one is reported as a one-line install hint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgecError
+from .progress import stderr
+
+
+class EdgecGroup(click.Group):
+    """Turns EdgecError into one red line and its exit code, and Ctrl-C into exit 130, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgecError as e:
+            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            stderr.print("[bold red]interrupted[/]")
+            sys.exit(130)
+
+
+@click.group(cls=EdgecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgec")
+def main() -> None:
+    """edgec: convert gpt-oss checkpoints for the edge (MLX, ONNX Runtime), prove parity, and chat."""
+
+
+def emit_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+# ---- foundation ----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "20b", "120b"]))
+@click.option("--layers", type=int, help="number of layers (overrides the preset)")
+@click.option("--hidden", type=int, help="hidden size (multiple of 32)")
+@click.option("--intermediate", type=int, help="expert intermediate size (multiple of 32)")
+@click.option("--head-dim", type=int)
+@click.option("--heads", type=int, help="query heads")
+@click.option("--kv-heads", type=int, help="key/value heads")
+@click.option("--experts", type=int)
+@click.option("--top-k", type=int, help="experts per token")
+@click.option("--vocab", type=int, help="vocabulary rows (Harmony needs 201088)")
+@click.option("--shards", type=int, help="number of safetensors shards")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layout", type=click.Choice(["hf", "original", "both"]), default="hf", show_default=True)
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads, kv_heads, experts, top_k, vocab,
+          shards, seed, layout, force) -> None:
+    """Write a synthetic gpt-oss checkpoint that follows the published layout to the byte."""
+    from .progress import byte_progress
+    from .spec import preset as make
+    from .synth import synthesize, total_bytes
+
+    cfg = make(preset, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+               head_dim=head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               num_local_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab)
+    with byte_progress(total_bytes(cfg, layout), f"synth {preset}") as advance:
+        synthesize(cfg, out, seed=seed, shards=shards, layout=layout, force=force, progress=advance)
+    stderr.print(f"wrote {out} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                 f"{cfg.num_local_experts} experts, {total_bytes(cfg, layout) / 1e9:.2f} GB)")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--context", type=int, default=None, help="context length for the memory plan (default: model max)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inspect(src: Path, context: int | None, as_json: bool) -> None:
+    """Architecture, parameters, tensor inventory check and a memory plan per target."""
+    from .inspect import inspect_report, render_report
+
+    report = inspect_report(src, context)
+    if as_json:
+        emit_json(report)
+    else:
+        render_report(report)
+    if report.get("problems"):
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--ids", help="comma-separated token ids")
+@click.option("--ids-file", type=click.Path(exists=True, path_type=Path), help="JSON list of token ids")
+@click.option("--last", type=int, help="only the last N positions")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="output .npy file")
+def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None, out: Path) -> None:
+    """float32 logits [positions, vocab] of MODEL (a source checkpoint or an edgec output) for token ids."""
+    import numpy as np
+
+    from .runtime.base import load_backend
+
+    tokens = parse_ids(ids, ids_file)
+    backend = load_backend(model, max_context=len(tokens))
+    vocab = backend.config.vocab_size
+    if bad := [t for t in tokens if not 0 <= t < vocab]:
+        raise EdgecError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    n = len(tokens) if last is None else max(1, min(last, len(tokens)))
+    result = backend.forward(tokens, all_logits=True)[-n:]
+    np.save(out, result.astype(np.float32))
+    stderr.print(f"{backend.name}: wrote {out} {list(result.shape)} float32")
+
+
+def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
+    if (ids is None) == (ids_file is None):
+        raise EdgecError("give exactly one of --ids or --ids-file")
+    try:
+        tokens = [int(t) for t in ids.split(",") if t.strip()] if ids is not None else json.loads(ids_file.read_text())
+    except ValueError as e:
+        raise EdgecError(f"could not read token ids ({e})") from None
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        raise EdgecError("token ids must be a non-empty list of integers")
+    return tokens
+
+
+# ---- conversion --------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--target", "-t", required=True, help="target profile name (see `edgec targets`)")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="output folder")
+@click.option("--dense", help="format of the non-expert weights (profile default if omitted)")
+@click.option("--experts", help="format of the expert weights (profile default if omitted)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
+def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, force: bool,
+            as_json: bool) -> None:
+    """Convert a gpt-oss checkpoint for a deployment target."""
+    from .convert import run_convert
+
+    summary = run_convert(src, target, out, dense=dense, experts=experts, force=force)
+    if as_json:
+        emit_json(summary)
+    else:
+        stderr.print(f"[green]converted[/] {src} -> {out} ({target}) in {summary.get('seconds', 0):.1f}s, "
+                     f"peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json: bool) -> None:
+    """List the deployment target profiles."""
+    from rich.table import Table
+
+    from .targets import list_targets, load_profile
+
+    profs = [load_profile(n) for n in list_targets()]
+    if as_json:
+        emit_json(profs)
+        return
+    t = Table("target", "runtime", "provider", "experts", "dense", "notes")
+    for p in profs:
+        t.add_row(p["name"], p.get("runtime", ""), p.get("execution_provider", ""),
+                  str(p.get("experts", {}).get("default", "")), str(p.get("dense", {}).get("default", "")),
+                  p.get("summary", ""))
+    stderr.print(t)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
+    import importlib
+
+    for mod in ("harmony.cli", "runtime.cli", "parity", "bench"):
+        try:
+            m = importlib.import_module(f".{mod}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("edgec"):
+                continue  # not written yet
+            raise
+        for cmd in getattr(m, "COMMANDS", []):
+            main.add_command(cmd)
+
+
+_register_optional_commands()

@@ -1,0 +1,37 @@
+"""Pieces every converter shares: tokenizer files, the edgec.json manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..fsutil import sha256_file
+
+
+def copy_tokenizer_files(ckpt: Checkpoint, out: Path) -> list[str]:
+    names = []
+    for p in ckpt.tokenizer_files():
+        shutil.copyfile(p, out / p.name)
+        names.append(p.name)
+    return names
+
+
+def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """edgec.json: target, recipe, source config hash, edgec version and the sha256 of every file written."""
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(out.iterdir()) if p.is_file() and p.name != "edgec.json"}
+    manifest = {
+        "edgec_version": __version__,
+        "target": profile["name"],
+        "runtime": profile.get("runtime"),
+        "recipe": recipe,
+        "source": {"path": str(ckpt.path), "layout": ckpt.layout, "config_sha256": ckpt.config_hash()},
+        "config": ckpt.config.as_dict(),
+        "files": files,
+    }
+    (out / "edgec.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

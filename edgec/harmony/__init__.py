@@ -1,0 +1,1 @@
+"""Harmony: gpt-oss's chat format (renderer, streaming parser, o200k_harmony tokenizer)."""

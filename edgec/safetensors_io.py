@@ -1,0 +1,181 @@
+"""Safetensors files, read through a memory map and written incrementally. Never unpickles anything.
+
+The format is 8 bytes of little-endian header length, a JSON header, then raw little-endian tensor data.
+Headers are validated before any data is touched; BF16 tensors come back as uint16 views (see `bf16`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .errors import EdgecError
+from .spec import DTYPE_SIZE
+
+NP_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8,
+            "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32, "I64": np.int64,
+            "U64": np.uint64, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file. `raw(name)` is a zero-copy numpy view."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise EdgecError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > MAX_HEADER:
+                    raise EdgecError(f"{self.path}: header length {n} is larger than the file ({size} bytes)")
+                raw = f.read(n)
+        except FileNotFoundError:
+            raise EdgecError(f"{self.path}: shard file not found") from None
+        except IsADirectoryError:
+            raise EdgecError(f"{self.path}: is a directory, not a safetensors file") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("not an object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise EdgecError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_size = size - self.data_start
+        self.entries: dict[str, dict[str, Any]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (b, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise EdgecError(f"{self.path}: tensor {name}: malformed header entry") from None
+            if dtype not in DTYPE_SIZE:
+                raise EdgecError(f"{self.path}: tensor {name}: unsupported dtype {dtype}")
+            if not (0 <= b <= end) or end - b != math.prod(shape) * DTYPE_SIZE[dtype]:
+                raise EdgecError(f"{self.path}: tensor {name}: data_offsets [{b}, {end}] do not match "
+                                 f"{dtype} {shape}")
+            if end > data_size:
+                raise EdgecError(f"{self.path}: tensor {name}: truncated file (data ends at byte "
+                                 f"{self.data_start + end}, file has {size})")
+            self.entries[name] = {"dtype": dtype, "shape": tuple(shape), "offsets": (b, end)}
+        self._mm: mmap.mmap | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of a tensor (BF16 as uint16)."""
+        e = self.entries[name]
+        b, end = e["offsets"]
+        arr = np.frombuffer(self._map(), dtype=NP_DTYPE[e["dtype"]], count=(end - b) // DTYPE_SIZE[e["dtype"]],
+                            offset=self.data_start + b)
+        return arr.reshape(e["shape"])
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive; the map closes when it is collected
+                pass
+            self._mm = None
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor (or chunk by chunk) in a declared order.
+
+    The header is written first from the declared (name, dtype, shape) list, so data can stream straight
+    to disk; `write(name, array)` or several `write(name, chunk)` calls fill each tensor in order.
+    """
+
+    def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        self.order: list[tuple[str, int]] = []
+        off = 0
+        for name, dtype, shape in entries:
+            nb = math.prod(shape) * DTYPE_SIZE[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nb]}
+            self.order.append((name, nb))
+            off += nb
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.total = 8 + len(blob) + off
+        self.f: BinaryIO = open(self.path, "wb")
+        self.f.write(struct.pack("<Q", len(blob)) + blob)
+        self._i = 0
+        self._left = self.order[0][1] if self.order else 0
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        while self._i < len(self.order) and self._left == 0 and self.order[self._i][1] == 0:
+            self._advance()
+        if self._i >= len(self.order) or self.order[self._i][0] != name:
+            expected = self.order[self._i][0] if self._i < len(self.order) else "nothing"
+            raise RuntimeError(f"{self.path}: wrote {name} but {expected} was expected next")
+        buf = np.ascontiguousarray(data)
+        if buf.dtype.byteorder == ">":
+            buf = buf.astype(buf.dtype.newbyteorder("<"))
+        nb = buf.nbytes
+        if nb > self._left:
+            raise RuntimeError(f"{self.path}: {name}: {nb} bytes written, only {self._left} left")
+        self.f.write(memoryview(buf).cast("B"))
+        self._left -= nb
+        if self._left == 0:
+            self._advance()
+
+    def _advance(self) -> None:
+        self._i += 1
+        self._left = self.order[self._i][1] if self._i < len(self.order) else 0
+
+    def close(self) -> None:
+        while self._i < len(self.order) and self.order[self._i][1] == 0:
+            self._advance()
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        if self._i != len(self.order):
+            raise RuntimeError(f"{self.path}: closed before {self.order[self._i][0]} was written")
+
+    def abort(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ---- bf16 without ml_dtypes ----------------------------------------------------------------------------
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even (NaN kept NaN)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded

@@ -1,0 +1,152 @@
+"""Synthetic gpt-oss checkpoints that follow the published layout to the byte, at any size.
+
+Weights are random but realistic in scale (MXFP4 codes over the whole table, E8M0 scales chosen so each
+expert matmul keeps unit scale, about 2**-7 at full size; bf16 elsewhere) so logits are well spread.
+Everything streams: tensors are generated in chunks and written straight to disk, so the 20b preset
+(~13.8 GB) is written with bounded memory. The same seed gives the same values in both layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .fsutil import atomic_dir
+from .safetensors_io import SafetensorsWriter, f32_to_bf16
+from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
+
+CHUNK_BYTES = 64 << 20
+LUT_RMS = math.sqrt(68.5 / 8)  # rms of the E2M1 table over uniformly random codes
+
+GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012],
+                     "pad_token_id": 199999, "transformers_version": "4.55.0.dev0"}
+
+
+def _std(cfg: GptOssConfig, t: TensorSpec) -> tuple[float, float]:
+    """(mean, std) of a bf16 tensor class."""
+    name = t.name
+    if t.kind == "norm":
+        return 1.0, 0.1
+    if t.kind == "embed":
+        return 0.0, 1.0
+    if t.kind == "lm_head":
+        return 0.0, 2.5 / math.sqrt(cfg.hidden_size)
+    if t.kind == "sinks":
+        return 0.0, 1.0
+    if t.kind in ("attn_bias", "expert_bias"):
+        return 0.0, 0.1
+    if name.endswith("router.bias"):
+        return 0.0, 0.5
+    if name.endswith("o_proj.weight"):
+        return 0.0, 0.5 / math.sqrt(cfg.q_dim)
+    return 0.0, 1.5 / math.sqrt(cfg.hidden_size)  # q/k/v and router
+
+
+def _scale_byte(k: int) -> int:
+    """E8M0 scale that gives a K-input MXFP4 matmul roughly unit output scale (120 = 2**-7 at K=2880)."""
+    return 127 + round(math.log2(1.0 / (LUT_RMS * math.sqrt(k))))
+
+
+def tensor_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int) -> Iterator[np.ndarray]:
+    """The tensor's values in row chunks, deterministic in (seed, tensor name, chunk)."""
+    row_shape = t.shape[1:]
+    row_bytes = max(1, t.nbytes // max(t.shape[0], 1))
+    rows = max(1, CHUNK_BYTES // row_bytes)
+    key = zlib.crc32(t.name.encode())
+    for i, s in enumerate(range(0, t.shape[0], rows)):
+        n = min(rows, t.shape[0] - s)
+        rng = np.random.default_rng([seed, key, i])
+        shape = (n, *row_shape)
+        if t.kind == "expert_blocks":
+            yield rng.integers(0, 256, size=shape, dtype=np.uint8)
+        elif t.kind == "expert_scales":
+            k = cfg.intermediate_size if "down_proj" in t.name else cfg.hidden_size
+            yield (_scale_byte(k) + rng.integers(-1, 2, size=shape)).astype(np.uint8)
+        else:
+            mean, std = _std(cfg, t)
+            yield f32_to_bf16(rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean))
+
+
+def shard_names(n: int) -> list[str]:
+    """Published gpt-oss shard naming: model-00000-of-00002.safetensors ... (zero-based, of n-1)."""
+    return [f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+
+
+def _split(specs: list[TensorSpec], n: int) -> list[list[TensorSpec]]:
+    """Split tensors in model order into n shards of roughly equal bytes."""
+    total = sum(t.nbytes for t in specs)
+    out: list[list[TensorSpec]] = [[] for _ in range(n)]
+    acc = 0
+    for t in specs:
+        i = min(n - 1, int(acc * n / total)) if total else 0
+        out[i].append(t)
+        acc += t.nbytes
+    return [s for s in out if s] or [[]]
+
+
+def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Callable[[int], None]) -> None:
+    specs = hf_tensors(cfg)
+    groups = _split(specs, shards)
+    names = shard_names(len(groups))
+    weight_map = {}
+    for fname, group in zip(names, groups):
+        with SafetensorsWriter(root / fname, [(t.name, t.dtype, t.shape) for t in group], {"format": "pt"}) as w:
+            for t in group:
+                for chunk in tensor_chunks(cfg, t, seed):
+                    w.write(t.name, chunk)
+                    progress(chunk.nbytes)
+                weight_map[t.name] = fname
+    if len(names) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in specs)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (root / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    (root / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+
+
+def write_original(cfg: GptOssConfig, root: Path, seed: int, progress: Callable[[int], None]) -> None:
+    """OpenAI's layout: one `model.safetensors`, fused qkv, `block.N.*` names, same values as the HF layout."""
+    root.mkdir(parents=True, exist_ok=True)
+    by_hf = {t.name: t for t in hf_tensors(cfg)}
+    parts: dict[str, list[str]] = {}
+    for hf_name, (orig, _) in original_sources(cfg).items():
+        parts.setdefault(orig, []).append(hf_name)
+    specs = original_tensors(cfg)
+    with SafetensorsWriter(root / "model.safetensors", [(t.name, t.dtype, t.shape) for t in specs],
+                           {"format": "pt"}) as w:
+        for t in specs:
+            for hf_name in parts[t.name]:  # q, k, v rows in order for the fused qkv
+                for chunk in tensor_chunks(cfg, by_hf[hf_name], seed):
+                    w.write(t.name, chunk)
+                    progress(chunk.nbytes)
+    (root / "config.json").write_text(json.dumps(cfg.to_original(), indent=2) + "\n")
+
+
+def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None = None, layout: str = "hf",
+               force: bool = False, progress: Callable[[int], None] = lambda n: None) -> Path:
+    """Write a synthetic checkpoint to `out` atomically. layout: hf, original or both (HF + original/)."""
+    from .harmony.tokenizer import write_tokenizer_files
+
+    if shards is None:
+        shards = 3 if cfg.hidden_size >= 2880 and cfg.num_hidden_layers >= 24 else 2
+        if cfg.num_local_experts >= 128:
+            shards = 15
+    with atomic_dir(out, force=force) as tmp:
+        if layout in ("hf", "both"):
+            write_hf(cfg, tmp, seed, shards, progress)
+            write_tokenizer_files(tmp)
+        if layout in ("original", "both"):
+            write_original(cfg, tmp / "original" if layout == "both" else tmp, seed, progress)
+            if layout == "original":
+                write_tokenizer_files(tmp)
+    return out
+
+
+def total_bytes(cfg: GptOssConfig, layout: str) -> int:
+    n = sum(t.nbytes for t in hf_tensors(cfg))
+    return n * (2 if layout == "both" else 1)

@@ -1,0 +1,60 @@
+"""Shared fixtures: synthetic checkpoints made once per session, and transformers as the oracle (fp32)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(SHARED / "data"))
+
+
+def make_ckpt(root: Path, preset: str = "tiny", layout: str = "both", seed: int = 0, **overrides) -> Path:
+    from edgec.spec import preset as make
+    from edgec.synth import synthesize
+
+    return synthesize(make(preset, **overrides), root, seed=seed, layout=layout)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The shared test model: tiny preset with 3 layers (odd), 8 heads / 2 kv heads, top-4 of 8 experts, both
+    layouts (HF at the root, OpenAI's in original/), real o200k_harmony vocabulary."""
+    return make_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny3", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="session")
+def ids300() -> list[int]:
+    """300 token ids: a Harmony-looking prefix, then random ordinary and special tokens."""
+    rng = np.random.default_rng(1)
+    head = [200006, 17360, 200008, 3575, 553, 261, 200007, 200006, 1428, 200008]
+    return head + [int(t) for t in rng.integers(0, 199998, size=290)]
+
+
+@pytest.fixture(scope="session")
+def ids_long() -> list[int]:
+    """4,501 token ids, for checks at positions 4,200-4,500 (past the 4,096 YaRN original context)."""
+    rng = np.random.default_rng(2)
+    return [int(t) for t in rng.integers(0, 199998, size=4501)]
+
+
+@lru_cache(maxsize=8)
+def _hf_logits_cached(path: str, ids: tuple[int, ...]) -> np.ndarray:
+    import torch
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(0)
+    model = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """transformers' GptOssForCausalLM logits in float32 (eager attention): the independent oracle."""
+    return _hf_logits_cached(str(path), tuple(ids))
