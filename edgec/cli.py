@@ -87,7 +87,9 @@ def inspect(src: Path, context: int | None, as_json: bool) -> None:
         emit_json(report)
     else:
         render_report(report)
-    if report.get("problems"):
+    if problems := report.get("problems"):
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        stderr.print(f"[bold red]error:[/] {problems[0]}{more}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

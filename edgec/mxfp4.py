@@ -80,3 +80,119 @@ def check_scales(scales: np.ndarray, where: str, chunk: int = 1 << 24) -> None:
             j = i + int(np.argmax(part == SCALE_NAN))
             idx = np.unravel_index(j, scales.shape)
             raise EdgecError(f"{where}: MXFP4 scale byte 255 (NaN) at index {list(map(int, idx))}")
+
+
+# ---- ONNX Runtime QMoE repackings (onnx-* targets) ---------------------------------------------------------
+def to_qmoe_fp4(blocks: np.ndarray) -> np.ndarray:
+    """QMoE `quant_type="fp4"` weights: [..., N, G, 16] (rows = outputs) -> [..., K, N/2], the pair of output
+    rows (2n, 2n+1) of input column k packed into one byte, low nibble = even row. Lossless."""
+    b = np.asarray(blocks, dtype=np.uint8)
+    c = codes(b)  # [..., N, G, 32]
+    c = c.reshape(c.shape[:-2] + (-1,))  # [..., N, K]
+    c = np.swapaxes(c, -1, -2)  # [..., K, N]
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def from_qmoe_fp4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of `to_qmoe_fp4`: [..., K, N/2] -> checkpoint blocks [..., N, K/32, 16]."""
+    p = np.asarray(packed, dtype=np.uint8)
+    kn = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
+    kn[..., 0::2] = p & 0x0F
+    kn[..., 1::2] = p >> 4
+    nk = np.swapaxes(kn, -1, -2)  # [..., N, K]
+    g = nk.reshape(nk.shape[:-1] + (-1, 32))
+    return (g[..., 0::2] | (g[..., 1::2] << 4)).astype(np.uint8)
+
+
+def to_qmoe_int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact QMoE INT8 (zero point 128): uint8 q [..., N, K] with (q - 128) * scale == MXFP4 value, and
+    float32 block scales 2**(s-128) [..., N, G]."""
+    q, scale = to_int8(blocks, scales)
+    return (q.astype(np.int16) + 128).astype(np.uint8), scale
+
+
+def _int4_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each block maximum (magnitude index a = 0..7) and each candidate scale c (in units of the MXFP4
+    block scale): the int4 level of every FP4 code, its squared error, and c itself."""
+    mags = LUT[:8]
+    fracs = np.concatenate([np.linspace(2.5, 8.5, 49), [7.0, 8.0]])
+    cands = np.empty((8, 2 * len(fracs) + 4), dtype=np.float32)
+    for a in range(8):
+        m = mags[a] if a else 1.0
+        c = np.concatenate([m / fracs, -m / fracs, [0.5, -0.5, 1.0, -1.0]])
+        cands[a] = c
+    q = np.clip(np.rint(LUT[None, None, :] / cands[:, :, None]), -8, 7)  # [8, C, 16]
+    err = (q * cands[:, :, None] - LUT[None, None, :]) ** 2
+    return q.astype(np.int8), err.astype(np.float32), cands
+
+
+_INT4 = None
+
+
+def to_qmoe_int4(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lossy QMoE INT4 (zero point 8, block 32) chosen to minimise each block's squared error exactly.
+
+    MXFP4 blocks hold at most 15 distinct values, so for each block the error of every candidate scale is a
+    dot product of the block's code histogram with a precomputed table; the best of ~100 candidate scales
+    (signed: the asymmetric int4 range -8..7 can put either sign's extreme on -8) is kept.
+    Returns packed uint8 [..., N, K/2] (low nibble = even k) and float32 scales [..., N, G].
+    """
+    global _INT4
+    if _INT4 is None:
+        _INT4 = _int4_tables()
+    qtab, etab, ctab = _INT4
+    b = np.asarray(blocks, dtype=np.uint8)
+    lead = b.shape[:-2]
+    c = codes(b).reshape(-1, 32)  # [nb, 32]
+    nb = c.shape[0]
+    a = (c & 7).max(axis=1)  # magnitude index of the block maximum (LUT magnitudes grow with code & 7)
+    hist = np.bincount((np.arange(nb, dtype=np.int64)[:, None] * 16 + c).ravel(), minlength=nb * 16)
+    hist = hist.reshape(nb, 16).astype(np.float32)
+    best = np.empty(nb, dtype=np.int64)
+    for ai in range(8):
+        sel = np.nonzero(a == ai)[0]
+        if sel.size:
+            best[sel] = np.argmin(hist[sel] @ etab[ai].T, axis=1)
+    q = qtab[a[:, None], best[:, None], c]  # [nb, 32] int8 in -8..7
+    u = (q + 8).astype(np.uint8).reshape(lead + (-1,))
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    unit = np.ldexp(np.float32(1.0), np.asarray(scales, dtype=np.int32).reshape(-1) - 127)
+    scale = (ctab[a, best] * unit).astype(np.float32).reshape(np.asarray(scales).shape)
+    return packed, scale
+
+
+def from_qmoe_int(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Dequantize QMoE integer weights (zero point 2**(bits-1), block 32): [..., N, K] float32."""
+    p = np.asarray(packed, dtype=np.uint8)
+    if bits == 4:
+        q = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.float32)
+        q[..., 0::2] = p & 0x0F
+        q[..., 1::2] = p >> 4
+        q -= 8
+    else:
+        q = p.astype(np.float32) - 128
+    g = q.reshape(q.shape[:-1] + (-1, 32)) * np.asarray(scales, dtype=np.float32)[..., None]
+    return g.reshape(q.shape)
+
+
+_TZ = np.array([0, 0, 1, 0, 2, 1, 3, 2], dtype=np.int32)  # trailing zero bits of |LUT_X2| by magnitude index
+
+
+def to_qmoe_int8_channel(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact QMoE INT8 with one power-of-two scale per output row (onnxruntime's CPU kernel keeps fp32
+    activations for per-channel INT8, while block-wise INT8 quantizes activations to int8).
+
+    [N, G, 16] blocks -> (uint8 q [N, K] with zero point 128, float32 scales [N]) such that (q - 128) * scale
+    equals every MXFP4 value exactly, or None when a row's values span more than int8 can hold."""
+    c = codes(blocks)  # [N, G, 32]
+    v2 = LUT_X2[c].astype(np.int32)
+    e = np.asarray(scales, dtype=np.int32)[..., None] - 128 + _TZ[c & 7]  # exponent of each value's lowest bit
+    e = np.where(v2 != 0, e, np.iinfo(np.int32).max)
+    r = e.reshape(e.shape[0], -1).min(axis=1)
+    r = np.where(r == np.iinfo(np.int32).max, 0, r)  # all-zero rows
+    shift = np.asarray(scales, dtype=np.int32)[..., None] - 128 - r[:, None, None]
+    q = np.ldexp(v2.astype(np.float64), shift)
+    if np.abs(q).max(initial=0) > 127:
+        return None
+    q8 = (q.reshape(q.shape[0], -1) + 128).astype(np.uint8)
+    return q8, np.ldexp(np.float32(1.0), r).astype(np.float32)

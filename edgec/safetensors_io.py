@@ -57,7 +57,9 @@ class SafetensorsFile:
         self.entries: dict[str, dict[str, Any]] = {}
         for name, e in header.items():
             try:
-                dtype, shape, (b, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
+                dtype, shape, (b, end) = e["dtype"], list(e["shape"]), e["data_offsets"]
+                if not isinstance(dtype, str) or not all(type(v) is int for v in (*shape, b, end)):
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise EdgecError(f"{self.path}: tensor {name}: malformed header entry") from None
             if dtype not in DTYPE_SIZE:
@@ -123,6 +125,8 @@ class SafetensorsWriter:
         self._left = self.order[0][1] if self.order else 0
 
     def write(self, name: str, data: np.ndarray) -> None:
+        if np.size(data) == 0 and any(n == name and nb == 0 for n, nb in self.order):
+            return  # zero-size tensors have no bytes; they are skipped automatically
         while self._i < len(self.order) and self._left == 0 and self.order[self._i][1] == 0:
             self._advance()
         if self._i >= len(self.order) or self.order[self._i][0] != name:

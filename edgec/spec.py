@@ -141,7 +141,7 @@ class GptOssConfig:
                 eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
                 pad_token_id=int(d.get("pad_token_id") or 199999),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgecError(f"{where}: malformed gpt-oss config ({type(e).__name__}: {e})") from None
         cfg.validate(where)
         return cfg
@@ -172,7 +172,7 @@ class GptOssConfig:
                 initial_context_length=int(d.get("initial_context_length", 4096)),
                 swiglu_limit=float(d.get("swiglu_limit", 7.0)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgecError(f"{where}: malformed gpt-oss original config ({type(e).__name__}: {e})") from None
         cfg.validate(where)
         return cfg

@@ -20,7 +20,7 @@ from .fsutil import atomic_dir
 from .safetensors_io import SafetensorsWriter, f32_to_bf16
 from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 LUT_RMS = math.sqrt(68.5 / 8)  # rms of the E2M1 table over uniformly random codes
 
 GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012],

@@ -1,0 +1,307 @@
+"""gpt-oss -> onnxruntime-genai model folder (model.onnx + model.onnx.data + genai_config.json + tokenizer).
+
+Per layer: SimplifiedLayerNorm / SkipSimplifiedLayerNorm, fused qkv MatMul+Add, com.microsoft.GroupQueryAttention
+(sinks as `head_sink`, rotary from YaRN cos/sin caches, `local_window_size` on sliding layers), o_proj, router
+MatMul+Add, then com.microsoft.QMoE (swiglu, interleaved fusion) or, for DirectML, the same MoE decomposed into
+TopK/Gather/MatMul. Expert formats (from the MXFP4 blocks, one expert at a time):
+  exact  INT8 QMoE, zero point 128, scale 2**(s-128): reproduces MXFP4 bit for bit
+  int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`)
+  mxfp4  QMoE quant_type fp4: the checkpoint's codes repacked to [E, K, N/2] + FLOAT8E8M0 scales (CUDA only)
+  fp16/fp32 (decomposed)  dequantized expert matrices in the io dtype (exact)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import mxfp4
+from ..checkpoint import Checkpoint
+from ..errors import EdgecError, require
+from ..fsutil import atomic_dir
+from ..progress import byte_progress
+from ..rope import cos_sin
+from ..spec import load_json
+from .common import copy_tokenizer_files, write_manifest
+from .onnx_graph import FLOAT, FLOAT8E8M0, INT32, INT64, IO_CODE, UINT8, ExternalData, Graph, io_value, to_io
+
+ROWS = 8192  # rows per chunk when streaming the embedding / lm_head
+
+
+def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, experts: str, force: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    require("onnx", "onnx")
+    cfg = ckpt.config
+    ctx = int(profile.get("context_length", cfg.max_position_embeddings))
+    with atomic_dir(out, force) as tmp, byte_progress(ckpt.source_bytes(), f"onnx {profile['name']}",
+                                                      progress) as adv:
+        ext = ExternalData(tmp / "model.onnx.data", adv)
+        try:
+            g = build(ckpt, ext, dense, experts, ctx, profile)
+        finally:
+            ext.close()
+        model = g.model(ext, int(profile.get("opset", 21)))
+        (tmp / "model.onnx").write_bytes(model.SerializeToString())
+        genai = genai_config(ckpt, profile, ctx, dense)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
+        tok = copy_tokenizer_files(ckpt, tmp)
+        recipe = {"dense": dense, "experts": experts, "io_dtype": dense, "context_length": ctx,
+                  "execution_provider": profile.get("execution_provider"), "moe": _moe_kind(experts),
+                  "decomposed_layers": g.fallback_layers if experts != "decomposed" else "all"}
+        write_manifest(tmp, ckpt, profile, recipe)
+    return {"files": ["model.onnx", "model.onnx.data", "genai_config.json", *tok], "recipe": recipe,
+            "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
+
+
+def _moe_kind(experts: str) -> str:
+    return {"exact": "QMoE int8 per-channel", "int4": "QMoE int4", "mxfp4": "QMoE fp4"}.get(experts, "decomposed")
+
+
+def build(ckpt: Checkpoint, ext: ExternalData, io: str, experts: str, ctx: int, profile: dict[str, Any]) -> Graph:
+    """Write every weight through `ext` (in model order) and return the graph that uses them."""
+    cfg = ckpt.config
+    H, V, E, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts, cfg.num_key_value_heads, cfg.head_dim
+    code = IO_CODE[io]
+    g = Graph()
+    g.inputs += [io_value("input_ids", INT64, ["batch_size", "sequence_length"]),
+                 io_value("attention_mask", INT64, ["batch_size", "total_sequence_length"])]
+    for kind in ("key", "value"):
+        for i in range(cfg.num_hidden_layers):
+            past = "past_sliding_length" if cfg.is_sliding(i) else "past_sequence_length"
+            g.inputs.append(io_value(f"past_key_values.{i}.{kind}", code, ["batch_size", nkv, past, hd]))
+    g.outputs.append(io_value("logits", code, ["batch_size", "sequence_length", V]))
+    for kind in ("key", "value"):
+        for i in range(cfg.num_hidden_layers):
+            total = "total_sliding_length" if cfg.is_sliding(i) else "total_sequence_length"
+            g.outputs.append(io_value(f"present.{i}.{kind}", code, ["batch_size", nkv, total, hd]))
+
+    # GQA bookkeeping: seqlens_k = tokens seen - 1, total_sequence_length = mask width (both int32)
+    s = g.node("ReduceSum", ["attention_mask", g.i64(1)], keepdims=0)[0]
+    seqlens = g.node("Cast", [g.node("Sub", [s, g.i64(1)])[0]], to=INT32)[0]
+    width = g.node("Gather", [g.node("Shape", ["attention_mask"])[0], g.const("/const/i64/1s", np.array(1))],
+                   axis=0)[0]
+    total = g.node("Cast", [width], to=INT32)[0]
+
+    emb = ckpt.raw("model.embed_tokens.weight")
+    ext.add("model.embed_tokens.weight", code, (V, H), (_dense(emb[r:r + ROWS], io) for r in range(0, V, ROWS)))
+    x = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], name="/model/embed_tokens/Gather")[0]
+    cos, sin = cos_sin(cfg, ctx)
+    ext.add("cos_cache", code, cos.shape, to_io(cos, io))
+    ext.add("sin_cache", code, sin.shape, to_io(sin, io))
+
+    residual, pending = x, None
+    fallback: list[int] = []
+    g.fallback_layers = fallback
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"/model/layers.{i}"
+        ext.add(p + "input_layernorm.weight", code, (H,), _dense(ckpt.raw(p + "input_layernorm.weight"), io))
+        if pending is None:
+            h = _rms_norm(g, x, p + "input_layernorm.weight", q + "/input_layernorm", cfg.rms_norm_eps, io)
+        else:
+            h, residual = _skip_norm(g, residual, pending, p + "input_layernorm.weight", q + "/input_layernorm", cfg)
+        # attention: fused qkv
+        a = p + "self_attn."
+        w = np.concatenate([ckpt.f32(a + f"{n}_proj.weight") for n in "qkv"], axis=0).T
+        b = np.concatenate([ckpt.f32(a + f"{n}_proj.bias") for n in "qkv"])
+        ext.add(p + "attn.qkv.weight", code, w.shape, to_io(w, io))
+        ext.add(p + "attn.qkv.bias", code, b.shape, to_io(b, io))
+        ext.add(p + "attn.sinks", code, (cfg.num_attention_heads,), _dense(ckpt.raw(a + "sinks"), io))
+        qkv = g.node("Add", [g.node("MatMul", [h, p + "attn.qkv.weight"], name=q + "/attn/qkv/MatMul")[0],
+                             p + "attn.qkv.bias"], name=q + "/attn/qkv/Add")[0]
+        attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=nkv, scale=float(hd ** -0.5),
+                     local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1, softcap=0.0, do_rotary=1,
+                     rotary_interleaved=0)
+        if cfg.is_sliding(i) and profile.get("sliding_window_cache", True):
+            attrs["sliding_window_cache"] = 1
+        att = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                             seqlens, total, "cos_cache", "sin_cache", "", "", p + "attn.sinks"],
+                     name=q + "/attn/GroupQueryAttention", domain="com.microsoft",
+                     outputs=[q + "/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                     **attrs)[0]
+        wo = ckpt.f32(a + "o_proj.weight").T
+        ext.add(p + "attn.o_proj.weight", code, wo.shape, to_io(wo, io))
+        ext.add(p + "attn.o_proj.bias", code, (H,), _dense(ckpt.raw(a + "o_proj.bias"), io))
+        o = g.node("Add", [g.node("MatMul", [att, p + "attn.o_proj.weight"], name=q + "/attn/o_proj/MatMul")[0],
+                           p + "attn.o_proj.bias"], name=q + "/attn/o_proj/Add")[0]
+        ext.add(p + "post_attention_layernorm.weight", code, (H,),
+                _dense(ckpt.raw(p + "post_attention_layernorm.weight"), io))
+        h2, residual = _skip_norm(g, residual, o, p + "post_attention_layernorm.weight",
+                                  q + "/post_attention_layernorm", cfg)
+        # router
+        wr = ckpt.f32(p + "mlp.router.weight").T
+        ext.add(p + "moe.router.weight", code, wr.shape, to_io(wr, io))
+        ext.add(p + "moe.router.bias", code, (E,), _dense(ckpt.raw(p + "mlp.router.bias"), io))
+        r = g.node("Add", [g.node("MatMul", [h2, p + "moe.router.weight"], name=q + "/moe/router/MatMul")[0],
+                           p + "moe.router.bias"], name=q + "/moe/router/Add")[0]
+        if experts == "exact" and not _int8_channel_exact(ckpt, i):
+            fallback.append(i)  # a row spans more binades than int8 holds: dense experts keep it exact
+            pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
+        elif experts in ("exact", "int4", "mxfp4"):
+            pending = _qmoe(g, ext, ckpt, i, h2, r, io, experts)
+        else:
+            pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
+
+    ext.add("model.norm.weight", code, (H,), _dense(ckpt.raw("model.norm.weight"), io))
+    y, _ = _skip_norm(g, residual, pending, "model.norm.weight", "/model/norm", cfg)
+    lm = ckpt.raw("lm_head.weight")
+    ext.add("lm_head.weight", code, (V, H), (_dense(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
+    flat = g.node("Reshape", [y, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
+    lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
+    shape = g.node("Concat", [g.node("Shape", ["input_ids"])[0], g.i64(V)], axis=0)[0]
+    g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=["logits"])
+    return g
+
+
+def _dense(bf16: np.ndarray, io: str) -> np.ndarray:
+    if io == "bf16":
+        return np.ascontiguousarray(bf16, dtype=np.uint16)
+    from ..safetensors_io import bf16_to_f32
+
+    return to_io(bf16_to_f32(bf16), io)
+
+
+def _rms_norm(g: Graph, x: str, weight: str, name: str, eps: float, io: str) -> str:
+    """The first RMSNorm from standard ops (onnx.checker knows no SimplifiedLayerNormalization): x/sqrt(mean(x^2)+eps)*w."""
+    ms = g.node("ReduceMean", [g.node("Mul", [x, x], name=name + "/Sq")[0], g.i64(-1)], name=name + "/Mean",
+                keepdims=1)[0]
+    rms = g.node("Sqrt", [g.node("Add", [ms, g.scalar(eps, io)], name=name + "/Eps")[0]], name=name + "/Sqrt")[0]
+    return g.node("Mul", [g.node("Div", [x, rms], name=name + "/Div")[0], weight], name=name + "/Scale")[0]
+
+
+def _skip_norm(g: Graph, residual: str, new: str, weight: str, name: str, cfg) -> tuple[str, str]:
+    out = g.node("SkipSimplifiedLayerNormalization", [residual, new, weight], name=name, epsilon=cfg.rms_norm_eps,
+                 domain="com.microsoft",
+                 outputs=[name + "/output_0", "", "", name + "/output_3"])
+    return out[0], out[3]
+
+
+def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str, experts: str) -> str:
+    cfg = ckpt.config
+    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    p, code = f"model.layers.{i}.", IO_CODE[io]
+    names = []
+    for which, n, k in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+        src = p + f"mlp.experts.{which}"
+        blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
+        dst = p + f"moe.experts.{which}"
+        if experts == "mxfp4":
+            ext.add(dst + ".qweight", UINT8, (E, k, n // 2), (mxfp4.to_qmoe_fp4(blocks[e]) for e in range(E)))
+            ext.add(dst + ".scales", FLOAT8E8M0, (E, n, k // 32), (np.asarray(scales[e]) for e in range(E)))
+        else:
+            conv = mxfp4.to_qmoe_int8_channel if experts == "exact" else mxfp4.to_qmoe_int4
+            pack = 1 if experts == "exact" else 2
+            qs = (conv(blocks[e], scales[e]) for e in range(E))
+            # weights and scales go to two tensors: write weights first, keeping only the small scales
+            sc: list[np.ndarray] = []
+            ext.add(dst + ".qweight", UINT8, (E, n, k // pack), (_keep(qsc, sc) for qsc in qs))
+            sshape = (E, n) if experts == "exact" else (E, n, k // 32)
+            ext.add(dst + ".scales", code, sshape, (to_io(s_, io) for s_ in sc))
+        ext.add(dst + ".bias", code, (E, n), _dense(ckpt.raw(src + "_bias"), io))
+        names.append(dst)
+    (w1, w2) = names
+    probs = g.node("Reshape", [router, g.i64(-1, E)], name=f"/model/layers.{i}/moe/router/Reshape")[0]
+    inputs = [h, probs, w1 + ".qweight", w1 + ".scales", w1 + ".bias", w2 + ".qweight", w2 + ".scales", w2 + ".bias",
+              "", "", "", "", "", ""]
+    attrs = dict(activation_alpha=cfg.swiglu_alpha, activation_beta=1.0, activation_type="swiglu",
+                 expert_weight_bits=8 if experts == "exact" else 4, k=cfg.num_experts_per_tok,
+                 normalize_routing_weights=1, swiglu_fusion=1, use_sparse_mixer=0, swiglu_limit=cfg.swiglu_limit)
+    if experts != "exact":  # exact INT8 is per-channel: block-wise INT8 makes the CPU kernel quantize activations
+        attrs["block_size"] = 32
+    if experts == "mxfp4":
+        for nm in (w1, w2):
+            ext.add(nm + ".global_scales", FLOAT, (E,), np.ones(E, dtype=np.float32))
+        inputs += ["", w1 + ".global_scales", w2 + ".global_scales"]
+        attrs["quant_type"] = "fp4"
+    return g.node("QMoE", inputs, name=f"/model/layers.{i}/moe/QMoE", domain="com.microsoft", **attrs)[0]
+
+
+def _int8_channel_exact(ckpt: Checkpoint, i: int) -> bool:
+    """Whether every expert row of layer i fits per-channel INT8 exactly (see `mxfp4.to_qmoe_int8_channel`)."""
+    for which in ("gate_up_proj", "down_proj"):
+        src = f"model.layers.{i}.mlp.experts.{which}"
+        blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
+        if any(mxfp4.to_qmoe_int8_channel(blocks[e], scales[e]) is None for e in range(blocks.shape[0])):
+            return False
+    return True
+
+
+def _keep(pair: tuple[np.ndarray, np.ndarray], scales: list[np.ndarray]) -> np.ndarray:
+    scales.append(pair[1])
+    return pair[0]
+
+
+def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str) -> str:
+    """MoE without a MoE kernel (DirectML): TopK, Softmax, Gather of the chosen experts' dense matrices, MatMul."""
+    cfg = ckpt.config
+    E, H, I, k, lim = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok, \
+        cfg.swiglu_limit
+    p, q, code = f"model.layers.{i}.", f"/model/layers.{i}/moe", IO_CODE[io]
+    for which, shape in (("gate_up_proj", (E, 2 * I, H)), ("down_proj", (E, H, I))):
+        src = p + f"mlp.experts.{which}"
+        ext.add(p + f"moe.experts.{which}.weight", code, shape,
+                (to_io(ckpt.experts(i, which, [e])[0], io) for e in range(E)))
+        ext.add(p + f"moe.experts.{which}.bias", code, shape[:2], _dense(ckpt.raw(src + "_bias"), io))
+    vals, idx = g.node("TopK", [router, g.i64(k)], n_out=2, name=q + "/TopK", axis=-1, largest=1, sorted=1)
+    w = g.node("Softmax", [vals], name=q + "/Softmax", axis=-1)[0]
+    xe = g.node("Unsqueeze", [h, g.i64(2, 4)])[0]  # [B,S,1,H,1]
+    w1 = g.node("Gather", [p + "moe.experts.gate_up_proj.weight", idx], axis=0)[0]  # [B,S,k,2I,H]
+    b1 = g.node("Gather", [p + "moe.experts.gate_up_proj.bias", idx], axis=0)[0]  # [B,S,k,2I]
+    hh = g.node("Add", [g.node("Squeeze", [g.node("MatMul", [w1, xe])[0], g.i64(-1)])[0], b1])[0]
+    big = np.iinfo(np.int64).max
+    gate = g.node("Slice", [hh, g.i64(0), g.i64(big), g.i64(-1), g.i64(2)])[0]
+    up = g.node("Slice", [hh, g.i64(1), g.i64(big), g.i64(-1), g.i64(2)])[0]
+    gate = g.node("Clip", [gate, "", g.scalar(lim, io)])[0]
+    up = g.node("Clip", [up, g.scalar(-lim, io), g.scalar(lim, io)])[0]
+    sig = g.node("Sigmoid", [g.node("Mul", [gate, g.scalar(cfg.swiglu_alpha, io)])[0]])[0]
+    act = g.node("Mul", [g.node("Mul", [gate, sig])[0], g.node("Add", [up, g.scalar(1.0, io)])[0]])[0]
+    w2 = g.node("Gather", [p + "moe.experts.down_proj.weight", idx], axis=0)[0]  # [B,S,k,H,I]
+    b2 = g.node("Gather", [p + "moe.experts.down_proj.bias", idx], axis=0)[0]
+    y = g.node("MatMul", [w2, g.node("Unsqueeze", [act, g.i64(-1)])[0]])[0]
+    y = g.node("Add", [g.node("Squeeze", [y, g.i64(-1)])[0], b2])[0]  # [B,S,k,H]
+    y = g.node("Mul", [y, g.node("Unsqueeze", [w, g.i64(-1)])[0]])[0]
+    return g.node("ReduceSum", [y, g.i64(2)], name=q + "/ReduceSum", keepdims=0)[0]
+
+
+def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int, io: str) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for this graph (type gptoss, sliding-window cache section)."""
+    cfg = ckpt.config
+    gen_path = next((p for p in ckpt.tokenizer_files() if p.name == "generation_config.json"), None)
+    gen = load_json(gen_path) if gen_path else {}
+    eos = gen.get("eos_token_id", cfg.eos_token_id)
+    eos = eos if isinstance(eos, list) else [eos]
+    ep = profile.get("genai_provider")
+    decoder: dict[str, Any] = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [{ep: {}}] if ep else []},
+        "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+    }
+    if profile.get("sliding_window_cache", True):
+        decoder["sliding_window"] = {"window_size": cfg.sliding_window, "slide_key_value_cache": False,
+                                     "slide_inputs": False, "layers": cfg.sliding_layers, "cache_slack": 0}
+    search = {"diversity_penalty": 0.0, "do_sample": bool(gen.get("do_sample", True)), "early_stopping": True,
+              "length_penalty": 1.0, "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+              "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+              "temperature": float(gen.get("temperature", 1.0)), "top_k": int(gen.get("top_k", 50)),
+              "top_p": float(gen.get("top_p", 1.0))}
+    return {"model": {"bos_token_id": int(gen.get("bos_token_id", cfg.bos_token_id)), "context_length": ctx,
+                      "decoder": decoder, "eos_token_id": [int(e) for e in eos],
+                      "pad_token_id": int(gen.get("pad_token_id", cfg.pad_token_id)), "type": "gptoss",
+                      "vocab_size": cfg.vocab_size},
+            "search": search}
+
+
+def check(out: Path) -> None:
+    """onnx.checker on the written folder (external data resolved by path); raise EdgecError on failure."""
+    onnx = require("onnx", "onnx")
+    try:
+        onnx.checker.check_model(str(Path(out) / "model.onnx"))
+    except onnx.checker.ValidationError as e:
+        raise EdgecError(f"{out}/model.onnx: onnx.checker: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,116 @@
+"""The gpt-oss decoder as an ONNX graph (com.microsoft GroupQueryAttention + QMoE), weights streamed to disk.
+
+Every initializer's bytes go straight into `model.onnx.data` as they are produced (`ExternalData`); the graph
+only holds TensorProtos that point at offsets in that file, so the ModelProto stays a few hundred KB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ALIGN = 4096  # page-aligned offsets so onnxruntime can memory-map the weights
+
+# io dtype name -> (numpy dtype used to write values, onnx TensorProto data type code)
+FLOAT, UINT8, INT64, INT32, FLOAT16, BFLOAT16, FLOAT8E8M0 = 1, 2, 7, 6, 10, 16, 24
+
+
+def to_io(x: np.ndarray, io: str) -> np.ndarray:
+    """float32 values -> the bytes of the io dtype (bf16 as uint16 bits)."""
+    from ..safetensors_io import f32_to_bf16
+
+    if io == "fp32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if io == "fp16":
+        return np.ascontiguousarray(x, dtype=np.float16)
+    return f32_to_bf16(x)
+
+
+IO_CODE = {"fp32": FLOAT, "fp16": FLOAT16, "bf16": BFLOAT16}
+
+
+class ExternalData:
+    """Append-only external-data file; `add` returns an EXTERNAL TensorProto (no bytes in the graph)."""
+
+    def __init__(self, path: Path, progress=None):
+        self.path = Path(path)
+        self.f = open(self.path, "wb")
+        self.offset = 0
+        self.inits: list[Any] = []
+        self.progress = progress or (lambda n: None)
+
+    def add(self, name: str, code: int, dims: Iterable[int], chunks: np.ndarray | Iterable[np.ndarray]) -> str:
+        from onnx import TensorProto
+
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        for c in [chunks] if isinstance(chunks, np.ndarray) else chunks:
+            b = np.ascontiguousarray(c)
+            self.f.write(memoryview(b).cast("B"))
+            self.offset += b.nbytes
+            self.progress(b.nbytes)
+        t = TensorProto(name=name, data_type=code, dims=list(dims))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(start)), ("length", str(self.offset - start))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.inits.append(t)
+        return name
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Graph:
+    """Nodes, small constants, inputs and outputs; `model()` assembles the ModelProto."""
+
+    def __init__(self):
+        self.nodes: list[Any] = []
+        self.consts: list[Any] = []
+        self.inputs: list[Any] = []
+        self.outputs: list[Any] = []
+        self._n = 0
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, name: str = "", domain: str = "",
+             outputs: list[str] | None = None, **attrs: Any) -> list[str]:
+        from onnx import helper
+
+        self._n += 1
+        name = name or f"/{op}_{self._n}"
+        outs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if not any(c.name == name for c in self.consts):
+            self.consts.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def i64(self, *vals: int) -> str:
+        return self.const(f"/const/i64/{list(vals)}", np.array(vals, dtype=np.int64))
+
+    def scalar(self, v: float, io: str) -> str:
+        return self.const(f"/const/{io}/{v}", to_io(np.array(v, dtype=np.float32), io))
+
+    def model(self, ext: ExternalData, opset: int):
+        from onnx import helper
+
+        g = helper.make_graph(self.nodes, "gpt-oss", self.inputs, self.outputs, initializer=self.consts + ext.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset),
+                                                helper.make_opsetid("com.microsoft", 1)], producer_name="edgec")
+        m.ir_version = 10
+        return m
+
+
+def io_value(name: str, code: int, shape: list[Any]):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, code, shape)

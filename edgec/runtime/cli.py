@@ -1,0 +1,262 @@
+"""`edgec chat` and `edgec generate`: Harmony chat on a converted model (or a source checkpoint, numpy reference)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import EdgecError
+from ..progress import stderr
+
+MAX_TOOL_ROUNDS = 8  # tool calls answered in a row before the turn is handed back to the user
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("--max-tokens", type=int, default=512, show_default=True, help="tokens to generate at most"),
+        click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy"),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
+        click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
+        click.option("--max-context", type=int, default=None,
+                     help="context length to plan the KV cache for (default: the model's, 131072)"),
+        click.option("--kv-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
+                     help="KV cache precision of the full-attention layers"),
+        click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
+                     show_default=True),
+        click.option("--system", "system", help="model identity line of the system message"),
+        click.option("--developer", help="developer instructions"),
+        click.option("--tools", "tools_file", type=click.Path(path_type=Path),
+                     help='JSON list of functions [{"name", "description", "parameters", "mock"?}]'),
+        click.option("--show-analysis", is_flag=True, help="show the model's reasoning (dimmed)"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def open_session(model: Path, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+                 max_context: int | None, kv_bits: str, reasoning: str, system: str | None, developer: str | None,
+                 tools_file: Path | None):
+    """Plan memory, load the backend and the tokenizer, and start a ChatSession."""
+    from ..harmony.tokenizer import Tokenizer
+    from .base import load_backend, target_of
+    from .generate import Sampling
+    from .session import ChatSession, load_tools, plan_memory
+
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    tools = load_tools(tools_file) if tools_file else []
+    target = target_of(model)
+    cfg = _config_of(model)
+    context = max_context or cfg.max_position_embeddings
+    if not 2 <= context <= cfg.max_position_embeddings:
+        raise EdgecError(f"--max-context must be between 2 and the model's {cfg.max_position_embeddings} "
+                         f"(got {context})")
+    plan_memory(model, cfg, context, int(kv_bits)).check(lambda m: stderr.print(f"[yellow]warning:[/] {m}"))
+    kw = {"kv_bits": 8} if kv_bits == "8" else {}
+    if kw and target == "source":
+        stderr.print("[yellow]warning:[/] the numpy reference keeps no KV cache; --kv-bits is ignored")
+    backend = load_backend(model, max_context=context, **kw)
+    tok = Tokenizer.from_folder(model)
+    return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
+                       sampling=sampling, max_context=context)
+
+
+def _config_of(model: Path):
+    from ..checkpoint import Checkpoint
+    from ..spec import GptOssConfig, load_json
+
+    if (model / "config.json").is_file():
+        d = load_json(model / "config.json")
+        if d.get("model_type") == "gpt_oss":
+            return GptOssConfig.from_hf(d, str(model / "config.json"))
+    return Checkpoint.open(model).config
+
+
+class Printer:
+    """Streams Harmony events to the terminal: analysis dimmed (or hidden), final answer plain, tool calls shown."""
+
+    def __init__(self, show_analysis: bool):
+        from rich.console import Console
+
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.show_analysis = show_analysis
+        self.channel: str | None = None
+        self.recipient: str | None = None
+        self.open = False
+
+    def __call__(self, e: Any) -> None:
+        """Handle one event of `edgec.harmony.parser.StreamParser`."""
+        if e.kind == "start":
+            self._newline()
+            self.channel, self.recipient = e.channel, e.recipient
+            if self.recipient:
+                self.out.print(f"→ {self.recipient} ", style="cyan", end="", markup=False)
+                self.open = True
+        elif e.kind == "delta":
+            if self.recipient:
+                self.out.print(e.text, style="cyan", end="", markup=False)
+            elif self.channel == "analysis":
+                if not self.show_analysis:
+                    return
+                self.out.print(e.text, style="dim", end="", markup=False)
+            else:
+                self.out.print(e.text, end="", markup=False)
+            self.open = True
+        elif e.kind == "done":
+            self._newline()
+
+    def _newline(self) -> None:
+        if self.open:
+            self.out.print()
+            self.open = False
+
+
+def _read_line(prompt: str) -> str | None:
+    """One line from stdin (prompted on a terminal), None at EOF."""
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def _run_turn(session, user: str | None, printer: Printer, stats: bool) -> None:
+    """Ask (or continue after a tool result), answering tool calls from mocks or the user."""
+    from .session import mock_result
+
+    turn = session.ask(user, printer) if user is not None else session.respond(printer)
+    printer._newline()
+    for _ in range(MAX_TOOL_ROUNDS):
+        if turn.dropped_turns:
+            stderr.print(f"[yellow]context full: dropped the {turn.dropped_turns} oldest turn(s)[/]")
+        if turn.stats.stop == "interrupted":
+            stderr.print("[yellow]stopped[/]")
+        if stats:
+            click.echo(turn.stats.line())
+        call = turn.tool_call
+        if call is None:
+            return
+        recipient = call["recipient"]
+        result = mock_result(session.tools, recipient)
+        if result is None:
+            result = _read_line(f"result of {recipient}> ")
+            if result is None:
+                return
+        else:
+            stderr.print(f"[cyan]← {recipient}[/] {result}", markup=True, highlight=False)
+        turn = session.tool_result(recipient, result, printer)
+        printer._newline()
+
+
+HELP = "commands: /reset  /effort low|medium|high  /save FILE  /load FILE  /stats  /exit"
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@sampling_options
+@click.option("--stats", "show_stats", is_flag=True,
+              help="after each turn print `prefill=N reused=M decode=K tok/s=X`")
+def chat(model: Path, show_analysis: bool, show_stats: bool, **kw) -> None:
+    """Chat with MODEL in Harmony format (an edgec output folder or a source checkpoint)."""
+    session = open_session(model, **kw)
+    printer = Printer(show_analysis)
+    if sys.stdin.isatty():
+        stderr.print(f"[dim]{session.backend.name} · context {session.max_context} · {HELP}[/]")
+    while True:
+        try:
+            line = _read_line("> ")
+        except KeyboardInterrupt:
+            stderr.print()
+            continue
+        if line is None:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _slash(session, line):
+                return
+            continue
+        _run_turn(session, line, printer, show_stats)
+
+
+def _slash(session, line: str) -> bool:
+    """Run a slash command; True means exit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if cmd in ("/exit", "/quit"):
+            return True
+        if cmd == "/reset":
+            session.reset()
+            stderr.print("[dim]conversation cleared[/]")
+        elif cmd == "/effort":
+            if arg not in ("low", "medium", "high"):
+                raise EdgecError("/effort takes low, medium or high")
+            session.reasoning = arg
+            stderr.print(f"[dim]reasoning effort {arg}[/]")
+        elif cmd == "/save":
+            if not arg:
+                raise EdgecError("/save needs a file name")
+            session.save(Path(arg))
+            stderr.print(f"[dim]saved {arg}[/]")
+        elif cmd == "/load":
+            if not arg:
+                raise EdgecError("/load needs a file name")
+            session.load(Path(arg))
+            stderr.print(f"[dim]loaded {arg} ({len(session.history)} messages)[/]")
+        elif cmd == "/stats":
+            st = session.last.stats if session.last else None
+            click.echo(json.dumps({"cached_tokens": len(session.gen.tokens), "kv_bytes": session.backend.kv_bytes(),
+                                   "last_turn": st.as_dict() if st else None}))
+        else:
+            stderr.print(HELP)
+    except EdgecError as e:
+        stderr.print(f"[red]{e}[/]", highlight=False)
+    return False
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", help="the user message")
+@click.option("--conversation", type=click.Path(path_type=Path),
+              help="conversation JSON (openai-harmony to_json form, or a list of {role, content})")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="print the parsed messages and the statistics as JSON")
+def generate(model: Path, prompt: str | None, conversation: Path | None, show_analysis: bool, as_json: bool,
+             **kw) -> None:
+    """One completion of a prompt or a conversation."""
+    from .session import load_conversation
+
+    if (prompt is None) == (conversation is None):
+        raise EdgecError("give exactly one of --prompt or --conversation")
+    session = open_session(model, **kw)
+    if conversation is not None:
+        session.load(conversation)
+        if not load_conversation(conversation):
+            raise EdgecError(f"{conversation}: no messages")
+    else:
+        session.history.append({"role": "user", "name": None, "content": [{"type": "text", "text": prompt}]})
+    printer = None if as_json else Printer(show_analysis)
+    turn = session.respond(printer)
+    if as_json:
+        from .session import message_text
+
+        click.echo(json.dumps({
+            "messages": [{"role": m.get("role"), "channel": m.get("channel"), "recipient": m.get("recipient"),
+                          "content_type": m.get("content_type"), "text": message_text(m)} for m in turn.messages],
+            "tokens": turn.tokens,
+            "stats": turn.stats.as_dict(),
+        }, ensure_ascii=False, indent=2))
+    else:
+        printer._newline()
+        stderr.print(f"[dim]{turn.stats.line()} stop={turn.stats.stop}[/]")
+
+
+COMMANDS = [chat, generate]

@@ -1,0 +1,253 @@
+"""`edgec chat` / `edgec generate` end to end on the tiny model (source checkpoint and its MLX output), prompt reuse
+across turns against a fresh prefill, the context-fill policy, tool round trips, and the KV memory plan."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgec.cli import main
+from edgec.runtime.base import Backend
+from edgec.runtime.generate import Generator, Sampling, common_prefix
+from edgec.runtime.session import ChatSession, text_message
+
+STATS = re.compile(r"^prefill=(\d+) reused=(\d+) decode=(\d+) tok/s=(\d+\.\d)$", re.M)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx(tiny, tmp_path_factory):
+    from edgec.convert import run_convert
+
+    out = tmp_path_factory.mktemp("chat") / "tiny-mlx"
+    run_convert(tiny, "mlx", out, progress=False)
+    return out
+
+
+@pytest.fixture(params=["source", "mlx"])
+def model(request, tiny, tiny_mlx):
+    return tiny if request.param == "source" else tiny_mlx
+
+
+def run(args, input=None):
+    r = CliRunner().invoke(main, [str(a) for a in args], input=input)
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r.output
+
+
+def tokenizer():
+    from edgec.harmony.tokenizer import Tokenizer
+
+    return Tokenizer.default()
+
+
+# ---- scripted chat -------------------------------------------------------------------------------------------------
+def test_scripted_chat_reuses_the_first_turn(model, tmp_path):
+    out = run(["chat", model, "--stats", "--max-tokens", 6, "--temperature", 0, "--max-context", 1024],
+              input=f"hi\n/effort low\nhow are you?\n/save {tmp_path / 'c.json'}\n/stats\n/exit\n")
+    turns = [tuple(int(x) for x in m[:3]) for m in STATS.findall(out)]
+    assert len(turns) == 2, out
+    (p1, r1, d1), (p2, r2, d2) = turns
+    assert r1 == 0 and d1 == d2 == 6
+    assert 0 < r2 < p1  # /effort low edits the system message: only the tokens before it are reused
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert [m["role"] for m in saved["messages"]][:3] == ["system", "user", "assistant"]
+    assert saved["messages"][0]["content"][0]["reasoning_effort"] == "Low"
+
+
+def test_eof_ends_cleanly_and_without_effort_change_reuse_covers_the_whole_first_prompt(tiny):
+    out = run(["chat", tiny, "--stats", "--max-tokens", 3, "--temperature", 0, "--max-context", 1024],
+              input="hi\nagain\n")
+    (p1, r1, _), (_, r2, _) = [tuple(int(x) for x in m[:3]) for m in STATS.findall(out)]
+    assert r2 >= p1  # the whole first prompt (and `<|start|>assistant`) comes from the cache
+
+
+# ---- prompt reuse equals a fresh prefill ---------------------------------------------------------------------------
+def test_reuse_after_dropped_analysis_equals_fresh_prefill(tiny_mlx):
+    """Harmony drops the earlier analysis once a final answer exists: the new prompt is not an extension of the
+    cached tokens. The session must roll back to the common prefix and give the logits of a fresh prefill."""
+    from edgec.runtime.base import load_backend
+
+    tok = tokenizer()
+    s = ChatSession(load_backend(tiny_mlx, max_context=2048), tok, date="2025-01-01",
+                    sampling=Sampling(temperature=0, max_tokens=4))
+    s.history = [text_message("user", "What is 2+2? " * 40),
+                 text_message("assistant", "The user asks a sum. " * 20, channel="analysis")]
+    s.respond()
+    cached = list(s.gen.tokens)
+    s.history[2:] = [text_message("assistant", "4", channel="final"), text_message("user", "And 3+3?")]
+    prompt, _ = s.fit_prompt()
+    analysis_at = common_prefix(s.render(s.history[:1] and s.header() + s.history[:1]), cached)
+    assert cached[:len(prompt)] != prompt  # not an extension
+    logits = s.gen.prefill(prompt)
+    assert s.gen.stats.reused == common_prefix(cached, prompt) >= analysis_at > 0
+    assert s.gen.stats.prefill == len(prompt) - s.gen.stats.reused
+    fresh = load_backend(tiny_mlx, max_context=2048).forward(prompt)[0]
+    np.testing.assert_allclose(logits, fresh, atol=1e-4, rtol=0)
+    assert int(np.argmax(logits)) == int(np.argmax(fresh))
+
+
+def test_rollback_past_the_sliding_history_equals_fresh_prefill(tiny_mlx, ids_long):
+    """A rollback far behind the sliding layers' kept positions: they must be rebuilt, exactly."""
+    from edgec.runtime.base import load_backend
+
+    g = Generator(load_backend(tiny_mlx, max_context=4096))
+    g.prefill(ids_long[:2500])
+    second = ids_long[:300] + ids_long[3000:3100]
+    logits = g.prefill(second)
+    assert (g.stats.reused, g.stats.prefill) == (300, 100)
+    fresh = load_backend(tiny_mlx, max_context=4096).forward(second)[0]
+    np.testing.assert_allclose(logits, fresh, atol=1e-4, rtol=0)
+
+
+# ---- context policy ------------------------------------------------------------------------------------------------
+def test_context_fill_drops_the_oldest_turns_and_keeps_system_and_developer(tiny):
+    from edgec.runtime.reference_backend import ReferenceBackend
+
+    s = ChatSession(ReferenceBackend(tiny), tokenizer(), developer="Answer in French.", max_context=300,
+                    sampling=Sampling(max_tokens=20), date="2025-01-01")
+    for i in range(12):
+        s.history += [text_message("user", f"question number {i} about the weather in town {i}"),
+                      text_message("assistant", f"answer number {i}: it is sunny in town {i}", channel="final")]
+    s.history.append(text_message("user", "last question"))
+    full = list(s.history)
+    prompt, dropped = s.fit_prompt()
+    assert dropped > 0 and len(prompt) + 20 <= 300
+    assert s.history == full[2 * dropped:] and s.history[0]["role"] == "user"
+    head = s.render(s.header())[:-2]  # system + developer messages, without `<|start|>assistant`
+    assert prompt[:len(head)] == head
+    assert len(s.render(s.header() + full[2 * (dropped - 1):])) + 20 > 300  # one turn fewer would not fit
+
+
+def test_a_single_turn_too_long_for_the_context_is_refused(tiny):
+    from edgec.errors import EdgecError
+    from edgec.runtime.reference_backend import ReferenceBackend
+
+    s = ChatSession(ReferenceBackend(tiny), tokenizer(), max_context=120, sampling=Sampling(max_tokens=8))
+    s.history = [text_message("user", "word " * 200)]
+    with pytest.raises(EdgecError, match="context holds 120"):
+        s.fit_prompt()
+
+
+# ---- generate --------------------------------------------------------------------------------------------------------
+def test_generate_json_matches_openai_harmony_prompt_and_reference_greedy(tiny, tmp_path):
+    """The prompt is openai-harmony's rendering of the conversation; the tokens are the numpy reference's greedy."""
+    import openai_harmony as oh
+
+    from edgec.runtime.reference import Reference
+
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    tools = [oh.ToolDescription.new("get_weather", "Weather now", parameters={
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city"]})]
+    conv = oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(
+            oh.ReasoningEffort.HIGH).with_conversation_start_date("2025-06-01")),
+        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions(
+            "Be brief.").with_function_tools(tools)),
+        oh.Message.from_role_and_content(oh.Role.USER, "Weather in Paris?")])
+    path = tmp_path / "conv.json"
+    path.write_text(conv.to_json())
+    out = json.loads(run(["generate", tiny, "--conversation", path, "--json", "--max-tokens", 4, "--temperature", 0,
+                          "--max-context", 1024]))
+    prompt = enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT)
+    st = out["stats"]
+    assert (st["prompt"], st["decode"], st["stop"]) == (len(prompt), 4, "max_tokens")
+    ids, ref = list(prompt), Reference(__import__("edgec.checkpoint").checkpoint.Checkpoint.open(tiny))
+    for _ in range(4):
+        ids.append(int(np.argmax(ref.logits(ids, last=1)[0])))
+    assert out["tokens"] == ids[len(prompt):]
+    assert out["messages"] and set(out["messages"][0]) == {"role", "channel", "recipient", "content_type", "text"}
+    assert {"tok_s", "ttft_s", "prefill", "reused"} <= set(st)
+
+
+def test_generate_prompt_uses_todays_date_and_reasoning(tiny):
+    import openai_harmony as oh
+
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    out = json.loads(run(["generate", tiny, "--prompt", "hello", "--reasoning", "low", "--json", "--max-tokens", 1,
+                          "--max-context", 512]))
+    conv = oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(
+            oh.ReasoningEffort.LOW).with_conversation_start_date(datetime.date.today().isoformat())),
+        oh.Message.from_role_and_content(oh.Role.USER, "hello")])
+    assert out["stats"]["prompt"] == len(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT))
+
+
+# ---- tool round trip through the CLI, answered by a mock -------------------------------------------------------------
+class Replay(Backend):
+    """Emits a fixed token script, one token per forward (a stand-in model that speaks Harmony)."""
+
+    name = "replay"
+
+    def __init__(self, script: list[int]):
+        from edgec.spec import preset
+
+        self.config, self.script, self.n, self.prompts = preset("tiny"), list(script), 0, []
+
+    @property
+    def length(self) -> int:
+        return self.n
+
+    def forward(self, ids, all_logits=False):
+        ids = list(ids)
+        if len(ids) > 1 or self.n == 0:
+            self.prompts.append((self.n, ids))
+        self.n += len(ids)
+        out = np.zeros((1, 201088), np.float32)
+        out[0, self.script.pop(0) if self.script else 200002] = 100.0  # certain even at temperature 1
+        return out
+
+    def truncate(self, n):
+        self.n = n
+
+
+def test_tool_call_answered_from_the_mock(tiny, tmp_path, monkeypatch):
+    import openai_harmony as oh
+
+    import edgec.runtime.base as base
+
+    tok = tokenizer()
+    call = tok.encode("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+                      '{"city":"Paris"}<|call|>', allowed_special="all")
+    final = tok.encode("<|channel|>final<|message|>Sunny, 21 C.<|return|>", allowed_special="all")
+    backend = Replay(call + final)
+    monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"name": "get_weather", "description": "Weather now", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}, "mock": {"temp_c": 21}}]))
+    out = run(["chat", tiny, "--tools", tools, "--stats", "--max-context", 4096],
+              input=f"weather?\n/save {tmp_path / 'c.json'}\n")
+    assert "→ functions.get_weather" in out and "Sunny, 21 C." in out
+    assert [m[3] for m in STATS.findall(out)] and len(STATS.findall(out)) == 2
+    conv = oh.Conversation.from_json((tmp_path / "c.json").read_text())
+    roles = [(m.author.role.value, m.author.name, m.channel, m.recipient) for m in conv.messages]
+    assert roles[2:] == [("user", None, None, None), ("assistant", None, "commentary", "functions.get_weather"),
+                         ("tool", "functions.get_weather", "commentary", "assistant"),
+                         ("assistant", None, "final", None)]
+    assert conv.messages[4].content[0].text == '{"temp_c": 21}'
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    prompt2 = enc.render_conversation_for_completion(oh.Conversation.from_messages(conv.messages[:5]),
+                                                     oh.Role.ASSISTANT)
+    start, ids = backend.prompts[-1]
+    assert list(prompt2[start:]) == ids and start > 0  # the second call prefilled only the tool result
+
+
+# ---- KV memory: what inspect reports is what the runtime allocates --------------------------------------------------
+def test_inspect_kv_bytes_equal_the_mlx_allocation_at_131072(tiny_mlx):
+    import mlx.core as mx
+
+    from edgec.runtime.base import load_backend
+
+    report = json.loads(run(["inspect", tiny_mlx, "--context", 131072, "--json"]))
+    planned = report["memory_plan"]["targets"][0]["kv_bytes"]
+    b = load_backend(tiny_mlx, max_context=131072)
+    c = b.config
+    for i in range(c.num_hidden_layers):  # one token at the last position makes each layer allocate its full plan
+        z = mx.zeros((c.num_key_value_heads, 1, c.head_dim))
+        b._store(i, z, z, 0 if c.is_sliding(i) else 131071)
+    assert b.kv_bytes() == planned
