@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,16384")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--first-turn-tokens", type=int, default=2000)
+    ap.add_argument("--targets", default="mlx", help="comma-separated: mlx, onnx-cpu")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--no-peer", action="store_true", help="skip mlx-lm")
     a = ap.parse_args()
@@ -104,18 +105,22 @@ def main() -> None:
     from edgec.synth import synthesize
 
     work = a.work or Path(tempfile.mkdtemp(prefix="edgec-bench-chat-"))
-    src, mlx = work / "src", work / "mlx"
+    src = work / "src"
     cfg = preset(a.preset, num_hidden_layers=a.layers)
     if not src.exists():
         synthesize(cfg, src, seed=0, layout="hf")
-    if not mlx.exists():
-        run_convert(src, "mlx", mlx, progress=False)
+    outs = {}
+    for t in a.targets.split(","):
+        outs[t] = work / t
+        if not outs[t].exists():
+            run_convert(src, t, outs[t], progress=False)
     result = {"model": {"preset": a.preset, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size},
-              "kv_at_131072": kv_figures(),
-              "second_turn_mlx": second_turn(mlx, Tokenizer.from_folder(mlx), a.first_turn_tokens),
-              "decode_tok_s": {}}
+              "kv_at_131072": kv_figures(), "second_turn": {}, "decode_tok_s": {}}
+    for t, folder in outs.items():
+        result["second_turn"][t] = second_turn(folder, Tokenizer.from_folder(folder), a.first_turn_tokens)
+        print(f"second turn {t}: {result['second_turn'][t]}", flush=True)
     for ctx in (int(c) for c in a.contexts.split(",")):
-        row = {"edgec_mlx": round(decode_edgec(mlx, ctx, a.decode_tokens), 2)}
+        row = {f"edgec_{t}": round(decode_edgec(folder, ctx, a.decode_tokens), 2) for t, folder in outs.items()}
         if not a.no_peer:
             row["mlx_lm"] = round(decode_mlx_lm(src, ctx, a.decode_tokens), 2)
         result["decode_tok_s"][str(ctx)] = row

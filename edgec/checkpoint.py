@@ -78,10 +78,10 @@ class Checkpoint:
             wm = load_json(index).get("weight_map")
             if not isinstance(wm, dict) or not wm:
                 raise EdgecError(f"{index}: missing or empty weight_map")
+            if not all(isinstance(n, str) for n in wm.values()):
+                raise EdgecError(f"{index}: weight_map values must be file names")
             names = sorted(set(wm.values()))
             for n in names:
-                if not isinstance(n, str):
-                    raise EdgecError(f"{index}: weight_map values must be file names")
                 _safe_member(root, n, str(index))
         else:
             names = sorted(p.name for p in root.glob("*.safetensors"))

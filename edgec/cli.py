@@ -112,7 +112,10 @@ def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None
         raise EdgecError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     n = len(tokens) if last is None else max(1, min(last, len(tokens)))
     result = backend.forward(tokens, all_logits=True)[-n:]
-    np.save(out, result.astype(np.float32))
+    try:
+        np.save(out, result.astype(np.float32))
+    except OSError as e:
+        raise EdgecError(f"{out}: cannot write ({e.strerror})") from None
     stderr.print(f"{backend.name}: wrote {out} {list(result.shape)} float32")
 
 

@@ -18,7 +18,7 @@ from .spec import GptOssConfig, Yarn, hf_tensors, load_json
 BITS_PER_WEIGHT: dict[str, float] = {
     "mxfp4": 4.25,  # 4-bit E2M1 codes + one 8-bit E8M0 scale per 32
     "int8": 9.0,  # int8 + fp32 scale per block of 32
-    "exact": 9.0,  # MXFP4 -> int8 with power-of-two fp32 block-32 scales (lossless), priced as int8
+    "exact": 8.0,  # MXFP4 -> lossless int8 with power-of-two per-channel scales (onnx-cpu QMoE; scales negligible)
     "int4": 4.5,  # int4 + fp16 scale per block of 32
     "q8": 8.5,  # MLX affine 8-bit, group 64 (bf16 scale + bias per 64)
     "bf16": 16.0,
@@ -32,19 +32,28 @@ KV_BYTES: dict[str, float] = {"bf16": 2, "fp16": 2, "float16": 2, "fp32": 4, "fl
 SMALL_KINDS = ("norm", "attn_bias", "sinks", "expert_bias")  # biases, norms, sinks: never block-quantized
 
 
-def weight_bytes(cfg: GptOssConfig, dense: str, experts: str) -> int | None:
+def format_bits(fmt: str, dense: str | None = None) -> float | None:
+    """Bits per weight of a format; "decomposed" experts (plain MatMuls) cost what the dense format costs."""
+    if fmt == "decomposed" and dense is not None:
+        return BITS_PER_WEIGHT.get(dense)
+    return BITS_PER_WEIGHT.get(fmt)
+
+
+def weight_bytes(cfg: GptOssConfig, dense: str, experts: str, expert_bits: float | None = None) -> int | None:
     """Bytes of all weights with expert matrices in `experts` and the other matrices in `dense` format.
 
     Norms, biases and sinks stay in floating point (fp32 when dense is fp32, else 16-bit). The router weight is
-    a dense matrix. None when a format is not in BITS_PER_WEIGHT.
+    a dense matrix. `expert_bits` overrides the table (a profile's `[experts] bits_per_weight`). None when a
+    format is unknown.
     """
-    if dense not in BITS_PER_WEIGHT or experts not in BITS_PER_WEIGHT:
+    e_bits = expert_bits if expert_bits is not None else format_bits(experts, dense)
+    if dense not in BITS_PER_WEIGHT or e_bits is None:
         return None
     small_bits = 32.0 if dense == "fp32" else 16.0
     bits = 0.0
     for t in hf_tensors(cfg):
         if t.kind == "expert_blocks":
-            bits += t.params * BITS_PER_WEIGHT[experts]
+            bits += t.params * e_bits
         elif t.kind == "expert_scales":
             continue  # inside the 4.25 bits of mxfp4 (and replaced by the target format's own scales)
         elif t.kind in SMALL_KINDS:
@@ -81,7 +90,8 @@ def memory_plan(cfg: GptOssConfig, context: int, source_bytes: int | None = None
     kv_bf16 = cfg.kv_cache_bytes(context, 2)
     stored = sum(t.nbytes for t in hf_tensors(cfg))
     rows.append({"target": "source", "runtime": "numpy reference", "dense": "bf16",
-                 "experts": "mxfp4", "kv_dtype": "bf16", "sliding_keep": cfg.sliding_window, "weights_bytes": stored, "kv_bytes": kv_bf16,
+                 "experts": "mxfp4", "kv_dtype": "bf16", "sliding_keep": cfg.sliding_window,
+                 "weights_bytes": stored, "kv_bytes": kv_bf16,
                  "total_bytes": stored + kv_bf16, "note": ""})
     names: list[str] = []
     try:
@@ -98,8 +108,9 @@ def memory_plan(cfg: GptOssConfig, context: int, source_bytes: int | None = None
         experts = str((prof.get("experts") or {}).get("default", "mxfp4"))
         per_value, keep, kv_label = kv_settings(prof)
         kv = kv_bytes(cfg, context, per_value, keep)
-        w = weight_bytes(cfg, dense, experts)
-        unknown = [f for f in (dense, experts) if f not in BITS_PER_WEIGHT]
+        e_bits = (prof.get("experts") or {}).get("bits_per_weight")
+        w = weight_bytes(cfg, dense, experts, None if e_bits is None else float(e_bits))
+        unknown = [f for f in (dense, experts) if w is None and format_bits(f, dense) is None]
         rows.append({
             "target": name,
             "runtime": str(prof.get("runtime", "")) + (f" ({prof['execution_provider']})"
@@ -181,7 +192,13 @@ def _inspect_output(folder: Path, context: int | None) -> dict[str, Any]:
         if want >= 0 and size != want:
             problems.append(f"{p}: {size} bytes, edgec.json records {want}")
     recipe = m.get("recipe") or {}
-    per_value, keep, kv_label = kv_settings(recipe if isinstance(recipe, dict) else {})
+    try:  # the KV cache the target's runtime allocates, as its profile states it
+        from .targets import load_profile
+
+        prof = load_profile(str(m.get("target")))
+    except EdgecError:
+        prof = {}
+    per_value, keep, kv_label = kv_settings(prof)
     kv = kv_bytes(cfg, ctx, per_value, keep)
     return {
         "path": str(folder), "kind": "edgec output", "target": m.get("target"), "runtime": m.get("runtime"),
@@ -252,6 +269,7 @@ def human_count(n: int) -> str:
 
 def render_report(report: dict[str, Any]) -> None:
     """Print the report as rich tables on stdout (problems in red)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -290,15 +308,15 @@ def render_report(report: dict[str, Any]) -> None:
     con.print(t)
 
     plan = report["memory_plan"]
-    mt = Table(title=f"memory plan at {plan['context']} tokens", title_justify="left")
-    for col in ("target", "runtime", "experts", "dense", "kv", "weights", "KV cache", "total"):
-        right = col in ("weights", "KV cache", "total")
-        mt.add_column(col, justify="right" if right else "left", no_wrap=right or col == "target")
+    mt = Table(title=f"memory plan at {plan['context']} tokens", title_justify="left", box=box.SIMPLE_HEAD,
+               pad_edge=False)
+    for col in ("target", "experts", "dense", "KV dtype", "weights", "KV cache", "total"):
+        mt.add_column(col, justify="right" if col in ("weights", "KV cache", "total") else "left", no_wrap=True)
     for r in plan["targets"]:
         if "weights_bytes" not in r:
-            mt.add_row(r["target"], f"[red]{r['note']}[/]", "", "", "", "", "", "")
+            mt.add_row(r["target"], f"[red]{r['note']}[/]", "", "", "", "", "")
             continue
-        mt.add_row(r["target"], r.get("runtime", ""), r["experts"], r["dense"], r["kv_dtype"],
+        mt.add_row(r["target"], r["experts"], r["dense"], r["kv_dtype"],
                    human_bytes(r["weights_bytes"]), human_bytes(r["kv_bytes"]), human_bytes(r["total_bytes"]))
     con.print(mt)
     notes = [r["note"] for r in plan["targets"] if r.get("note") and "weights_bytes" in r]

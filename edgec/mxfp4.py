@@ -25,12 +25,16 @@ def codes(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
+# byte -> its two decoded values (low nibble first) as one 8-byte word: one gather per byte instead of per nibble
+_PAIRS = np.stack([LUT[np.arange(256) & 0x0F], LUT[np.arange(256) >> 4]], axis=-1).view(np.uint64).reshape(256)
+
+
 def decode(blocks: np.ndarray, scales: np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    """Blocks [..., G, 16] + scales [..., G] -> values [..., G*32] (exact in float32)."""
-    c = codes(blocks)
-    exp = np.asarray(scales, dtype=np.int32) - 127
-    vals = np.ldexp(LUT[c], exp[..., None])
-    return vals.reshape(c.shape[:-2] + (-1,)).astype(dtype, copy=False)
+    """Blocks [..., G, 16] + scales [..., G] -> values [..., G*32] (exact in float32: LUT * 2**(scale-127))."""
+    vals = np.take(_PAIRS, np.asarray(blocks, dtype=np.uint8)).view(np.float32)  # [..., G, 32]
+    with np.errstate(over="ignore"):  # scales >= 254 can overflow float32 to inf, as in the reference
+        vals *= np.ldexp(np.float32(1.0), np.asarray(scales, dtype=np.int32) - 127).astype(np.float32)[..., None]
+    return vals.reshape(vals.shape[:-2] + (-1,)).astype(dtype, copy=False)
 
 
 def to_int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +179,35 @@ def from_qmoe_int(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarr
     return g.reshape(q.shape)
 
 
-_TZ = np.array([0, 0, 1, 0, 2, 1, 3, 2], dtype=np.int32)  # trailing zero bits of |LUT_X2| by magnitude index
+_MAG_X2 = np.abs(LUT_X2).astype(np.uint8)  # |2 * LUT| per code: 0, 1, 2, 3, 4, 6, 8, 12
+_CTZ = np.array([8, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0], dtype=np.int32)  # trailing zeros of 0..15 (0: none)
+_SHIFTED = np.array([[(v * 2.0 ** d + 128) if abs(v * 2.0 ** d) <= 127 and (v * 2.0 ** d) % 1 == 0 else 0
+                      for v in LUT_X2] for d in range(-3, 8)], dtype=np.uint8)  # [d + 3, code] -> q + 128
+
+
+_LO, _HI = np.arange(256) & 15, np.arange(256) >> 4
+_BYTE_OR = (_MAG_X2[_LO] | _MAG_X2[_HI]).astype(np.uint8)  # per stored byte: OR / max of its two |2 * LUT|
+_BYTE_MAX = np.maximum(_MAG_X2[_LO], _MAG_X2[_HI]).astype(np.uint8)
+_PAIR = (_SHIFTED[:, _LO].astype(np.uint16) | (_SHIFTED[:, _HI].astype(np.uint16) << 8)).reshape(-1)  # [d+3, byte]
+
+
+def _channel_plan(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-block shift d and per-row exponent r of the exact per-channel INT8 form, and whether it fits."""
+    b = np.asarray(blocks, dtype=np.uint8)  # [N, G, 16]
+    low = _CTZ[np.bitwise_or.reduce(_BYTE_OR[b], axis=-1)]  # lowest set bit over the block (8 = all zero)
+    amax = _BYTE_MAX[b].max(axis=-1).astype(np.int32)
+    e = np.asarray(scales, dtype=np.int32) - 128
+    big = np.iinfo(np.int32).max
+    r = np.where(amax > 0, e + low, big).min(axis=1)
+    r = np.where(r == big, 0, r)
+    d = e - r[:, None]
+    fits = bool(np.all((amax == 0) | ((d <= 7) & (amax.astype(np.int64) << np.clip(d, 0, 7) <= 127))))
+    return np.clip(d, -3, 7), r, fits
+
+
+def int8_channel_fits(blocks: np.ndarray, scales: np.ndarray) -> bool:
+    """Whether `to_qmoe_int8_channel` can represent these blocks exactly."""
+    return _channel_plan(blocks, scales)[2]
 
 
 def to_qmoe_int8_channel(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -184,15 +216,9 @@ def to_qmoe_int8_channel(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.nda
 
     [N, G, 16] blocks -> (uint8 q [N, K] with zero point 128, float32 scales [N]) such that (q - 128) * scale
     equals every MXFP4 value exactly, or None when a row's values span more than int8 can hold."""
-    c = codes(blocks)  # [N, G, 32]
-    v2 = LUT_X2[c].astype(np.int32)
-    e = np.asarray(scales, dtype=np.int32)[..., None] - 128 + _TZ[c & 7]  # exponent of each value's lowest bit
-    e = np.where(v2 != 0, e, np.iinfo(np.int32).max)
-    r = e.reshape(e.shape[0], -1).min(axis=1)
-    r = np.where(r == np.iinfo(np.int32).max, 0, r)  # all-zero rows
-    shift = np.asarray(scales, dtype=np.int32)[..., None] - 128 - r[:, None, None]
-    q = np.ldexp(v2.astype(np.float64), shift)
-    if np.abs(q).max(initial=0) > 127:
+    b = np.asarray(blocks, dtype=np.uint8)
+    d, r, fits = _channel_plan(b, scales)
+    if not fits:
         return None
-    q8 = (q.reshape(q.shape[0], -1) + 128).astype(np.uint8)
-    return q8, np.ldexp(np.float32(1.0), r).astype(np.float32)
+    q = _PAIR[(d.astype(np.int32) * 256 + 3 * 256)[..., None] + b].view(np.uint8)  # [N, G, 32]: lo, hi per byte
+    return q.reshape(q.shape[0], -1), np.ldexp(np.float32(1.0), r).astype(np.float32)

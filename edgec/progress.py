@@ -10,6 +10,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 
 stderr = Console(stderr=True)
+if not stderr.is_terminal:  # logs and CI: wide enough for the tables
+    stderr = Console(stderr=True, width=140)
 
 
 @contextmanager

@@ -57,7 +57,8 @@ class GptOssConfig:
 
     def __post_init__(self) -> None:
         if not self.layer_types:
-            types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers))
+            types = tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                          for i in range(self.num_hidden_layers))
             object.__setattr__(self, "layer_types", types)
 
     # ---- derived sizes -------------------------------------------------------------------------------
@@ -179,7 +180,9 @@ class GptOssConfig:
 
     def validate(self, where: str) -> None:
         problems = []
-        if self.num_hidden_layers < 1 or len(self.layer_types) != self.num_hidden_layers:
+        if self.num_hidden_layers < 1:
+            problems.append("num_hidden_layers must be at least 1")
+        elif len(self.layer_types) != self.num_hidden_layers:
             problems.append("layer_types must list one type per layer")
         if set(self.layer_types) - {"sliding_attention", "full_attention"}:
             problems.append(f"unknown layer types {sorted(set(self.layer_types))}")
@@ -327,7 +330,7 @@ KINDS = ("embed", "norm", "attn", "attn_bias", "sinks", "router", "expert_blocks
 
 def hf_tensors(cfg: GptOssConfig) -> list[TensorSpec]:
     """Every tensor of the HF layout, in model order."""
-    H, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size
+    H, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size  # noqa: E741
     G = H // MXFP4_BLOCK
     out = [TensorSpec("model.embed_tokens.weight", "BF16", (V, H), "embed")]
     for n in range(cfg.num_hidden_layers):
@@ -424,6 +427,8 @@ def load_json(path: Path) -> dict[str, Any]:
         raise EdgecError(f"{path}: file not found") from None
     except OSError as e:
         raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise EdgecError(f"{path}: cannot read (not UTF-8 text)") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

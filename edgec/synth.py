@@ -94,7 +94,7 @@ def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Ca
     groups = _split(specs, shards)
     names = shard_names(len(groups))
     weight_map = {}
-    for fname, group in zip(names, groups):
+    for fname, group in zip(names, groups, strict=True):
         with SafetensorsWriter(root / fname, [(t.name, t.dtype, t.shape) for t in group], {"format": "pt"}) as w:
             for t in group:
                 for chunk in tensor_chunks(cfg, t, seed):

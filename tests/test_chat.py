@@ -28,9 +28,24 @@ def tiny_mlx(tiny, tmp_path_factory):
     return out
 
 
-@pytest.fixture(params=["source", "mlx"])
-def model(request, tiny, tiny_mlx):
-    return tiny if request.param == "source" else tiny_mlx
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny, tmp_path_factory):
+    from edgec.convert import run_convert
+
+    out = tmp_path_factory.mktemp("chat") / "tiny-onnx-cpu"
+    run_convert(tiny, "onnx-cpu", out, progress=False)
+    return out
+
+
+@pytest.fixture(params=["source", "mlx", "onnx-cpu"])
+def model(request, tiny, tiny_mlx, tiny_onnx):
+    return {"source": tiny, "mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param]
+
+
+@pytest.fixture(params=["mlx", "onnx-cpu"])
+def kv_model(request, tiny_mlx, tiny_onnx):
+    """The converted outputs, whose backends keep a real KV cache."""
+    return {"mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param]
 
 
 def run(args, input=None):
@@ -67,13 +82,13 @@ def test_eof_ends_cleanly_and_without_effort_change_reuse_covers_the_whole_first
 
 
 # ---- prompt reuse equals a fresh prefill ---------------------------------------------------------------------------
-def test_reuse_after_dropped_analysis_equals_fresh_prefill(tiny_mlx):
+def test_reuse_after_dropped_analysis_equals_fresh_prefill(kv_model):
     """Harmony drops the earlier analysis once a final answer exists: the new prompt is not an extension of the
     cached tokens. The session must roll back to the common prefix and give the logits of a fresh prefill."""
     from edgec.runtime.base import load_backend
 
     tok = tokenizer()
-    s = ChatSession(load_backend(tiny_mlx, max_context=2048), tok, date="2025-01-01",
+    s = ChatSession(load_backend(kv_model, max_context=2048), tok, date="2025-01-01",
                     sampling=Sampling(temperature=0, max_tokens=4))
     s.history = [text_message("user", "What is 2+2? " * 40),
                  text_message("assistant", "The user asks a sum. " * 20, channel="analysis")]
@@ -86,21 +101,21 @@ def test_reuse_after_dropped_analysis_equals_fresh_prefill(tiny_mlx):
     logits = s.gen.prefill(prompt)
     assert s.gen.stats.reused == common_prefix(cached, prompt) >= analysis_at > 0
     assert s.gen.stats.prefill == len(prompt) - s.gen.stats.reused
-    fresh = load_backend(tiny_mlx, max_context=2048).forward(prompt)[0]
+    fresh = load_backend(kv_model, max_context=2048).forward(prompt)[0]
     np.testing.assert_allclose(logits, fresh, atol=1e-4, rtol=0)
     assert int(np.argmax(logits)) == int(np.argmax(fresh))
 
 
-def test_rollback_past_the_sliding_history_equals_fresh_prefill(tiny_mlx, ids_long):
+def test_rollback_past_the_sliding_history_equals_fresh_prefill(kv_model, ids_long):
     """A rollback far behind the sliding layers' kept positions: they must be rebuilt, exactly."""
     from edgec.runtime.base import load_backend
 
-    g = Generator(load_backend(tiny_mlx, max_context=4096))
-    g.prefill(ids_long[:2500])
+    g = Generator(load_backend(kv_model, max_context=4096))
+    g.prefill(ids_long[:1800])  # MLX: the sliding buffers have slid past position 300
     second = ids_long[:300] + ids_long[3000:3100]
     logits = g.prefill(second)
     assert (g.stats.reused, g.stats.prefill) == (300, 100)
-    fresh = load_backend(tiny_mlx, max_context=4096).forward(second)[0]
+    fresh = load_backend(kv_model, max_context=4096).forward(second)[0]
     np.testing.assert_allclose(logits, fresh, atol=1e-4, rtol=0)
 
 
@@ -206,32 +221,36 @@ class Replay(Backend):
         self.n = n
 
 
-def test_tool_call_answered_from_the_mock(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("show_analysis", [False, True])
+def test_tool_call_answered_from_the_mock(tiny, tmp_path, monkeypatch, show_analysis):
     import openai_harmony as oh
 
     import edgec.runtime.base as base
 
     tok = tokenizer()
-    call = tok.encode("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
-                      '{"city":"Paris"}<|call|>', allowed_special="all")
+    call = tok.encode("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary"
+                      ' to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>',
+                      allowed_special="all")
     final = tok.encode("<|channel|>final<|message|>Sunny, 21 C.<|return|>", allowed_special="all")
     backend = Replay(call + final)
     monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"name": "get_weather", "description": "Weather now", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}, "mock": {"temp_c": 21}}]))
-    out = run(["chat", tiny, "--tools", tools, "--stats", "--max-context", 4096],
-              input=f"weather?\n/save {tmp_path / 'c.json'}\n")
+    out = run(["chat", tiny, "--tools", tools, "--stats", "--max-context", 4096]
+              + (["--show-analysis"] if show_analysis else []), input=f"weather?\n/save {tmp_path / 'c.json'}\n")
     assert "→ functions.get_weather" in out and "Sunny, 21 C." in out
-    assert [m[3] for m in STATS.findall(out)] and len(STATS.findall(out)) == 2
+    assert ("Need the weather." in out) == show_analysis
+    assert len(STATS.findall(out)) == 2  # one line per generation: the call, then the answer
     conv = oh.Conversation.from_json((tmp_path / "c.json").read_text())
     roles = [(m.author.role.value, m.author.name, m.channel, m.recipient) for m in conv.messages]
-    assert roles[2:] == [("user", None, None, None), ("assistant", None, "commentary", "functions.get_weather"),
+    assert roles[2:] == [("user", None, None, None), ("assistant", None, "analysis", None),
+                         ("assistant", None, "commentary", "functions.get_weather"),
                          ("tool", "functions.get_weather", "commentary", "assistant"),
                          ("assistant", None, "final", None)]
-    assert conv.messages[4].content[0].text == '{"temp_c": 21}'
+    assert conv.messages[5].content[0].text == '{"temp_c": 21}'
     enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
-    prompt2 = enc.render_conversation_for_completion(oh.Conversation.from_messages(conv.messages[:5]),
+    prompt2 = enc.render_conversation_for_completion(oh.Conversation.from_messages(conv.messages[:6]),
                                                      oh.Role.ASSISTANT)
     start, ids = backend.prompts[-1]
     assert list(prompt2[start:]) == ids and start > 0  # the second call prefilled only the tool result
@@ -251,3 +270,46 @@ def test_inspect_kv_bytes_equal_the_mlx_allocation_at_131072(tiny_mlx):
         z = mx.zeros((c.num_key_value_heads, 1, c.head_dim))
         b._store(i, z, z, 0 if c.is_sliding(i) else 131071)
     assert b.kv_bytes() == planned
+
+
+def test_memory_plan_refuses_and_warns_with_numbers(tiny):
+    from edgec.errors import EdgecError
+    from edgec.runtime.session import MemoryPlan, kv_plan_bytes, plan_memory
+    from edgec.spec import preset
+
+    cfg20 = preset("20b")
+    assert kv_plan_bytes(cfg20, 131072) == 12 * 131072 * 2048 + 12 * 128 * 2048  # 24 KiB/token, 3.0 GiB
+    assert kv_plan_bytes(cfg20, 131072, 8) < 0.52 * kv_plan_bytes(cfg20, 131072)
+    plan = plan_memory(tiny, preset("tiny", num_hidden_layers=3), 131072)
+    assert plan.kv_bytes == json.loads(run(["inspect", tiny, "--context", 131072, "--json"]))["memory_plan"][
+        "targets"][0]["kv_bytes"]
+    with pytest.raises(EdgecError, match=r"will not fit: KV cache 3\.00 GiB at 131072 tokens"):
+        MemoryPlan(131072, 16, kv_plan_bytes(cfg20, 131072), 13 * 2**30, 8 * 2**30).check(print)
+    warned = []
+    MemoryPlan(131072, 16, 3 * 2**30, 13 * 2**30, 17 * 2**30).check(warned.append)
+    assert warned and "tight on memory" in warned[0]
+
+
+def test_load_and_reset_slash_commands(tiny, tmp_path, monkeypatch):
+    """/load takes openai-harmony's to_json form verbatim (its system message included); /reset empties the cache."""
+    import openai_harmony as oh
+
+    import edgec.runtime.base as base
+
+    backend = Replay([])
+    monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
+    conv = oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(
+            oh.ReasoningEffort.HIGH).with_conversation_start_date("2024-12-24")),
+        oh.Message.from_role_and_content(oh.Role.USER, "Earlier question"),
+        oh.Message.from_role_and_content(oh.Role.ASSISTANT, "Earlier answer").with_channel("final")])
+    (tmp_path / "c.json").write_text(conv.to_json())
+    out = run(["chat", tiny, "--stats", "--max-context", 4096],
+              input=f"/load {tmp_path / 'c.json'}\nNew question\n/reset\nNew question\n")
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    want = enc.render_conversation_for_completion(oh.Conversation.from_messages(
+        [*conv.messages, oh.Message.from_role_and_content(oh.Role.USER, "New question")]), oh.Role.ASSISTANT)
+    assert backend.prompts[0] == (0, list(want))
+    (_, r1, _), (_, r2, _) = [tuple(int(x) for x in m[:3]) for m in STATS.findall(out)]
+    assert r1 == r2 == 0 and backend.prompts[-1][0] == 0
+    assert len(backend.prompts[-1][1]) < len(want)  # after /reset the loaded history is gone, the system stays

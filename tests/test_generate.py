@@ -165,3 +165,19 @@ def test_reuse_equals_fresh_prefill_on_the_reference(tiny, ids300):
     assert g.stats.reused == 100 and g.stats.prefill == 20
     fresh = ReferenceBackend(tiny).forward(second)[0]
     np.testing.assert_array_equal(logits, fresh)
+
+
+def test_generate_cli_is_reproducible_with_a_seed(tiny):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+
+    def tokens(seed: int) -> list[int]:
+        r = CliRunner().invoke(main, ["generate", str(tiny), "--prompt", "hi", "--json", "--max-tokens", "3",
+                                      "--seed", str(seed), "--max-context", "256"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["tokens"]
+
+    assert tokens(11) == tokens(11) != tokens(12)

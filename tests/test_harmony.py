@@ -261,6 +261,10 @@ def rconversation(rng: random.Random) -> dict:
                 msgs.append(text("tool", rtext(rng, 0, 5), name=fn, channel="commentary", recipient="assistant"))
             elif r < 0.7:
                 msgs.append(text("assistant", rtext(rng), channel="commentary"))
+            elif r < 0.75:  # no channel, several text parts
+                m = text("assistant", rtext(rng))
+                m["content"].append({"type": "text", "text": rtext(rng, 1, 3)})
+                msgs.append(m)
             else:
                 msgs.append(text("assistant", rtext(rng), channel="final"))
     return {"messages": msgs}
@@ -327,6 +331,27 @@ def test_parser_matches_openai_harmony(enc, tok):
             expect = enc.parse_messages_from_completion_tokens(ids[2:], H.Role.ASSISTANT)
             got = parse_completion(ids[2:], tok, role="assistant")
             assert [_fields(m) for m in got] == [_fields(m) for m in expect], i
+
+
+def test_streaming_deltas_match_openai_harmony(enc, tok):
+    """Token by token: the same text deltas (incl. characters split across tokens) and the same channel and
+    recipient as openai-harmony's StreamableParser."""
+    rng = random.Random(11)
+    emoji = Message("assistant", "🧑‍🚀 ✨ ünï 日本語 ṩ", channel="final")
+    for i in range(60):
+        ids = random_completion(rng, tok) if i else render_conversation([emoji], tok, next_role=None)
+        theirs = H.StreamableParser(enc, None)
+        ours = StreamParser(tok, role=None)
+        for t in ids:
+            theirs.process(t)
+            evs = ours.feed(t)
+            mine = "".join(e.text for e in evs if isinstance(e, TextDelta))
+            if t not in (200002, 200007, 200012):
+                assert mine == (theirs.last_content_delta or ""), (i, t)
+            for e in evs:
+                if isinstance(e, MessageStart):
+                    assert (e.channel, e.recipient) == (theirs.current_channel, theirs.current_recipient)
+        assert [_fields(m) for m in ours.messages] == [_fields(m) for m in theirs.messages]
 
 
 def test_stream_events_and_partial_utf8(tok):

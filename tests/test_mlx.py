@@ -96,16 +96,16 @@ def test_runtime_long_context(tiny, backend, ids_long):
 def test_incremental_decode_and_truncate(out, ids_long, monkeypatch):
     """Prefill + token-by-token decode == one-shot prefill; truncate(n) + forward == a fresh prefill, both within
     the kept sliding history and past it (small margins so the sliding buffers move in a short sequence)."""
-    monkeypatch.setattr(mlx_backend, "ROLLBACK_MARGIN", 64)
-    monkeypatch.setattr(mlx_backend, "PREFILL_CHUNK", 48)
-    ids = ids_long[:420]
+    monkeypatch.setattr(mlx_backend, "ROLLBACK_MARGIN", 16)
+    monkeypatch.setattr(mlx_backend, "PREFILL_CHUNK", 16)
+    ids = ids_long[:200]
     b = load_backend(out)
     whole = b.forward(ids, all_logits=True)
     assert b.sw_start > 0  # the sliding buffers did drop old positions
     b.reset()
-    steps = [b.forward(ids[:300], all_logits=True)] + [b.forward([t]) for t in ids[300:]]
+    steps = [b.forward(ids[:170], all_logits=True)] + [b.forward([t]) for t in ids[170:]]
     np.testing.assert_allclose(np.concatenate(steps), whole, atol=1e-5, rtol=0)
-    for n in (400, 250, 5):  # 400: inside the kept history; 250 and 5: past it (recomputed)
+    for n in (190, 60, 5):  # 190: inside the kept history (144 positions); 60 and 5: past it (recomputed)
         b.truncate(n)
         assert b.length == n
         np.testing.assert_allclose(b.forward(ids[n:], all_logits=True), whole[n:], atol=1e-5, rtol=0)

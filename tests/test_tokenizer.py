@@ -119,3 +119,14 @@ def test_transformers_loads_the_written_folder(tmp_path, enc):
         if "<|" not in text:
             assert t.encode(text, add_special_tokens=False) == enc.encode(text, disallowed_special=()), repr(text)
     assert t.decode([200006, 13225]) == "<|start|>Hello"
+
+
+def test_long_pieces_heap_merge_equals_scan(enc):
+    """Long pieces use a heap-based merge: same result as the direct scan, and as openai-harmony on long runs."""
+    tok = Tokenizer.default()
+    rng = random.Random(5)
+    for _ in range(300):
+        piece = "".join(rng.choice(" =-!?.éab日") for _ in range(rng.randint(2, 90))).encode()
+        assert tok._bpe_heap(piece) == tok._bpe_scan(piece)
+    for text in ["=-" * 1500, " " * 3000 + "x", "§" * 2000, "!?" * 1000 + "\n" * 50, "ab" * 3000]:
+        assert tok.encode(text) == enc.encode(text, disallowed_special=())

@@ -20,9 +20,12 @@ def copy_tokenizer_files(ckpt: Checkpoint, out: Path) -> list[str]:
     return names
 
 
-def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
-    """edgec.json: target, recipe, source config hash, edgec version and the sha256 of every file written."""
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe: dict[str, Any],
+                   known_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    """edgec.json: target, recipe, source config hash, edgec version and the sha256 of every file written
+    (`known_sha256`: digests a converter already computed while writing, so big files are not read twice)."""
+    known = known_sha256 or {}
+    files = {p.name: {"sha256": known.get(p.name) or sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(out.iterdir()) if p.is_file() and p.name != "edgec.json"}
     manifest = {
         "edgec_version": __version__,

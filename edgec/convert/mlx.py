@@ -12,10 +12,13 @@ the largest chunk, never by the model size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,36 @@ def _drop_pages(ckpt: Checkpoint) -> None:
         mm = getattr(f, "_mm", None)
         if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
+
+
+class _HashingFile:
+    """Wraps a writer's file: every written buffer is also hashed, on a worker thread (hashlib drops the GIL),
+    so the manifest's sha256 costs no second read. At most 4 buffers wait, which bounds the memory held."""
+
+    def __init__(self, f, h, pool: ThreadPoolExecutor):  # noqa: ANN001
+        self.f, self.h, self.pool = f, h, pool
+        self.pending: deque[Future] = deque()
+
+    def write(self, b) -> int:  # noqa: ANN001
+        while len(self.pending) >= 4:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.h.update, b))
+        return self.f.write(b)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.f, name)
+
+
+def _hashed_writer(path: Path, spec: list, pool: ThreadPoolExecutor) -> tuple[SafetensorsWriter, _HashingFile]:
+    w = SafetensorsWriter(path, spec, {"format": "mlx"})
+    w.f.flush()
+    hf = _HashingFile(w.f, hashlib.sha256(path.read_bytes()), pool)  # the header is all there is so far
+    w.f = hf
+    return w, hf
 
 
 def _rows(arr: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
@@ -177,16 +210,24 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
     total = ckpt.source_bytes()
     weight_map: dict[str, str] = {}
     written = 0
-    with atomic_dir(out, force) as tmp, byte_progress(total, f"mlx {dense}/{experts}", progress) as advance:
+    sha: dict[str, str] = {}
+    since_drop = 0
+    with atomic_dir(out, force) as tmp, byte_progress(total, f"mlx {dense}/{experts}", progress) as advance, \
+            ThreadPoolExecutor(max_workers=1) as pool:
         for fname, shard in zip(names, shards, strict=True):
-            spec = [(e[0], e[1], e[2]) for e in shard]
-            with SafetensorsWriter(tmp / fname, spec, {"format": "mlx"}) as w:
+            w, hashing = _hashed_writer(tmp / fname, [(e[0], e[1], e[2]) for e in shard], pool)
+            with w:
                 for name, _, _, produce in shard:
                     for chunk, consumed in produce():
                         w.write(name, chunk)
                         advance(consumed)
+                        since_drop += chunk.nbytes
+                        if since_drop >= ROW_CHUNK_BYTES:  # keep the touched source pages out of our RSS
+                            _drop_pages(ckpt)
+                            since_drop = 0
                     weight_map[name] = fname
-                    _drop_pages(ckpt)
+            hashing.drain()
+            sha[fname] = hashing.h.hexdigest()
             written += (tmp / fname).stat().st_size
         index = {"metadata": {"total_size": written, "format": "mlx"}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -195,6 +236,6 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
         recipe = {"dense": dense, "experts": experts, "q8_group_size": group if dense == "q8" else None,
                   "expert_layout": "mlx-lm sanitize: uint32 words, gate/up de-interleaved by rows",
                   "tensors": len(weight_map), "shards": names}
-        write_manifest(tmp, ckpt, profile, recipe)
+        write_manifest(tmp, ckpt, profile, recipe, known_sha256=sha)
     return {"files": names + ["model.safetensors.index.json", "config.json", *tokenizer, "edgec.json"],
             "tensors": len(weight_map), "bytes_written": written, "source_bytes": total}

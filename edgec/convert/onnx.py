@@ -24,6 +24,7 @@ from ..errors import EdgecError, require
 from ..fsutil import atomic_dir
 from ..progress import byte_progress
 from ..rope import cos_sin
+from ..safetensors_io import bf16_to_f32
 from ..spec import load_json
 from .common import copy_tokenizer_files, write_manifest
 from .onnx_graph import FLOAT, FLOAT8E8M0, INT32, INT64, IO_CODE, UINT8, ExternalData, Graph, io_value, to_io
@@ -38,7 +39,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     ctx = int(profile.get("context_length", cfg.max_position_embeddings))
     with atomic_dir(out, force) as tmp, byte_progress(ckpt.source_bytes(), f"onnx {profile['name']}",
                                                       progress) as adv:
-        ext = ExternalData(tmp / "model.onnx.data", adv)
+        ext = ExternalData(tmp / "model.onnx.data", adv, release=lambda: _drop_pages(ckpt))
         try:
             g = build(ckpt, ext, dense, experts, ctx, profile)
         finally:
@@ -48,7 +49,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         genai = genai_config(ckpt, profile, ctx, dense)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
         tok = copy_tokenizer_files(ckpt, tmp)
-        recipe = {"dense": dense, "experts": experts, "io_dtype": dense, "context_length": ctx,
+        recipe = {"dense": dense, "experts": experts, "io_dtype": io_dtype(dense), "context_length": ctx,
                   "execution_provider": profile.get("execution_provider"), "moe": _moe_kind(experts),
                   "decomposed_layers": g.fallback_layers if experts != "decomposed" else "all"}
         write_manifest(tmp, ckpt, profile, recipe)
@@ -56,14 +57,27 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
             "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
+def _drop_pages(ckpt: Checkpoint) -> None:
+    """Tell the kernel we are done with the mapped source pages so they leave our RSS (the page cache keeps them)."""
+    import mmap
+
+    for f in ckpt.files.values():
+        mm = getattr(f, "_mm", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
 def _moe_kind(experts: str) -> str:
     return {"exact": "QMoE int8 per-channel", "int4": "QMoE int4", "mxfp4": "QMoE fp4"}.get(experts, "decomposed")
 
 
-def build(ckpt: Checkpoint, ext: ExternalData, io: str, experts: str, ctx: int, profile: dict[str, Any]) -> Graph:
+def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: int, profile: dict[str, Any]) -> Graph:
     """Write every weight through `ext` (in model order) and return the graph that uses them."""
     cfg = ckpt.config
-    H, V, E, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts, cfg.num_key_value_heads, cfg.head_dim
+    io = io_dtype(dense)
+    # MatMulNBits accuracy_level for int8/int4 dense: 4 = int8 activations (fast int8 dot kernels, lossy), 0 = fp32
+    acc = int(profile.get("dense_accuracy_level", 0))
+    H, V, _E, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts, cfg.num_key_value_heads, cfg.head_dim
     code = IO_CODE[io]
     g = Graph()
     g.inputs += [io_value("input_ids", INT64, ["batch_size", "sequence_length"]),
@@ -104,13 +118,10 @@ def build(ckpt: Checkpoint, ext: ExternalData, io: str, experts: str, ctx: int, 
             h, residual = _skip_norm(g, residual, pending, p + "input_layernorm.weight", q + "/input_layernorm", cfg)
         # attention: fused qkv
         a = p + "self_attn."
-        w = np.concatenate([ckpt.f32(a + f"{n}_proj.weight") for n in "qkv"], axis=0).T
+        w = np.concatenate([ckpt.f32(a + f"{n}_proj.weight") for n in "qkv"], axis=0)
         b = np.concatenate([ckpt.f32(a + f"{n}_proj.bias") for n in "qkv"])
-        ext.add(p + "attn.qkv.weight", code, w.shape, to_io(w, io))
-        ext.add(p + "attn.qkv.bias", code, b.shape, to_io(b, io))
+        qkv = _linear(g, ext, h, p + "attn.qkv", q + "/attn/qkv", w, b, io, dense, acc)
         ext.add(p + "attn.sinks", code, (cfg.num_attention_heads,), _dense(ckpt.raw(a + "sinks"), io))
-        qkv = g.node("Add", [g.node("MatMul", [h, p + "attn.qkv.weight"], name=q + "/attn/qkv/MatMul")[0],
-                             p + "attn.qkv.bias"], name=q + "/attn/qkv/Add")[0]
         attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=nkv, scale=float(hd ** -0.5),
                      local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1, softcap=0.0, do_rotary=1,
                      rotary_interleaved=0)
@@ -121,21 +132,15 @@ def build(ckpt: Checkpoint, ext: ExternalData, io: str, experts: str, ctx: int, 
                      name=q + "/attn/GroupQueryAttention", domain="com.microsoft",
                      outputs=[q + "/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
                      **attrs)[0]
-        wo = ckpt.f32(a + "o_proj.weight").T
-        ext.add(p + "attn.o_proj.weight", code, wo.shape, to_io(wo, io))
-        ext.add(p + "attn.o_proj.bias", code, (H,), _dense(ckpt.raw(a + "o_proj.bias"), io))
-        o = g.node("Add", [g.node("MatMul", [att, p + "attn.o_proj.weight"], name=q + "/attn/o_proj/MatMul")[0],
-                           p + "attn.o_proj.bias"], name=q + "/attn/o_proj/Add")[0]
+        o = _linear(g, ext, att, p + "attn.o_proj", q + "/attn/o_proj", ckpt.f32(a + "o_proj.weight"),
+                    ckpt.f32(a + "o_proj.bias"), io, dense, acc)
         ext.add(p + "post_attention_layernorm.weight", code, (H,),
                 _dense(ckpt.raw(p + "post_attention_layernorm.weight"), io))
         h2, residual = _skip_norm(g, residual, o, p + "post_attention_layernorm.weight",
                                   q + "/post_attention_layernorm", cfg)
         # router
-        wr = ckpt.f32(p + "mlp.router.weight").T
-        ext.add(p + "moe.router.weight", code, wr.shape, to_io(wr, io))
-        ext.add(p + "moe.router.bias", code, (E,), _dense(ckpt.raw(p + "mlp.router.bias"), io))
-        r = g.node("Add", [g.node("MatMul", [h2, p + "moe.router.weight"], name=q + "/moe/router/MatMul")[0],
-                           p + "moe.router.bias"], name=q + "/moe/router/Add")[0]
+        r = _linear(g, ext, h2, p + "moe.router", q + "/moe/router", ckpt.f32(p + "mlp.router.weight"),
+                    ckpt.f32(p + "mlp.router.bias"), io, "fp32" if dense in INT_BITS else dense)
         if experts == "exact" and not _int8_channel_exact(ckpt, i):
             fallback.append(i)  # a row spans more binades than int8 holds: dense experts keep it exact
             pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
@@ -147,12 +152,63 @@ def build(ckpt: Checkpoint, ext: ExternalData, io: str, experts: str, ctx: int, 
     ext.add("model.norm.weight", code, (H,), _dense(ckpt.raw("model.norm.weight"), io))
     y, _ = _skip_norm(g, residual, pending, "model.norm.weight", "/model/norm", cfg)
     lm = ckpt.raw("lm_head.weight")
+    if dense in INT_BITS:  # MatMulNBits, quantized block by block as the rows stream in
+        sc: list[np.ndarray] = []
+        bits = INT_BITS[dense]
+        chunks = (_keep(quantize_rows(bf16_to_f32(lm[r:r + ROWS]), bits), sc) for r in range(0, V, ROWS))
+        ext.add("lm_head.qweight", UINT8, (V, H // 32, 32 * bits // 8), chunks)
+        ext.add("lm_head.scales", code, (V, H // 32), (to_io(x_, io) for x_ in sc))
+        g.node("MatMulNBits", [y, "lm_head.qweight", "lm_head.scales"], name="/lm_head/MatMulNBits",
+               domain="com.microsoft", outputs=["logits"], K=H, N=V, bits=bits, block_size=32,
+               accuracy_level=acc)
+        return g
     ext.add("lm_head.weight", code, (V, H), (_dense(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
     flat = g.node("Reshape", [y, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
     lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
     shape = g.node("Concat", [g.node("Shape", ["input_ids"])[0], g.i64(V)], axis=0)[0]
     g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=["logits"])
     return g
+
+
+INT_BITS = {"int8": 8, "int4": 4}
+
+
+def io_dtype(dense: str) -> str:
+    """Activation dtype of the graph: the dense dtype, or fp32 when dense weights are integer blocks."""
+    return "fp32" if dense in INT_BITS else dense
+
+
+def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits blocks of 32 along K (zero point 2**(bits-1)): signed scale mapping each block's extreme
+    to the most negative level, so it is exact; returns uint8 [N, K/32, 32*bits/8] and float32 scales [N, K/32]."""
+    qmin = -(1 << (bits - 1))
+    g = w.reshape(w.shape[0], -1, 32)
+    ext = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
+    scale = (ext / qmin).astype(np.float32)
+    safe = np.where(scale == 0, 1, scale)
+    q = (np.clip(np.rint(g / safe[..., None]), qmin, -qmin - 1) - qmin).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.ascontiguousarray(q), scale
+
+
+def _linear(g: Graph, ext: ExternalData, x: str, wname: str, name: str, w: np.ndarray, b: np.ndarray, io: str,
+            dense: str, acc: int = 0) -> str:
+    """y = x W^T + b for a checkpoint weight W [N, K]: MatMul with W^T in the io dtype, or MatMulNBits."""
+    n, k = w.shape
+    code = IO_CODE[io]
+    if dense in INT_BITS:
+        q, s = quantize_rows(w, INT_BITS[dense])
+        ext.add(wname + ".qweight", UINT8, q.shape, q)
+        ext.add(wname + ".scales", code, s.shape, to_io(s, io))
+        y = g.node("MatMulNBits", [x, wname + ".qweight", wname + ".scales"], name=name + "/MatMulNBits",
+                   domain="com.microsoft", K=k, N=n, bits=INT_BITS[dense], block_size=32,
+                   accuracy_level=acc)[0]
+    else:
+        ext.add(wname + ".weight", code, (k, n), to_io(np.ascontiguousarray(w.T), io))
+        y = g.node("MatMul", [x, wname + ".weight"], name=name + "/MatMul")[0]
+    ext.add(wname + ".bias", code, (n,), to_io(b, io))
+    return g.node("Add", [y, wname + ".bias"], name=name + "/Add")[0]
 
 
 def _dense(bf16: np.ndarray, io: str) -> np.ndarray:
@@ -164,7 +220,8 @@ def _dense(bf16: np.ndarray, io: str) -> np.ndarray:
 
 
 def _rms_norm(g: Graph, x: str, weight: str, name: str, eps: float, io: str) -> str:
-    """The first RMSNorm from standard ops (onnx.checker knows no SimplifiedLayerNormalization): x/sqrt(mean(x^2)+eps)*w."""
+    """The first RMSNorm from standard ops, x / sqrt(mean(x^2) + eps) * w (onnx.checker rejects
+    SimplifiedLayerNormalization, an onnxruntime op registered in the standard domain)."""
     ms = g.node("ReduceMean", [g.node("Mul", [x, x], name=name + "/Sq")[0], g.i64(-1)], name=name + "/Mean",
                 keepdims=1)[0]
     rms = g.node("Sqrt", [g.node("Add", [ms, g.scalar(eps, io)], name=name + "/Eps")[0]], name=name + "/Sqrt")[0]
@@ -180,10 +237,10 @@ def _skip_norm(g: Graph, residual: str, new: str, weight: str, name: str, cfg) -
 
 def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str, experts: str) -> str:
     cfg = ckpt.config
-    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     p, code = f"model.layers.{i}.", IO_CODE[io]
     names = []
-    for which, n, k in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+    for which, n, k in (("gate_up_proj", 2 * inter, H), ("down_proj", H, inter)):
         src = p + f"mlp.experts.{which}"
         blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
         dst = p + f"moe.experts.{which}"
@@ -223,7 +280,7 @@ def _int8_channel_exact(ckpt: Checkpoint, i: int) -> bool:
     for which in ("gate_up_proj", "down_proj"):
         src = f"model.layers.{i}.mlp.experts.{which}"
         blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
-        if any(mxfp4.to_qmoe_int8_channel(blocks[e], scales[e]) is None for e in range(blocks.shape[0])):
+        if not all(mxfp4.int8_channel_fits(blocks[e], scales[e]) for e in range(blocks.shape[0])):
             return False
     return True
 
@@ -236,10 +293,10 @@ def _keep(pair: tuple[np.ndarray, np.ndarray], scales: list[np.ndarray]) -> np.n
 def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str) -> str:
     """MoE without a MoE kernel (DirectML): TopK, Softmax, Gather of the chosen experts' dense matrices, MatMul."""
     cfg = ckpt.config
-    E, H, I, k, lim = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok, \
-        cfg.swiglu_limit
+    E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    k, lim = cfg.num_experts_per_tok, cfg.swiglu_limit
     p, q, code = f"model.layers.{i}.", f"/model/layers.{i}/moe", IO_CODE[io]
-    for which, shape in (("gate_up_proj", (E, 2 * I, H)), ("down_proj", (E, H, I))):
+    for which, shape in (("gate_up_proj", (E, 2 * inter, H)), ("down_proj", (E, H, inter))):
         src = p + f"mlp.experts.{which}"
         ext.add(p + f"moe.experts.{which}.weight", code, shape,
                 (to_io(ckpt.experts(i, which, [e])[0], io) for e in range(E)))

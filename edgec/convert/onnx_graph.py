@@ -35,12 +35,13 @@ IO_CODE = {"fp32": FLOAT, "fp16": FLOAT16, "bf16": BFLOAT16}
 class ExternalData:
     """Append-only external-data file; `add` returns an EXTERNAL TensorProto (no bytes in the graph)."""
 
-    def __init__(self, path: Path, progress=None):
+    def __init__(self, path: Path, progress=None, release=None, release_every: int = 64 << 20):
         self.path = Path(path)
-        self.f = open(self.path, "wb")
+        self.f = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         self.offset = 0
         self.inits: list[Any] = []
         self.progress = progress or (lambda n: None)
+        self.release, self.release_every, self._since = release, release_every, 0
 
     def add(self, name: str, code: int, dims: Iterable[int], chunks: np.ndarray | Iterable[np.ndarray]) -> str:
         from onnx import TensorProto
@@ -55,6 +56,10 @@ class ExternalData:
             self.f.write(memoryview(b).cast("B"))
             self.offset += b.nbytes
             self.progress(b.nbytes)
+            self._since += b.nbytes
+            if self.release and self._since >= self.release_every:  # keep touched source pages out of RSS
+                self.release()
+                self._since = 0
         t = TensorProto(name=name, data_type=code, dims=list(dims))
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.path.name), ("offset", str(start)), ("length", str(self.offset - start))):

@@ -25,7 +25,7 @@ from .conversation import ROLES, Message
 from .render import CALL, END_TOKENS, MESSAGE, RETURN, START
 from .tokenizer import Tokenizer
 
-MAX_HEADER_TOKENS = 128
+MAX_HEADER_TOKENS = 64  # a real header is ~5-20 tokens; past this the stream is treated as text
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import json
 import lzma
 import operator
@@ -145,10 +146,19 @@ class Tokenizer:
             raise EdgecError(f"{where}: vocabulary entry is not byte-level ({e})") from None
         specials = {int(t["id"]): str(t["content"]) for t in data.get("added_tokens") or []}
         pattern = _split_regex(data.get("pre_tokenizer")) or O200K_PATTERN
-        return cls(ranks, specials, pattern)
+        try:
+            return cls(ranks, specials, pattern)
+        except regex.error as e:
+            raise EdgecError(f"{where}: pre-tokenizer regex does not compile ({e})") from None
 
     # encoding -----------------------------------------------------------------------------------------------
     def _bpe(self, piece: bytes) -> tuple[int, ...]:
+        """tiktoken's byte-pair merge of one piece: repeatedly merge the adjacent pair whose concatenation has the
+        lowest rank (leftmost on ties). A direct scan for short pieces, a heap for long ones (O(n log n), so a
+        pasted line of 50,000 '=' stays fast)."""
+        return self._bpe_heap(piece) if len(piece) > 48 else self._bpe_scan(piece)
+
+    def _bpe_scan(self, piece: bytes) -> tuple[int, ...]:
         ranks = self.ranks
         parts = [piece[i:i + 1] for i in range(len(piece))]
         while len(parts) > 1:
@@ -161,6 +171,39 @@ class Tokenizer:
                 break
             parts[best:best + 2] = [parts[best] + parts[best + 1]]
         return tuple(ranks[p] for p in parts)
+
+    def _bpe_heap(self, piece: bytes) -> tuple[int, ...]:
+        ranks, n = self.ranks, len(piece)
+        nxt = list(range(1, n + 1))  # part starting at i spans piece[i:nxt[i]]
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap: list[tuple[int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if j < n:
+                r = ranks.get(piece[i:nxt[j]])
+                if r is not None:
+                    heapq.heappush(heap, (r, i, nxt[j]))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, e = heapq.heappop(heap)
+            if not alive[i] or nxt[i] >= n or nxt[nxt[i]] != e:
+                continue  # stale: one of the two parts has changed since this pair was queued
+            alive[nxt[i]] = False
+            nxt[i] = e
+            if e < n:
+                prv[e] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        out, i = [], 0
+        while i < n:
+            out.append(ranks[piece[i:nxt[i]]])
+            i = nxt[i]
+        return tuple(out)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text; special-token strings are ordinary text here."""

@@ -60,19 +60,24 @@ def open_session(model: Path, max_tokens: int, temperature: float, top_p: float,
     if kw and target == "source":
         stderr.print("[yellow]warning:[/] the numpy reference keeps no KV cache; --kv-bits is ignored")
     backend = load_backend(model, max_context=context, **kw)
+    if kw and target != "source" and getattr(backend, "kv_bits", None) != 8:
+        raise EdgecError(f"--kv-bits 8: the {backend.name} runtime has no 8-bit KV cache yet (drop the option)")
     tok = Tokenizer.from_folder(model)
     return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
                        sampling=sampling, max_context=context)
 
 
 def _config_of(model: Path):
+    """The model's config without loading it: edgec.json's `config` for an output folder, else the checkpoint's."""
     from ..checkpoint import Checkpoint
-    from ..spec import GptOssConfig, load_json
+    from ..spec import GptOssConfig, Yarn, load_json
 
-    if (model / "config.json").is_file():
-        d = load_json(model / "config.json")
-        if d.get("model_type") == "gpt_oss":
-            return GptOssConfig.from_hf(d, str(model / "config.json"))
+    if (model / "edgec.json").is_file():
+        d = load_json(model / "edgec.json").get("config")
+        try:
+            return GptOssConfig(**{**d, "layer_types": tuple(d["layer_types"]), "yarn": Yarn(**d["yarn"])})
+        except (TypeError, KeyError) as e:
+            raise EdgecError(f"{model / 'edgec.json'}: unreadable model config ({e})") from None
     return Checkpoint.open(model).config
 
 
@@ -183,7 +188,14 @@ def chat(model: Path, show_analysis: bool, show_stats: bool, **kw) -> None:
             if _slash(session, line):
                 return
             continue
-        _run_turn(session, line, printer, show_stats)
+        try:
+            _run_turn(session, line, printer, show_stats)
+        except KeyboardInterrupt:  # outside the sampling loop (rendering, a tool prompt): the session goes on
+            printer._newline()
+            stderr.print("[yellow]stopped[/]")
+        except EdgecError as e:  # e.g. a turn too long for the context: say so, keep the session
+            printer._newline()
+            stderr.print(f"[red]{e}[/]", highlight=False)
 
 
 def _slash(session, line: str) -> bool:

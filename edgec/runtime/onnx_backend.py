@@ -87,7 +87,7 @@ class OnnxBackend(Backend):
             total = self._len + chunk.size
             feeds = {"input_ids": chunk[None], "attention_mask": np.ones((1, total), dtype=np.int64), **self.kv}
             res = self.session.run(["logits", *self.present_names], feeds)
-            self.kv = dict(zip(self.past_names, res[1:]))
+            self.kv = dict(zip(self.past_names, res[1:], strict=False))
             self._len = total
             lg = res[0][0]
             outs.append(lg if all_logits else lg[-1:])

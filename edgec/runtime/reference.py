@@ -28,22 +28,28 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray, window: int | None,
               q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
-    """q [Hq, n, d], k/v [Hkv, m, d], sinks [Hq] -> [n, Hq*d]. Causal, optional sliding window, sink logits."""
+    """q [Hq, n, d], k/v [Hkv, m, d], sinks [Hq] -> [n, Hq*d]. Causal, optional sliding window, sink logits.
+
+    k_pos must be ascending; each block of queries only scores the keys its mask can allow (a window's worth on
+    sliding layers), which is the same math as masking the rest to -inf."""
     hq, n, d = q.shape
     group = hq // k.shape[0]
     kk, vv = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
     out = np.empty((n, hq, d), dtype=np.float32)
     for s in range(0, n, Q_CHUNK):
         qp = q_pos[s : s + Q_CHUNK, None]
-        allowed = k_pos[None, :] <= qp
+        hi = int(np.searchsorted(k_pos, qp.max(), side="right"))
+        lo = 0 if window is None else int(np.searchsorted(k_pos, qp.min() - window + 1, side="left"))
+        kp = k_pos[None, lo:hi]
+        allowed = kp <= qp
         if window is not None:
-            allowed &= (qp - k_pos[None, :]) < window
-        scores = np.matmul(q[:, s : s + Q_CHUNK], kk.transpose(0, 2, 1)) / np.sqrt(d)
+            allowed &= (qp - kp) < window
+        scores = np.matmul(q[:, s : s + Q_CHUNK], kk[:, lo:hi].transpose(0, 2, 1)) / np.sqrt(d)
         scores = np.where(allowed[None], scores, -np.inf)
         m = np.maximum(scores.max(axis=-1, keepdims=True), sinks[:, None, None])
         e = np.exp(scores - m)
         p = e / (e.sum(axis=-1, keepdims=True) + np.exp(sinks[:, None, None] - m))
-        out[s : s + Q_CHUNK] = np.matmul(p, vv).transpose(1, 0, 2)
+        out[s : s + Q_CHUNK] = np.matmul(p, vv[:, lo:hi]).transpose(1, 0, 2)
     return out.reshape(n, hq * d)
 
 

@@ -1,0 +1,145 @@
+"""The foundation's CLI as a user runs it: synth, inspect (tables, --json, memory plan), logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgec.checkpoint import Checkpoint
+from edgec.cli import main
+from edgec.inspect import BITS_PER_WEIGHT, inspect_report, memory_plan, weight_bytes
+from edgec.runtime.reference import Reference
+from edgec.spec import hf_tensors, preset
+
+IDS = "200006,17360,200008"
+
+
+def edgec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "edgec"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgec"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_done_when_sequence(tmp_path):
+    """`edgec synth /tmp/m --preset tiny && edgec inspect /tmp/m && edgec logits /tmp/m --ids ... --out l.npy`"""
+    m = tmp_path / "m"
+    r = edgec("synth", str(m), "--preset", "tiny")
+    assert r.returncode == 0, r.stderr
+    r = edgec("inspect", str(m))
+    assert r.returncode == 0 and "memory plan at 131072 tokens" in r.stdout and "ok" in r.stdout, r.stdout + r.stderr
+    r = edgec("logits", str(m), "--ids", IDS, "--out", str(tmp_path / "l.npy"))
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "l.npy")
+    assert got.dtype == np.float32 and got.shape == (3, 201088)
+    want = Reference(Checkpoint.open(m)).logits([200006, 17360, 200008])
+    assert np.allclose(got, want, rtol=0, atol=1e-6)
+
+    r = cli("logits", str(m), "--ids", IDS, "--last", "1", "--out", str(tmp_path / "l1.npy"))
+    assert r.exit_code == 0, r.output
+    assert np.allclose(np.load(tmp_path / "l1.npy"), want[-1:], atol=1e-6)
+    (tmp_path / "ids.json").write_text("[200006, 17360, 200008]")
+    r = cli("logits", str(m), "--ids-file", str(tmp_path / "ids.json"), "--out", str(tmp_path / "l2.npy"))
+    assert r.exit_code == 0 and np.allclose(np.load(tmp_path / "l2.npy"), want, atol=1e-6)
+
+
+def test_inspect_json(tiny):
+    r = cli("inspect", str(tiny), "--json", "--context", "4096")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    cfg = Checkpoint.open(tiny).config
+    assert rep["layout"] == "hf" and rep["has_original"] and rep["problems"] == []
+    a = rep["architecture"]
+    assert (a["layers"], a["sliding_layers"], a["full_layers"], a["kv_heads"], a["experts"],
+            a["experts_per_token"], a["vocab_size"]) == (3, 2, 1, 2, 8, 4, 201088)
+    assert a["yarn"]["truncate"] is False and a["yarn"]["factor"] == 32.0
+    assert rep["params"]["total"] == cfg.params()["total"] and rep["params"]["active"] < rep["params"]["total"]
+    assert rep["tensors"] == {"expected": len(hf_tensors(cfg)), "found": len(hf_tensors(cfg)), "problems": 0}
+    assert rep["source_bytes"] == sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
+    src = rep["memory_plan"]["targets"][0]
+    assert src["target"] == "source" and src["kv_bytes"] == cfg.kv_cache_bytes(4096)
+    assert rep["memory_plan"]["context"] == 4096
+
+
+def test_memory_plan_arithmetic_20b():
+    cfg = preset("20b")
+    stored = sum(t.nbytes for t in hf_tensors(cfg))
+    # 4.25 bits for MXFP4 is exactly the blocks + scales bytes; bf16 elsewhere: the plan prices the source exactly
+    assert weight_bytes(cfg, "bf16", "mxfp4") == stored
+    expert_weights = sum(t.params for t in hf_tensors(cfg) if t.kind == "expert_blocks")
+    assert weight_bytes(cfg, "bf16", "int4") - weight_bytes(cfg, "bf16", "mxfp4") == expert_weights * (4.5 - 4.25) / 8
+    assert weight_bytes(cfg, "bf16", "nope") is None
+    plan = memory_plan(cfg, 131072)
+    src = plan["targets"][0]
+    assert src["weights_bytes"] == stored and src["kv_bytes"] == 3 * 2**30 + 12 * 128 * 2048
+    assert plan["kv_all_full_bytes"] == 6 * 2**30
+    assert set(BITS_PER_WEIGHT) >= {"mxfp4", "int8", "int4", "bf16", "fp16", "fp32", "q8"}
+
+
+def test_memory_plan_prices_every_profile(monkeypatch, tmp_path):
+    import edgec.targets as targets
+
+    monkeypatch.setattr(targets, "TARGETS_DIR", tmp_path)
+    cfg = preset("20b")
+    plan = memory_plan(cfg, 8192)
+    assert [r["target"] for r in plan["targets"]] == ["source"] and "no target profiles" in plan["note"]
+    (tmp_path / "a.toml").write_text('runtime = "x"\nkv_bits = 8\n[dense]\ndefault = "q8"\n[experts]\n'
+                                     'default = "mxfp4"\n[kv]\nsliding_keep = 1152\n')
+    (tmp_path / "b.toml").write_text('[dense]\ndefault = "fp32"\n[experts]\ndefault = "weird"\n')
+    (tmp_path / "c.toml").write_text('[dense]\ndefault = "fp16"\n[experts]\ndefault = "decomposed"\n')
+    (tmp_path / "d.toml").write_text("not toml [")
+    rows = {r["target"]: r for r in memory_plan(cfg, 8192)["targets"]}
+    a = rows["a"]
+    assert a["kv_bytes"] == (12 * 8192 + 12 * 1152) * 2 * 512 * 1
+    assert a["weights_bytes"] == weight_bytes(cfg, "q8", "mxfp4")
+    assert rows["b"]["weights_bytes"] is None and "weird" in rows["b"]["note"]
+    assert rows["c"]["weights_bytes"] == weight_bytes(cfg, "fp16", "fp16")
+    assert "unreadable profile" in rows["d"]["note"]
+
+
+def test_inspect_an_edgec_output_folder(tiny, tmp_path):
+    from edgec.convert.common import write_manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tiny / "config.json", out / "config.json")
+    (out / "model.safetensors").write_bytes(b"x" * 1000)
+    write_manifest(out, Checkpoint.open(tiny), {"name": "mlx", "runtime": "mlx"}, {"dense": "bf16",
+                                                                                     "experts": "mxfp4"})
+    rep = inspect_report(out, 1024)
+    assert rep["kind"] == "edgec output" and rep["target"] == "mlx" and rep["problems"] == []
+    assert rep["architecture"]["layers"] == 3 and rep["bytes_on_disk"] == 1000 + (out / "config.json").stat().st_size
+    r = cli("inspect", str(out))
+    assert r.exit_code == 0 and "mlx" in r.stdout
+    (out / "model.safetensors").write_bytes(b"x" * 10)
+    r = cli("inspect", str(out))
+    assert r.exit_code == 2 and "10 bytes, edgec.json records 1000" in r.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["logits", "{m}", "--ids", "1,2", "--ids-file", "{m}/config.json", "--out", "{t}/x.npy"], "exactly one of"),
+    (["logits", "{m}", "--out", "{t}/x.npy"], "exactly one of"),
+    (["logits", "{m}", "--ids", "1,999999", "--out", "{t}/x.npy"], "token id 999999 is outside the vocabulary"),
+    (["logits", "{m}", "--ids", "1,a", "--out", "{t}/x.npy"], "could not read token ids"),
+    (["logits", "{m}", "--ids-file", "{m}/config.json", "--out", "{t}/x.npy"], "non-empty list of integers"),
+    (["logits", "{m}", "--ids", "1", "--out", "{t}/no/such/dir/x.npy"], "cannot write"),
+    (["synth", "{t}/new", "--hidden", "100"], "multiples of 32"),
+    (["synth", "{t}/new", "--layers", "0"], "num_hidden_layers must be at least 1"),
+    (["synth", "{m}"], "output folder exists"),
+    (["inspect", "{m}", "--context", "0"], "--context must be a positive"),
+])
+def test_bad_requests_are_one_line_errors(tiny, tmp_path, args, fragment):
+    r = cli(*[a.format(m=tiny, t=tmp_path) for a in args])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and fragment in lines[0], (r.exit_code, r.stderr, r.exception)
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "new").exists()

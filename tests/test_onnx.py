@@ -1,0 +1,200 @@
+"""onnx-* targets: graphs edgec writes itself, checked against transformers (fp32) and run by onnxruntime-genai.
+
+Oracles: transformers' GptOssForCausalLM (`hf_logits`), onnxruntime-genai (loads and runs the folder on its own),
+onnx.checker, and the checkpoint's own MXFP4 bytes decoded independently of edgec.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import hf_logits
+
+onnx = pytest.importorskip("onnx")
+og = pytest.importorskip("onnxruntime_genai")
+
+EDGEC = [sys.executable, "-m", "edgec"]
+LUT = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
+
+
+def convert(src: Path, out: Path, target: str, *extra: str) -> Path:
+    from edgec.convert import run_convert
+
+    opts = dict(zip([e.lstrip("-") for e in extra[0::2]], extra[1::2], strict=False))
+    run_convert(src, target, out, dense=opts.get("dense"), experts=opts.get("experts"), force=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exact(tiny, tmp_path_factory) -> Path:
+    return convert(tiny, tmp_path_factory.mktemp("onnx") / "exact", "onnx-cpu")
+
+
+def agree(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    return float(np.abs(got - ref).max()), float((got.argmax(-1) == ref.argmax(-1)).mean())
+
+
+def genai_logits(folder: Path, ids: list[int], keep: int, chunk: int = 512) -> np.ndarray:
+    """onnxruntime-genai's logits for the last `keep` positions (the prompt appended in chunks)."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    gen = og.Generator(model, params)
+    out = []
+    starts = list(range(0, len(ids) - keep, chunk)) + [len(ids) - keep]
+    for a, b in zip(starts, starts[1:] + [len(ids)], strict=False):
+        gen.append_tokens(np.array([ids[a:b]], dtype=np.int32))
+        if a >= len(ids) - keep:
+            out.append(gen.get_output("logits").reshape(b - a, -1))
+    return np.concatenate(out)
+
+
+def test_exact_cpu_300_positions(tiny, exact, ids300):
+    from edgec.runtime.base import load_backend
+
+    ref = hf_logits(tiny, ids300)
+    be = load_backend(exact)
+    d, top1 = agree(be.forward(ids300, all_logits=True), ref)
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
+    d, top1 = agree(genai_logits(exact, ids300, keep=300), ref)
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
+    graph = onnx.load(str(exact / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QMoE") == 3 and ops.count("GroupQueryAttention") == 3
+    # rollback: drop the last 150 tokens, recompute them, same logits as the oracle
+    be.truncate(150)
+    assert be.length == 150
+    d, top1 = agree(be.forward(ids300[150:], all_logits=True), ref[150:])
+    assert d <= 1e-3 and top1 == 1.0
+    assert be.kv_bytes() == 3 * 2 * 2 * 300 * 16 * 4  # layers * (k, v) * kv heads * positions * head_dim * fp32
+
+
+def test_exact_cpu_long_context(tiny, exact, ids_long):
+    from edgec.runtime.base import load_backend
+
+    ref = hf_logits(tiny, ids_long)[4200:]
+    be = load_backend(exact)
+    be.forward(ids_long[:4200])
+    d, top1 = agree(be.forward(ids_long[4200:], all_logits=True), ref)
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
+    d, top1 = agree(genai_logits(exact, ids_long, keep=301), ref)
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
+
+
+def test_genai_generates_like_edgec(exact, ids300):
+    from edgec.runtime.base import load_backend
+
+    model = og.Model(str(exact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=200, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([ids300[:40]], dtype=np.int32))
+    for _ in range(8):
+        gen.generate_next_token()
+    theirs = list(gen.get_sequence(0)[40:])
+    be = load_backend(exact)
+    nxt = int(be.forward(ids300[:40])[0].argmax())
+    ours = [nxt]
+    for _ in range(7):
+        nxt = int(be.forward([nxt])[0].argmax())
+        ours.append(nxt)
+    assert theirs == ours
+    cfg = json.loads((exact / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "gptoss" and cfg["model"]["context_length"] == 131072
+    assert cfg["model"]["decoder"]["sliding_window"]["layers"] == [0, 2]
+    assert cfg["model"]["eos_token_id"] == [200002, 199999, 200012]
+
+
+def rtn_int4(w: np.ndarray) -> np.ndarray:
+    """Plain round-to-nearest block-32 int4 (max-magnitude / 7 scale): the usual requantization."""
+    g = w.reshape(*w.shape[:-1], -1, 32)
+    s = np.abs(g).max(-1, keepdims=True) / 7
+    s[s == 0] = 1
+    return (np.clip(np.rint(g / s), -8, 7) * s).reshape(w.shape)
+
+
+def test_int4_requantization(tiny, tmp_path, ids300):
+    from edgec import mxfp4
+    from edgec.checkpoint import Checkpoint
+    from edgec.runtime.base import load_backend
+
+    ck = Checkpoint.open(tiny)
+    p = "model.layers.1.mlp.experts.gate_up_proj"
+    blocks, scales = np.asarray(ck.raw(p + "_blocks")), np.asarray(ck.raw(p + "_scales"))
+    exact_w = ck.experts(1, "gate_up_proj", range(8))
+    q, s = mxfp4.to_qmoe_int4(blocks, scales)
+    # dequantize the QMoE int4 bytes here (zero point 8, low nibble first), independently of edgec
+    u = np.stack([q & 15, q >> 4], -1).reshape(*q.shape[:-1], -1).astype(np.float32) - 8
+    got = (u.reshape(*u.shape[:-1], -1, 32) * s[..., None]).reshape(u.shape)
+    ours, rtn = ((got - exact_w) ** 2).sum(), ((rtn_int4(exact_w) - exact_w) ** 2).sum()
+    assert ours < 0.7 * rtn, (ours, rtn)
+    out = convert(tiny, tmp_path / "int4", "onnx-cpu", "--experts", "int4")
+    _, top1 = agree(load_backend(out).forward(ids300, all_logits=True), hf_logits(tiny, ids300))
+    assert top1 > 0.5  # the onnxruntime-genai builder's int4 reaches 50% on this kind of checkpoint
+
+
+def test_cuda_mxfp4_is_the_checkpoint_repacked(tiny, tmp_path):
+    from edgec.checkpoint import Checkpoint
+
+    out = convert(tiny, tmp_path / "cuda", "onnx-cuda")
+    onnx.checker.check_model(str(out / "model.onnx"))
+    m = onnx.load(str(out / "model.onnx"))
+    qmoe = [n for n in m.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == 3
+    for n in qmoe:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["quant_type"] == b"fp4" and attrs["swiglu_fusion"] == 1 and attrs["k"] == 4
+    inits = {t.name: t for t in m.graph.initializer}
+    ck = Checkpoint.open(tiny)
+    for layer in range(3):
+        for which in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{layer}.moe.experts.{which}"
+            sc = inits[name + ".scales"]
+            assert sc.data_type == onnx.TensorProto.FLOAT8E8M0
+            packed = onnx.numpy_helper.to_array(inits[name + ".qweight"])  # [E, K, N/2]
+            scales = np.frombuffer(sc.raw_data, np.uint8).reshape(sc.dims)  # [E, N, K/32]
+            codes = np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)  # [E, K, N]
+            vals = LUT[codes].transpose(0, 2, 1)  # [E, N, K]
+            vals = vals * np.exp2(np.repeat(scales.astype(np.float32) - 127, 32, axis=-1))
+            ref = ck.experts(layer, which, range(8))
+            np.testing.assert_array_equal(vals, ref)
+
+
+def test_gpu_targets_pass_checker_and_state_limits(tiny, tmp_path, ids300):
+    from edgec.runtime.base import load_backend
+    from edgec.targets import load_profile
+
+    for target in ("onnx-webgpu", "onnx-trt-rtx", "onnx-dml"):
+        out = convert(tiny, tmp_path / target, target)
+        onnx.checker.check_model(str(out / "model.onnx"))
+        prof = load_profile(target)
+        assert prof["limits"] and prof["execution_provider"]
+        ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+        assert ("QMoE" in ops) == (target != "onnx-dml")
+    # DirectML's decomposed experts: the same graph in fp32 runs on CPU and matches the oracle
+    out = convert(tiny, tmp_path / "dml32", "onnx-dml", "--dense", "fp32")
+    be = load_backend(out, provider="CPUExecutionProvider")
+    d, top1 = agree(be.forward(ids300[:100], all_logits=True), hf_logits(tiny, ids300)[:100])
+    assert d <= 1e-3 and top1 == 1.0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGEC, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_input(tiny, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    r = run_cli("convert", str(tiny), "--target", "onnx-cpu", "-o", str(out))
+    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("convert", str(tiny), "--target", "onnx-cpu", "-o", str(tmp_path / "x"), "--experts", "mxfp4")
+    assert r.returncode == 2 and "exact, int4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("convert", str(tiny), "--target", "onnx-dml", "-o", str(tmp_path / "x"), "--experts", "int4")
+    assert r.returncode == 2 and "supported: decomposed" in r.stderr
+    assert not (tmp_path / "x").exists()
