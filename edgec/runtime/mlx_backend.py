@@ -4,7 +4,10 @@ Precision: MXFP4 experts as stored; bf16 dense matrices held in float32 (`dense_
 bf16: half the memory, slower on CPU), q8 dense as stored; activations, residual stream,
 RoPE (exact YaRN from `edgec.rope`, float32 angles) and softmax in float32. The KV cache is float32 by default
 (bf16 K/V measurably moves logits on random-weight models: max |diff| 2.3 vs 3e-5 at 300 positions);
-`kv_dtype="bfloat16"` or `kv_bits=8` (full layers) trade fidelity for memory.
+`kv_dtype="bfloat16"` or `kv_bits=8` trade fidelity for memory. `kv_bits=8` stores the full-attention layers' K and V
+with MLX affine 8-bit quantization (`mx.quantize`: uint32-packed codes + float16 scale and bias per group along the
+head dim; see `kv8_layout`) and attends with `mx.quantized_matmul` for q.k^T and p.v, the sink logit added to the
+softmax denominator here (mlx-lm has no sinks with a quantized cache); sliding layers stay in `kv_dtype`.
 Experts run without dequantizing through `mx.gather_qmm(..., mode="mxfp4")`; attention through
 `mx.fast.scaled_dot_product_attention(..., sinks=...)`.
 
@@ -30,6 +33,31 @@ from .base import Backend
 FULL_CHUNK = 1024  # full-attention caches grow by this many positions
 ROLLBACK_MARGIN = 1024  # extra sliding history kept beyond the window, so truncate(n) rarely recomputes
 PREFILL_CHUNK = 512  # tokens per forward pass through the model during prefill (bounds attention memory)
+
+
+def kv8_layout(head_dim: int) -> tuple[int, int]:
+    """(stored head dim, group size) of the 8-bit KV cache. MLX quantizes in groups of 32, 64 or 128 along the last
+    axis; a head dim that no group divides (test models: 16) is zero-padded to a multiple of 32 (zeros add nothing
+    to q.k and the padded output columns are dropped)."""
+    for g in (64, 32):
+        if head_dim % g == 0:
+            return head_dim, g
+    return -(-head_dim // 32) * 32, 32
+
+
+def kv_cache_bytes(cfg: GptOssConfig, context: int, kv_bits: int | None = None, kv_dtype: str = "float32") -> int:
+    """Bytes MlxBackend(max_context=context) holds once its cache is full, the same arithmetic as its allocation:
+    full layers `context` positions (8-bit: 1 byte per stored value + float16 scale and bias per group), sliding
+    layers window + ROLLBACK_MARGIN + PREFILL_CHUNK positions in `kv_dtype`."""
+    base = {"float32": 4, "bfloat16": 2}[kv_dtype]
+    per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * base  # K and V
+    if kv_bits == 8:
+        dim, group = kv8_layout(cfg.head_dim)
+        per_full = 2 * cfg.num_key_value_heads * (dim + 2 * 2 * dim // group)
+    else:
+        per_full = per_pos
+    sliding = cfg.sliding_window + ROLLBACK_MARGIN + PREFILL_CHUNK
+    return len(cfg.full_layers) * context * per_full + len(cfg.sliding_layers) * sliding * per_pos
 
 
 class MlxBackend(Backend):
@@ -62,9 +90,12 @@ class MlxBackend(Backend):
             if small or dense:
                 self.w[k] = self.w[k].astype(mx.float32)
         mx.eval(self.w)
-        if kv_bits is not None:
-            raise EdgecError(f"kv_bits={kv_bits}: a quantized KV cache is not implemented yet in the MLX runtime")
+        if kv_bits not in (None, 8):
+            raise EdgecError(f"kv_bits={kv_bits}: the MLX runtime quantizes the KV cache to 8 bits only")
+        if kv_dtype not in ("float32", "bfloat16"):
+            raise EdgecError(f"kv_dtype={kv_dtype!r}: the MLX runtime keeps the KV cache in float32 or bfloat16")
         self.kv_bits = kv_bits
+        self.kv8_dim, self.kv8_group = kv8_layout(c.head_dim)
         self.kv_dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[kv_dtype]
         self.max_context = max_context or c.max_position_embeddings
         inv_freq, self.concentration = yarn_inv_freq(c)
@@ -76,6 +107,7 @@ class MlxBackend(Backend):
     def reset(self) -> None:
         self.ids: list[int] = []
         self.sw_start = 0  # absolute position of index 0 of the sliding buffers
+        # per layer [K, V]; a full layer with kv_bits=8: [K codes, K scales, K biases, V codes, V scales, V biases]
         self.cache: list[list] = [[None, None] for _ in range(self.config.num_hidden_layers)]
 
     @property
@@ -97,10 +129,16 @@ class MlxBackend(Backend):
             if n == 0:
                 self.reset()
 
+    def _quantized(self, layer: int) -> bool:
+        return self.kv_bits == 8 and not self.config.is_sliding(layer)
+
     def _store(self, layer: int, k, v, start: int):  # noqa: ANN001
-        """Write k/v [Hkv, n, D] at absolute positions start..; return the buffer views for attention."""
+        """Write k/v [Hkv, n, D] at absolute positions start..; return the buffer views for attention (8-bit full
+        layers: the (codes, scales, biases) triples of K and V)."""
         mx, c, n = self.mx, self.config, k.shape[1]
         kv = self.cache[layer]
+        if self._quantized(layer):
+            return self._store_q8(kv, k, v, start)
         if c.is_sliding(layer):
             cap, base = self.keep + PREFILL_CHUNK, self.sw_start
         else:
@@ -119,6 +157,33 @@ class MlxBackend(Backend):
         kv[0][:, a : a + n] = k.astype(self.kv_dtype)
         kv[1][:, a : a + n] = v.astype(self.kv_dtype)
         return kv[0], kv[1], base
+
+    def _store_q8(self, kv: list, k, v, start: int):  # noqa: ANN001
+        """8-bit full layer: quantize each new position (groups along the head dim, so the positions already cached
+        never change: truncate stays exact) and write it into buffers grown in FULL_CHUNK steps."""
+        mx, c, n = self.mx, self.config, k.shape[1]
+        need = start + n
+        if need > self.max_context:
+            raise EdgecError(f"context of {need} tokens exceeds max_context {self.max_context}")
+        cap = min(self.max_context, math.ceil(need / FULL_CHUNK) * FULL_CHUNK)
+        dim, group = self.kv8_dim, self.kv8_group
+        if len(kv) == 2 or kv[0].shape[1] < cap:
+            h = c.num_key_value_heads
+            shapes = [((h, cap, dim // 4), mx.uint32), ((h, cap, dim // group), mx.float16),
+                      ((h, cap, dim // group), mx.float16)] * 2
+            grown = [mx.zeros(s, dtype=t) for s, t in shapes]
+            if len(kv) == 6:
+                m = kv[0].shape[1]
+                for g, old in zip(grown, kv, strict=True):
+                    g[:, :m] = old
+            kv[:] = grown
+        pad = [(0, 0), (0, 0), (0, dim - c.head_dim)]
+        for j, x in ((0, k), (3, v)):
+            x = mx.pad(x, pad) if dim != c.head_dim else x
+            for t, part in zip(kv[j : j + 3], mx.quantize(x.astype(mx.float16), group_size=group, bits=8),
+                               strict=True):
+                t[:, start:need] = part
+        return tuple(kv[:3]), tuple(kv[3:]), 0
 
     def _slide(self, start: int, n: int) -> None:
         """Before writing n positions at `start`, move the sliding buffers so they keep the last `keep` positions."""
@@ -168,8 +233,6 @@ class MlxBackend(Backend):
         kb, vb, base = self._store(i, k, v, start)
         end = start + n
         first = max(base, start - c.sliding_window + 1) if c.is_sliding(i) else 0
-        keys = kb[:, first - base : end - base].astype(mx.float32)[None]
-        vals = vb[:, first - base : end - base].astype(mx.float32)[None]
         mask = None
         if n > 1:
             qp = mx.arange(start, end)[:, None]
@@ -177,9 +240,34 @@ class MlxBackend(Backend):
             mask = kp <= qp
             if c.is_sliding(i):
                 mask = mask & (qp - kp < c.sliding_window)
-        o = mx.fast.scaled_dot_product_attention(q[None], keys, vals, scale=1.0 / math.sqrt(c.head_dim), mask=mask,
-                                                 sinks=self.w[p + "sinks"])
-        return self._linear(o[0].transpose(1, 0, 2).reshape(n, -1), p + "o_proj")
+        if self._quantized(i):
+            o = self._attend_q8(q, [t[:, :end] for t in kb], [t[:, :end] for t in vb], mask, self.w[p + "sinks"])
+        else:
+            keys = kb[:, first - base : end - base].astype(mx.float32)[None]
+            vals = vb[:, first - base : end - base].astype(mx.float32)[None]
+            o = mx.fast.scaled_dot_product_attention(q[None], keys, vals, scale=1.0 / math.sqrt(c.head_dim),
+                                                     mask=mask, sinks=self.w[p + "sinks"])[0]
+        return self._linear(o.transpose(1, 0, 2).reshape(n, -1), p + "o_proj")
+
+    def _attend_q8(self, q, kq: list, vq: list, mask, sinks):  # noqa: ANN001
+        """Attention with sinks over an 8-bit cache: q [H, n, D] float32; kq / vq (codes, scales, biases), each
+        [Hkv, m, *]. Grouped-query: q is viewed as [Hkv, H/Hkv, n, D] against each kv head's quantized K and V."""
+        mx, c = self.mx, self.config
+        h, n, d = q.shape
+        hkv, dim, group = c.num_key_value_heads, self.kv8_dim, self.kv8_group
+        q = q * (1.0 / math.sqrt(d))
+        if dim != d:
+            q = mx.pad(q, [(0, 0), (0, 0), (0, dim - d)])
+        q = q.reshape(hkv, h // hkv, n, dim)
+        scores = mx.quantized_matmul(q, *[t[:, None] for t in kq], transpose=True, group_size=group, bits=8)
+        if mask is not None:
+            scores = mx.where(mask, scores, -math.inf)
+        sink = sinks.reshape(hkv, h // hkv, 1, 1)
+        top = mx.maximum(scores.max(axis=-1, keepdims=True), sink)
+        e = mx.exp(scores - top)
+        p = e / (e.sum(axis=-1, keepdims=True) + mx.exp(sink - top))
+        o = mx.quantized_matmul(p, *[t[:, None] for t in vq], transpose=False, group_size=group, bits=8)
+        return o.reshape(h, n, dim)[..., :d]
 
     def _moe(self, i: int, x):  # noqa: ANN001
         mx, c, w = self.mx, self.config, self.w
