@@ -26,6 +26,7 @@ demo: setup
 	$(BIN)/python -m edgec.demo
 
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench.py
 
 clean:

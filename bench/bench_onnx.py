@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_onnx"))
     ap.add_argument("--no-builder", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if not (a.src / "config.json").is_file():
@@ -122,6 +123,8 @@ def main() -> None:
             results[name]["edgec_runtime_decode_tok_s"] = round(tps, 2)
             print(f"decode   {name:34s} edgec OnnxBackend {tps:7.2f} tok/s", flush=True)
     print(json.dumps(results, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from . import __version__
 from .errors import EdgecError
@@ -24,7 +25,7 @@ class EdgecGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgecError as e:
-            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             stderr.print("[bold red]interrupted[/]")
@@ -89,7 +90,7 @@ def inspect(src: Path, context: int | None, as_json: bool) -> None:
         render_report(report)
     if problems := report.get("problems"):
         more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
-        stderr.print(f"[bold red]error:[/] {problems[0]}{more}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(problems[0] + more)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from .errors import EdgecError
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+_HERE = Path(__file__).resolve().parent
+# a checkout (editable install) reads the repository's targets/; a wheel ships the same files as edgec/profiles/
+TARGETS_DIR = _HERE.parent / "targets" if (_HERE.parent / "targets").is_dir() else _HERE / "profiles"
 
 
 def list_targets() -> list[str]:

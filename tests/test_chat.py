@@ -279,7 +279,8 @@ def test_memory_plan_refuses_and_warns_with_numbers(tiny):
 
     cfg20 = preset("20b")
     assert kv_plan_bytes(cfg20, 131072) == 12 * 131072 * 2048 + 12 * 128 * 2048  # 24 KiB/token, 3.0 GiB
-    assert kv_plan_bytes(cfg20, 131072, 8) < 0.52 * kv_plan_bytes(cfg20, 131072)
+    # 8-bit as the MLX runtime stores it: 64 code bytes + float16 scale and bias per head and position (68 vs 128)
+    assert kv_plan_bytes(cfg20, 131072, 8) < 0.54 * kv_plan_bytes(cfg20, 131072)
     plan = plan_memory(tiny, preset("tiny", num_hidden_layers=3), 131072)
     assert plan.kv_bytes == json.loads(run(["inspect", tiny, "--context", 131072, "--json"]))["memory_plan"][
         "targets"][0]["kv_bytes"]

@@ -198,3 +198,21 @@ def test_bad_input(tiny, tmp_path):
     r = run_cli("convert", str(tiny), "--target", "onnx-dml", "-o", str(tmp_path / "x"), "--experts", "int4")
     assert r.returncode == 2 and "supported: decomposed" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_inspect_kv_bytes_equal_what_the_onnx_runtime_allocates(exact, ids300):
+    """`edgec inspect OUT --context N` prices the onnx-cpu KV cache exactly as OnnxBackend holds it after N tokens."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+    from edgec.runtime.base import load_backend
+
+    n = len(ids300)
+    r = CliRunner().invoke(main, ["inspect", str(exact), "--context", str(n), "--json"])
+    assert r.exit_code == 0, r.output
+    plan = {t["target"]: t for t in _json.loads(r.output)["memory_plan"]["targets"]}
+    backend = load_backend(exact, max_context=n)
+    backend.forward(ids300)
+    assert backend.kv_bytes() == plan["onnx-cpu"]["kv_bytes"]

@@ -145,3 +145,22 @@ def test_bad_input_exits_2(tiny, mlx_out, tmp_path):
 def test_threshold_override_makes_it_fail(tiny, mlx_out, prompts):
     report = run_parity(tiny, mlx_out, prompts, tokens=1, overrides={"max_abs": 0.0})
     assert not report["passed"] and report["failures"][0].startswith("max_abs")
+
+
+def test_lossy_recipe_is_judged_by_its_profile_bounds(tiny, prompts, tmp_path):
+    """onnx-cpu --experts int4 is lossy: it passes its own measured bounds and fails the exact recipe's."""
+    out = tmp_path / "int4"
+    run_convert(tiny, "onnx-cpu", out, experts="int4", progress=False)
+    report = run_parity(tiny, out, prompts, tokens=2)
+    assert report["passed"], report["failures"]
+    assert report["thresholds"]["top1"] < 1.0 and report["worst"]["top1"] < 1.0
+    exact = run_parity(tiny, out, prompts, tokens=2, overrides={"top1": 1.0, "max_abs": 1e-3})
+    assert not exact["passed"]
+
+
+def test_exact_onnx_cpu_passes(tiny, prompts, tmp_path):
+    out = tmp_path / "exact"
+    run_convert(tiny, "onnx-cpu", out, progress=False)
+    report = run_parity(tiny, out, prompts, tokens=4)
+    assert report["passed"], report["failures"]
+    assert report["worst"]["max_abs"] < 1e-3 and report["worst"]["greedy"] == 1.0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from ..errors import EdgecError
 from ..progress import stderr
@@ -25,7 +26,9 @@ def sampling_options(f):
         click.option("--max-context", type=int, default=None,
                      help="context length to plan the KV cache for (default: the model's, 131072)"),
         click.option("--kv-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
-                     help="KV cache precision of the full-attention layers"),
+                     help="8 = 8-bit K/V in the full-attention layers (mlx target); 16 = unquantized (--kv-dtype)"),
+        click.option("--kv-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+                     help="KV cache dtype (mlx target; default: the target profile's, float32)"),
         click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
                      show_default=True),
         click.option("--system", "system", help="model identity line of the system message"),
@@ -40,7 +43,7 @@ def sampling_options(f):
 
 def open_session(model: Path, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
                  max_context: int | None, kv_bits: str, reasoning: str, system: str | None, developer: str | None,
-                 tools_file: Path | None):
+                 tools_file: Path | None, kv_dtype: str | None = None):
     """Plan memory, load the backend and the tokenizer, and start a ChatSession."""
     from ..harmony.tokenizer import Tokenizer
     from .base import load_backend, target_of
@@ -55,13 +58,21 @@ def open_session(model: Path, max_tokens: int, temperature: float, top_p: float,
     if not 2 <= context <= cfg.max_position_embeddings:
         raise EdgecError(f"--max-context must be between 2 and the model's {cfg.max_position_embeddings} "
                          f"(got {context})")
-    plan_memory(model, cfg, context, int(kv_bits)).check(lambda m: stderr.print(f"[yellow]warning:[/] {m}"))
-    kw = {"kv_bits": 8} if kv_bits == "8" else {}
-    if kw and target == "source":
-        stderr.print("[yellow]warning:[/] the numpy reference keeps no KV cache; --kv-bits is ignored")
+    kw: dict = {}
+    if target == "source":
+        if kv_bits == "8" or kv_dtype:
+            stderr.print("[yellow]warning:[/] the numpy reference keeps no KV cache; --kv-bits/--kv-dtype are ignored")
+    elif target == "mlx":
+        kw = {"kv_bits": 8 if kv_bits == "8" else None, **({"kv_dtype": kv_dtype} if kv_dtype else {})}
+    elif kv_bits == "8":
+        raise EdgecError(f"--kv-bits 8: only the mlx target has an 8-bit KV cache (this folder is {target})")
+    plan = plan_memory(model, cfg, context, int(kv_bits), kv_dtype)
+    plan.check(lambda m: stderr.print(f"[yellow]warning:[/] {escape(m)}"))
     backend = load_backend(model, max_context=context, **kw)
-    if kw and target != "source" and getattr(backend, "kv_bits", None) != 8:
-        raise EdgecError(f"--kv-bits 8: the {backend.name} runtime has no 8-bit KV cache yet (drop the option)")
+    held = getattr(getattr(backend, "dtype", None), "__name__", None)  # ONNX: the KV dtype its graph was built with
+    if kv_dtype and target not in ("source", "mlx") and held != kv_dtype:
+        raise EdgecError(f"--kv-dtype {kv_dtype}: the {backend.name} runtime of this {target} folder keeps its KV "
+                         f"cache in {held or 'the dtype of its graph'} (drop the option)")
     tok = Tokenizer.from_folder(model)
     return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
                        sampling=sampling, max_context=context)
@@ -154,7 +165,7 @@ def _run_turn(session, user: str | None, printer: Printer, stats: bool) -> None:
             if result is None:
                 return
         else:
-            stderr.print(f"[cyan]← {recipient}[/] {result}", markup=True, highlight=False)
+            stderr.print(f"[cyan]← {escape(recipient)}[/] {escape(str(result))}", highlight=False)
         turn = session.tool_result(recipient, result, printer)
         printer._newline()
 
@@ -195,7 +206,7 @@ def chat(model: Path, show_analysis: bool, show_stats: bool, **kw) -> None:
             stderr.print("[yellow]stopped[/]")
         except EdgecError as e:  # e.g. a turn too long for the context: say so, keep the session
             printer._newline()
-            stderr.print(f"[red]{e}[/]", highlight=False)
+            stderr.print(f"[red]{escape(str(e))}[/]", highlight=False)
 
 
 def _slash(session, line: str) -> bool:
@@ -217,12 +228,12 @@ def _slash(session, line: str) -> bool:
             if not arg:
                 raise EdgecError("/save needs a file name")
             session.save(Path(arg))
-            stderr.print(f"[dim]saved {arg}[/]")
+            stderr.print(f"[dim]saved {escape(arg)}[/]")
         elif cmd == "/load":
             if not arg:
                 raise EdgecError("/load needs a file name")
             session.load(Path(arg))
-            stderr.print(f"[dim]loaded {arg} ({len(session.history)} messages)[/]")
+            stderr.print(f"[dim]loaded {escape(arg)} ({len(session.history)} messages)[/]")
         elif cmd == "/stats":
             st = session.last.stats if session.last else None
             click.echo(json.dumps({"cached_tokens": len(session.gen.tokens), "kv_bytes": session.backend.kv_bytes(),
@@ -230,7 +241,7 @@ def _slash(session, line: str) -> bool:
         else:
             stderr.print(HELP)
     except EdgecError as e:
-        stderr.print(f"[red]{e}[/]", highlight=False)
+        stderr.print(f"[red]{escape(str(e))}[/]", highlight=False)
     return False
 
 

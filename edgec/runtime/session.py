@@ -30,11 +30,15 @@ IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 
 # ---- memory plan -------------------------------------------------------------------------------------------
 def kv_plan_bytes(cfg: GptOssConfig, context: int, kv_bits: int = 16) -> int:
-    """KV bytes for `context` tokens: full layers hold every position (8-bit: one byte per value plus one float16
-    scale per head and position), sliding layers hold `sliding_window` positions in 16 bits."""
+    """KV bytes for `context` tokens, sliding layers holding `sliding_window` positions in 16 bits; full layers hold
+    every position in 16 bits or, with kv_bits=8, as the MLX runtime stores them (one byte per value plus a float16
+    scale and bias per group along the head dim: 68 bytes per head and position for head_dim 64, 0.53x bf16)."""
     if kv_bits == 16:
         return cfg.kv_cache_bytes(context, 2)
-    full = len(cfg.full_layers) * context * 2 * cfg.num_key_value_heads * (cfg.head_dim + 2)
+    from .mlx_backend import kv8_layout
+
+    dim, group = kv8_layout(cfg.head_dim)
+    full = len(cfg.full_layers) * context * 2 * cfg.num_key_value_heads * (dim + 2 * 2 * dim // group)
     sliding = len(cfg.sliding_layers) * min(context, cfg.sliding_window) * 2 * cfg.kv_dim * 2
     return full + sliding
 
@@ -60,6 +64,7 @@ class MemoryPlan:
     kv_bytes: int
     weights_bytes: int
     available_bytes: int | None
+    kv_label: str = ""  # what the KV cache holds, e.g. "8-bit full layers, float32 sliding"; default "<kv_bits>-bit"
 
     @property
     def total(self) -> int:
@@ -68,7 +73,8 @@ class MemoryPlan:
     def describe(self) -> str:
         gib = 2**30
         avail = f"{self.available_bytes / gib:.2f} GiB available" if self.available_bytes else "available unknown"
-        return (f"KV cache {self.kv_bytes / gib:.2f} GiB at {self.context} tokens ({self.kv_bits}-bit) + weights "
+        label = self.kv_label or f"{self.kv_bits}-bit"
+        return (f"KV cache {self.kv_bytes / gib:.2f} GiB at {self.context} tokens ({label}) + weights "
                 f"{self.weights_bytes / gib:.2f} GiB = {self.total / gib:.2f} GiB; {avail}")
 
     def check(self, warn: Callable[[str], None]) -> None:
@@ -81,9 +87,11 @@ class MemoryPlan:
             warn(f"tight on memory: {self.describe()}")
 
 
-def plan_memory(folder: Path, cfg: GptOssConfig, context: int, kv_bits: int = 16) -> MemoryPlan:
-    """Weights + KV cache at `context` tokens, priced as `edgec inspect --context` prices this folder (its target's
-    KV dtype and sliding history); with kv_bits=8 the full-attention layers are re-priced at 8 bits."""
+def plan_memory(folder: Path, cfg: GptOssConfig, context: int, kv_bits: int = 16,
+                kv_dtype: str | None = None) -> MemoryPlan:
+    """Weights + KV cache at `context` tokens. Weights as `edgec inspect --context` prices this folder; the KV cache
+    of an MLX output with the MLX runtime's own allocation arithmetic (`mlx_backend.kv_cache_bytes`: `kv_bits` 8 or
+    16 = unquantized, `kv_dtype` float32|bfloat16, default the profile's), of other folders as inspect prices them."""
     from ..inspect import inspect_report
 
     report = inspect_report(folder, context)
@@ -91,9 +99,14 @@ def plan_memory(folder: Path, cfg: GptOssConfig, context: int, kv_bits: int = 16
     if report.get("kind") != "edgec output":
         rows = [r for r in rows if r.get("target") == "source"] or rows
     kv, weights = int(rows[0]["kv_bytes"]), int(rows[0].get("weights_bytes") or 0)
-    if kv_bits == 8:
-        kv -= kv_plan_bytes(cfg, context, 16) - kv_plan_bytes(cfg, context, 8)
-    return MemoryPlan(context, kv_bits, kv, weights, available_memory())
+    label = ""
+    if rows[0].get("target") == "mlx":
+        from .mlx_backend import kv_cache_bytes
+
+        dtype = kv_dtype or ("bfloat16" if str(rows[0].get("kv_dtype")) in ("bf16", "bfloat16") else "float32")
+        kv = kv_cache_bytes(cfg, context, 8 if kv_bits == 8 else None, dtype)
+        label = f"8-bit full layers, {dtype} sliding" if kv_bits == 8 else dtype
+    return MemoryPlan(context, kv_bits, kv, weights, available_memory(), label)
 
 
 # ---- tools ---------------------------------------------------------------------------------------------------
