@@ -98,7 +98,7 @@ def main() -> None:
 
     from edgec.spec import preset
 
-    con = Console()
+    con = Console(width=160)
     a.work.mkdir(parents=True, exist_ok=True)
     src = a.work / "s20-2layers"
     if not (src / "config.json").is_file():

@@ -174,19 +174,15 @@ def targets(as_json: bool) -> None:
     stderr.print(t)
 
 
-def _register_optional_commands() -> None:
+def _register_commands() -> None:
     """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
-    import importlib
+    from . import bench, parity
+    from .harmony import cli as harmony_cli
+    from .runtime import cli as runtime_cli
 
-    for mod in ("harmony.cli", "runtime.cli", "parity", "bench"):
-        try:
-            m = importlib.import_module(f".{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("edgec"):
-                continue  # not written yet
-            raise
-        for cmd in getattr(m, "COMMANDS", []):
+    for m in (harmony_cli, runtime_cli, parity, bench):
+        for cmd in m.COMMANDS:
             main.add_command(cmd)
 
 
-_register_optional_commands()
+_register_commands()
