@@ -420,9 +420,10 @@ def original_tensors(cfg: GptOssConfig) -> list[TensorSpec]:
     return sorted(out, key=lambda t: order[hf_of[t.name]])
 
 
-def load_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> Any:
+    """Any JSON value from a file, or a one-line EdgecError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EdgecError(f"{path}: file not found") from None
     except OSError as e:
@@ -430,9 +431,14 @@ def load_json(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise EdgecError(f"{path}: cannot read (not UTF-8 text)") from None
     try:
-        d = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise EdgecError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file (config.json, index, manifest), or a one-line EdgecError."""
+    d = read_json(path)
     if not isinstance(d, dict):
         raise EdgecError(f"{path}: expected a JSON object")
     return d

@@ -29,6 +29,22 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mlx(tiny, tmp_path_factory) -> Path:
+    """`tiny` converted with `edgec convert -t mlx` (read-only: copy it before damaging it)."""
+    from edgec.convert import run_convert
+
+    return Path(run_convert(tiny, "mlx", tmp_path_factory.mktemp("conv") / "tiny-mlx", progress=False)["out"])
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny, tmp_path_factory) -> Path:
+    """`tiny` converted with `edgec convert -t onnx-cpu` (exact experts, fp32 dense; read-only)."""
+    from edgec.convert import run_convert
+
+    return Path(run_convert(tiny, "onnx-cpu", tmp_path_factory.mktemp("conv") / "tiny-onnx", progress=False)["out"])
+
+
+@pytest.fixture(scope="session")
 def ids300() -> list[int]:
     """300 token ids: a Harmony-looking prefix, then random ordinary and special tokens."""
     rng = np.random.default_rng(1)

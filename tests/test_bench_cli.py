@@ -7,13 +7,10 @@ import json
 from click.testing import CliRunner
 
 from edgec.cli import main
-from edgec.convert import run_convert
 
 
-def test_bench_reports_edgec_and_the_mlx_lm_peer(tiny, tmp_path):
-    out = tmp_path / "mlx"
-    run_convert(tiny, "mlx", out, progress=False)
-    r = CliRunner().invoke(main, ["bench", str(out), "--prompt", "16", "--tokens", "4", "--json"])
+def test_bench_reports_edgec_and_the_mlx_lm_peer(tiny_mlx):
+    r = CliRunner().invoke(main, ["bench", str(tiny_mlx), "--prompt", "16", "--tokens", "4", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     for who in ("edgec", "mlx_lm"):

@@ -19,24 +19,6 @@ from edgec.runtime.session import ChatSession, text_message
 STATS = re.compile(r"^prefill=(\d+) reused=(\d+) decode=(\d+) tok/s=(\d+\.\d)$", re.M)
 
 
-@pytest.fixture(scope="session")
-def tiny_mlx(tiny, tmp_path_factory):
-    from edgec.convert import run_convert
-
-    out = tmp_path_factory.mktemp("chat") / "tiny-mlx"
-    run_convert(tiny, "mlx", out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny, tmp_path_factory):
-    from edgec.convert import run_convert
-
-    out = tmp_path_factory.mktemp("chat") / "tiny-onnx-cpu"
-    run_convert(tiny, "onnx-cpu", out, progress=False)
-    return out
-
-
 @pytest.fixture(params=["source", "mlx", "onnx-cpu"])
 def model(request, tiny, tiny_mlx, tiny_onnx):
     return {"source": tiny, "mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param]

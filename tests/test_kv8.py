@@ -20,18 +20,9 @@ STATS = re.compile(r"^prefill=(\d+) reused=(\d+) decode=(\d+) tok/s=(\d+\.\d)$",
 
 
 @pytest.fixture(scope="session")
-def kv8_mlx(tiny, tmp_path_factory):
-    from edgec.convert import run_convert
-
-    out = tmp_path_factory.mktemp("kv8") / "tiny-mlx"
-    run_convert(tiny, "mlx", out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def kv8_once(kv8_mlx, ids300):
+def kv8_once(tiny_mlx, ids300):
     """Logits of one 300-token prefill with the 8-bit cache."""
-    return backend(kv8_mlx, kv_bits=8).forward(ids300, all_logits=True)
+    return backend(tiny_mlx, kv_bits=8).forward(ids300, all_logits=True)
 
 
 def backend(folder, **kw):
@@ -40,22 +31,22 @@ def backend(folder, **kw):
     return MlxBackend(folder, max_context=kw.pop("max_context", 2048), **kw)
 
 
-def test_kv8_logits_vs_transformers_and_the_float32_cache(kv8_mlx, kv8_once, tiny, ids300):
+def test_kv8_logits_vs_transformers_and_the_float32_cache(tiny_mlx, kv8_once, tiny, ids300):
     """Measured on this fixture: vs transformers max |diff| 0.34, top-1 97.7% (bf16 K/V: 1.1, 98.3%); the float32
     cache is at 3e-5 / 100%. Bounds with margin: max |diff| < 0.6, top-1 >= 95%."""
     ref = hf_logits(tiny, ids300)
-    q8, f32 = kv8_once, backend(kv8_mlx).forward(ids300, all_logits=True)
+    q8, f32 = kv8_once, backend(tiny_mlx).forward(ids300, all_logits=True)
     assert np.abs(q8 - ref).max() < 0.6
     assert (q8.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     assert np.abs(f32 - ref).max() < 1e-3  # the float32 cache it is compared with is the exact one
     assert np.abs(q8 - f32).max() > 1e-3  # the 8-bit path really ran (quantized storage, checked below too)
 
 
-def test_kv8_incremental_decode_and_truncate_equal_one_shot_prefill(kv8_mlx, kv8_once, ids300):
+def test_kv8_incremental_decode_and_truncate_equal_one_shot_prefill(tiny_mlx, kv8_once, ids300):
     """Each position is quantized on its own, so decoding token by token sees the cache one prefill makes, and a
     rollback leaves the positions before it untouched. Measured max |diff| ~1e-5 (float rounding of batched vs
     single-row matmuls); bound 1e-3."""
-    b = backend(kv8_mlx, kv_bits=8)
+    b = backend(tiny_mlx, kv_bits=8)
     b.forward(ids300[:280])
     steps = np.concatenate([b.forward([t]) for t in ids300[280:]])
     assert np.abs(steps - kv8_once[280:]).max() < 1e-3
@@ -70,7 +61,7 @@ def test_kv8_incremental_decode_and_truncate_equal_one_shot_prefill(kv8_mlx, kv8
     assert np.abs(again - kv8_once[200:]).max() < 1e-3
 
 
-def test_kv8_bytes_match_the_arithmetic_and_the_memory_plan(kv8_mlx):
+def test_kv8_bytes_match_the_arithmetic_and_the_memory_plan(tiny_mlx):
     import mlx.core as mx
 
     from edgec.runtime.mlx_backend import kv_cache_bytes
@@ -78,7 +69,7 @@ def test_kv8_bytes_match_the_arithmetic_and_the_memory_plan(kv8_mlx):
     from edgec.spec import preset
 
     for kw in ({"kv_bits": 8}, {"kv_bits": 8, "kv_dtype": "bfloat16"}, {}):
-        b = backend(kv8_mlx, max_context=131072, **kw)
+        b = backend(tiny_mlx, max_context=131072, **kw)
         c = b.config
         for i in range(c.num_hidden_layers):  # one token at the last position: each layer allocates its full plan
             z = mx.zeros((c.num_key_value_heads, 1, c.head_dim))
@@ -90,26 +81,26 @@ def test_kv8_bytes_match_the_arithmetic_and_the_memory_plan(kv8_mlx):
         full = 131072 * 2 * 2 * ((32 + 4) if kw.get("kv_bits") else 16 * base)
         assert b.kv_bytes() == full + 2 * 1664 * 2 * 2 * 16 * base
         assert b.kv_bytes() == kv_cache_bytes(c, 131072, kw.get("kv_bits"), kw.get("kv_dtype", "float32"))
-        plan = plan_memory(kv8_mlx, c, 131072, kw.get("kv_bits", 16), kw.get("kv_dtype"))
+        plan = plan_memory(tiny_mlx, c, 131072, kw.get("kv_bits", 16), kw.get("kv_dtype"))
         assert plan.kv_bytes == b.kv_bytes()
     cfg20 = preset("20b")  # head_dim 64: group 64, 68 bytes per head and position vs bf16's 128
     assert kv_plan_bytes(cfg20, 131072, 8) == 12 * 131072 * 2 * 8 * 68 + 12 * 128 * 2048
     assert 0.52 < kv_plan_bytes(cfg20, 131072, 8) / kv_plan_bytes(cfg20, 131072) < 0.54
 
 
-def test_chat_and_generate_with_kv_bits_8(kv8_mlx, tmp_path):
-    r = CliRunner().invoke(main, ["chat", str(kv8_mlx), "--kv-bits", "8", "--stats", "--max-tokens", "4",
+def test_chat_and_generate_with_kv_bits_8(tiny_mlx, tmp_path):
+    r = CliRunner().invoke(main, ["chat", str(tiny_mlx), "--kv-bits", "8", "--stats", "--max-tokens", "4",
                                   "--temperature", "0"], input="hi\n/exit\n")
     assert r.exit_code == 0, (r.output, r.exception)
     m = STATS.search(r.output)
     assert m and int(m.group(1)) > 0 and int(m.group(3)) == 4
-    r = CliRunner().invoke(main, ["generate", str(kv8_mlx), "--prompt", "hi", "--kv-bits", "8", "--kv-dtype",
+    r = CliRunner().invoke(main, ["generate", str(tiny_mlx), "--prompt", "hi", "--kv-bits", "8", "--kv-dtype",
                                   "bfloat16", "--max-tokens", "3", "--temperature", "0", "--json"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert len(json.loads(r.output)["tokens"]) == 3
     onnx = tmp_path / "onnx-like"  # the refusal comes before any ONNX model is opened: the manifest is enough
     onnx.mkdir()
-    manifest = json.loads((kv8_mlx / "edgec.json").read_text())
+    manifest = json.loads((tiny_mlx / "edgec.json").read_text())
     (onnx / "edgec.json").write_text(json.dumps({**manifest, "target": "onnx-cpu"}))
     r = CliRunner().invoke(main, ["chat", str(onnx), "--kv-bits", "8"], input="/exit\n")
     assert r.exit_code == 2 and "only the mlx target has an 8-bit KV cache" in r.output

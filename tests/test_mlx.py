@@ -18,10 +18,8 @@ from edgec.runtime.base import load_backend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def out(tiny, tmp_path_factory) -> Path:
-    o = tmp_path_factory.mktemp("mlx") / "tiny-mlx"
-    run_convert(tiny, "mlx", o, progress=False)
-    return o
+def out(tiny_mlx) -> Path:
+    return tiny_mlx
 
 
 @pytest.fixture(scope="module")

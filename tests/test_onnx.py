@@ -31,8 +31,8 @@ def convert(src: Path, out: Path, target: str, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exact(tiny, tmp_path_factory) -> Path:
-    return convert(tiny, tmp_path_factory.mktemp("onnx") / "exact", "onnx-cpu")
+def exact(tiny_onnx) -> Path:
+    return tiny_onnx
 
 
 def agree(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -19,13 +19,6 @@ EDGEC = [sys.executable, "-m", "edgec"]
 
 
 @pytest.fixture(scope="module")
-def mlx_out(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("parity") / "mlx"
-    run_convert(tiny, "mlx", out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     """One Harmony-text prompt and one 200-token sequence (past the 128-token sliding window)."""
     rng = np.random.default_rng(5)
@@ -73,9 +66,9 @@ def test_compare_metrics_on_known_values():
     assert compare(ref, ref)["max_kl"] == 0.0 and compare(ref, ref)["min_cosine"] == pytest.approx(1.0)
 
 
-def test_faithful_conversion_passes_with_junit_and_json(tiny, mlx_out, prompts, tmp_path):
+def test_faithful_conversion_passes_with_junit_and_json(tiny, tiny_mlx, prompts, tmp_path):
     junit, js = tmp_path / "p.xml", tmp_path / "p.json"
-    r = subprocess.run(EDGEC + ["parity", str(tiny), str(mlx_out), "--prompts", str(prompts), "--tokens", "4",
+    r = subprocess.run(EDGEC + ["parity", str(tiny), str(tiny_mlx), "--prompts", str(prompts), "--tokens", "4",
                                 "--junit", str(junit), "--json", str(js)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     report = json.loads(js.read_text())
@@ -84,8 +77,8 @@ def test_faithful_conversion_passes_with_junit_and_json(tiny, mlx_out, prompts, 
     assert 'failures="0"' in junit.read_text() and junit.read_text().count("<testcase") == 2
 
 
-def test_builtin_prompts_pass(tiny, mlx_out):
-    report = run_parity(tiny, mlx_out, tokens=2)
+def test_builtin_prompts_pass(tiny, tiny_mlx):
+    report = run_parity(tiny, tiny_mlx, tokens=2)
     assert report["passed"], report["failures"]
     assert any(p["positions"] > 128 for p in report["prompts"])
     assert len(report["prompts"]) >= 3
@@ -115,15 +108,15 @@ def _swap(out: Path, a: str, b: str) -> None:
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_damage_is_caught(tiny, mlx_out, prompts, tmp_path, mutation):
-    out = damaged(mlx_out, tmp_path)
+def test_damage_is_caught(tiny, tiny_mlx, prompts, tmp_path, mutation):
+    out = damaged(tiny_mlx, tmp_path)
     MUTATIONS[mutation](out)
     report = run_parity(tiny, out, prompts, tokens=2)
     assert not report["passed"] and report["failures"], mutation
 
 
-def test_damage_fails_the_cli_with_exit_1(tiny, mlx_out, prompts, tmp_path):
-    out = damaged(mlx_out, tmp_path)
+def test_damage_fails_the_cli_with_exit_1(tiny, tiny_mlx, prompts, tmp_path):
+    out = damaged(tiny_mlx, tmp_path)
     MUTATIONS["corrupted expert weights"](out)
     r = subprocess.run(EDGEC + ["parity", str(tiny), str(out), "--prompts", str(prompts), "--tokens", "2",
                                 "--json", "-"], capture_output=True, text=True)
@@ -132,18 +125,18 @@ def test_damage_fails_the_cli_with_exit_1(tiny, mlx_out, prompts, tmp_path):
     assert "parity failed" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_input_exits_2(tiny, mlx_out, tmp_path):
+def test_bad_input_exits_2(tiny, tiny_mlx, tmp_path):
     r = subprocess.run(EDGEC + ["parity", str(tiny), str(tiny)], capture_output=True, text=True)
     assert r.returncode == 2 and "not an edgec output" in r.stderr
     bad = tmp_path / "p.json"
     bad.write_text("{not json")
-    r = subprocess.run(EDGEC + ["parity", str(tiny), str(mlx_out), "--prompts", str(bad)], capture_output=True,
+    r = subprocess.run(EDGEC + ["parity", str(tiny), str(tiny_mlx), "--prompts", str(bad)], capture_output=True,
                        text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
-def test_threshold_override_makes_it_fail(tiny, mlx_out, prompts):
-    report = run_parity(tiny, mlx_out, prompts, tokens=1, overrides={"max_abs": 0.0})
+def test_threshold_override_makes_it_fail(tiny, tiny_mlx, prompts):
+    report = run_parity(tiny, tiny_mlx, prompts, tokens=1, overrides={"max_abs": 0.0})
     assert not report["passed"] and report["failures"][0].startswith("max_abs")
 
 

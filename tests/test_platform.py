@@ -22,11 +22,8 @@ def test_import_and_help_load_no_backend():
     assert r.stdout.strip() == "[]"
 
 
-def test_missing_backend_is_a_one_line_hint(tiny, tmp_path):
-    from edgec.convert import run_convert
-
-    out = tmp_path / "mlx"
-    run_convert(tiny, "mlx", out, progress=False)
+def test_missing_backend_is_a_one_line_hint(tiny, tiny_mlx, tmp_path):
+    out = tiny_mlx
     logits = ["logits", str(out), "--ids", "1,2", "--out", str(tmp_path / "l.npy")]
     for mods, args, extra in ((["mlx", "mlx.core"], logits, "mlx"),
                               (["onnx", "onnxruntime", "onnxruntime_genai"],

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgecError
-from ..spec import GptOssConfig
+from ..spec import GptOssConfig, read_json
 from .base import Backend
 from .generate import CALL, Generator, Sampling, Stats
 
@@ -114,12 +114,7 @@ def load_tools(path: Path) -> list[dict[str, Any]]:
     """Read a tools file: a JSON list of function definitions `{"name", "description", "parameters", "mock"}`
     (or `{"tools": [...]}`). `mock`, when present, is the result returned for every call (a string as is,
     anything else as JSON); without it the chat asks the user for the result."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise EdgecError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path)
     if isinstance(data, dict):
         data = data.get("tools")
     if not isinstance(data, list):
@@ -310,12 +305,7 @@ class ChatSession:
 
 def load_conversation(path: Path) -> list[dict[str, Any]]:
     """Messages of a conversation JSON file: `{"messages": [...]}` (openai-harmony) or a list of {role, content}."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise EdgecError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path)
     msgs = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
         raise EdgecError(f"{path}: expected {{\"messages\": [...]}} or a list of {{role, content}} objects")
