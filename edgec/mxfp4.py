@@ -108,13 +108,6 @@ def from_qmoe_fp4(packed: np.ndarray) -> np.ndarray:
     return (g[..., 0::2] | (g[..., 1::2] << 4)).astype(np.uint8)
 
 
-def to_qmoe_int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact QMoE INT8 (zero point 128): uint8 q [..., N, K] with (q - 128) * scale == MXFP4 value, and
-    float32 block scales 2**(s-128) [..., N, G]."""
-    q, scale = to_int8(blocks, scales)
-    return (q.astype(np.int16) + 128).astype(np.uint8), scale
-
-
 def _int4_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each block maximum (magnitude index a = 0..7) and each candidate scale c (in units of the MXFP4
     block scale): the int4 level of every FP4 code, its squared error, and c itself."""

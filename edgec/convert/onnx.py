@@ -4,7 +4,8 @@ Per layer: SimplifiedLayerNorm / SkipSimplifiedLayerNorm, fused qkv MatMul+Add, 
 (sinks as `head_sink`, rotary from YaRN cos/sin caches, `local_window_size` on sliding layers), o_proj, router
 MatMul+Add, then com.microsoft.QMoE (swiglu, interleaved fusion) or, for DirectML, the same MoE decomposed into
 TopK/Gather/MatMul. Expert formats (from the MXFP4 blocks, one expert at a time):
-  exact  INT8 QMoE, zero point 128, scale 2**(s-128): reproduces MXFP4 bit for bit
+  exact  per-channel INT8 QMoE (zero point 128, one power-of-two scale per output row): reproduces MXFP4 bit for
+         bit and keeps fp32 activations on CPU; a layer whose rows do not fit falls back to decomposed fp32 experts
   int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`)
   mxfp4  QMoE quant_type fp4: the checkpoint's codes repacked to [E, K, N/2] + FLOAT8E8M0 scales (CUDA only)
   fp16/fp32 (decomposed)  dequantized expert matrices in the io dtype (exact)
