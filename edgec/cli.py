@@ -98,7 +98,7 @@ def inspect(src: Path, context: int | None, as_json: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--ids", help="comma-separated token ids")
 @click.option("--ids-file", type=click.Path(exists=True, path_type=Path), help="JSON list of token ids")
-@click.option("--last", type=int, help="only the last N positions")
+@click.option("--last", type=click.IntRange(min=1), help="only the last N positions")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="output .npy file")
 def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None, out: Path) -> None:
     """float32 logits [positions, vocab] of MODEL (a source checkpoint or an edgec output) for token ids."""
