@@ -45,17 +45,20 @@ def kv8_layout(head_dim: int) -> tuple[int, int]:
     return -(-head_dim // 32) * 32, 32
 
 
+def kv8_position_bytes(cfg: GptOssConfig) -> int:
+    """Bytes one position of one full layer takes in the 8-bit cache: K and V, per kv head one byte per stored value
+    plus a float16 scale and bias per group."""
+    dim, group = kv8_layout(cfg.head_dim)
+    return 2 * cfg.num_key_value_heads * (dim + 2 * 2 * dim // group)
+
+
 def kv_cache_bytes(cfg: GptOssConfig, context: int, kv_bits: int | None = None, kv_dtype: str = "float32") -> int:
     """Bytes MlxBackend(max_context=context) holds once its cache is full, the same arithmetic as its allocation:
     full layers `context` positions (8-bit: 1 byte per stored value + float16 scale and bias per group), sliding
     layers window + ROLLBACK_MARGIN + PREFILL_CHUNK positions in `kv_dtype`."""
     base = {"float32": 4, "bfloat16": 2}[kv_dtype]
     per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * base  # K and V
-    if kv_bits == 8:
-        dim, group = kv8_layout(cfg.head_dim)
-        per_full = 2 * cfg.num_key_value_heads * (dim + 2 * 2 * dim // group)
-    else:
-        per_full = per_pos
+    per_full = kv8_position_bytes(cfg) if kv_bits == 8 else per_pos
     sliding = cfg.sliding_window + ROLLBACK_MARGIN + PREFILL_CHUNK
     return len(cfg.full_layers) * context * per_full + len(cfg.sliding_layers) * sliding * per_pos
 

@@ -35,10 +35,9 @@ def kv_plan_bytes(cfg: GptOssConfig, context: int, kv_bits: int = 16) -> int:
     scale and bias per group along the head dim: 68 bytes per head and position for head_dim 64, 0.53x bf16)."""
     if kv_bits == 16:
         return cfg.kv_cache_bytes(context, 2)
-    from .mlx_backend import kv8_layout
+    from .mlx_backend import kv8_position_bytes
 
-    dim, group = kv8_layout(cfg.head_dim)
-    full = len(cfg.full_layers) * context * 2 * cfg.num_key_value_heads * (dim + 2 * 2 * dim // group)
+    full = len(cfg.full_layers) * context * kv8_position_bytes(cfg)
     sliding = len(cfg.sliding_layers) * min(context, cfg.sliding_window) * 2 * cfg.kv_dim * 2
     return full + sliding
 
