@@ -71,16 +71,7 @@ class ToolCall:
 Event = MessageStart | TextDelta | MessageDone | ToolCall
 
 
-@dataclass
-class Header:
-    role: str
-    name: str | None = None
-    channel: str | None = None
-    recipient: str | None = None
-    content_type: str | None = None
-
-
-def parse_header(text: str, role: str | None) -> Header:
+def parse_header(text: str, role: str | None) -> MessageStart:
     """openai-harmony's header grammar; raises ValueError on a header it would reject."""
     channel = None
     marker = "<|channel|>"
@@ -125,7 +116,7 @@ def parse_header(text: str, role: str | None) -> Header:
                 recipient = raw[3:] if raw.startswith("to=") else raw
     if parts:
         raise ValueError(f"unexpected tokens remaining in message header: {parts}")
-    return Header(role, name, channel, recipient, content_type)
+    return MessageStart(role, name, channel, recipient, content_type)
 
 
 class StreamParser:
@@ -140,7 +131,7 @@ class StreamParser:
         self._next_role = role
         self._state = "header" if role is not None else "start"
         self._header_tokens: list[int] = []
-        self._header: Header | None = None
+        self._header: MessageStart | None = None
         self._content: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
@@ -219,11 +210,11 @@ class StreamParser:
     def _begin_header(self, role: str | None) -> None:
         self._state, self._next_role, self._header_tokens = "header", role, []
 
-    def _start_content(self, header: Header) -> list[Event]:
+    def _start_content(self, header: MessageStart) -> list[Event]:
         self._state, self._header, self._content = "content", header, []
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._next_role = None
-        return [MessageStart(header.role, header.name, header.channel, header.recipient, header.content_type)]
+        return [header]
 
     def _finish_header(self) -> list[Event]:
         try:
@@ -233,7 +224,7 @@ class StreamParser:
         return self._start_content(header)
 
     def _begin_text_message(self) -> list[Event]:
-        return self._start_content(Header(self._next_role or "assistant"))
+        return self._start_content(MessageStart(self._next_role or "assistant"))
 
     def _header_as_text(self) -> list[Event]:
         """A header that cannot be parsed: its tokens become the text of an assistant message."""
@@ -255,7 +246,7 @@ class StreamParser:
         return [TextDelta(text, self._header.channel if self._header else None)] if text else []
 
     def _close(self, end_token: int | None) -> list[Event]:
-        h = self._header or Header("assistant")
+        h = self._header or MessageStart("assistant")
         data = b"".join(self.tok.decode_bytes([t]) if t >= 0 else b"\xef\xbf\xbd" for t in self._content)
         msg = Message(h.role, [data.decode("utf-8", "replace")], h.name, h.channel, h.recipient, h.content_type)
         self.messages.append(msg)
