@@ -175,6 +175,11 @@ class Checkpoint:
                     found[n] = r / n
         return list(found.values())
 
+    def release_pages(self) -> None:
+        """Drop the mapped pages read so far from this process's RSS (streaming converters call it per chunk)."""
+        for f in self.files.values():
+            f.release_pages()
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import EdgecError
-from .spec import GptOssConfig, Yarn, hf_tensors, load_json
+from .spec import GptOssConfig, hf_tensors, load_json
 
 # Storage cost of each weight format, in bits per weight, block scales included. The one table edgec prices with.
 BITS_PER_WEIGHT: dict[str, float] = {
@@ -159,25 +159,13 @@ def _params(cfg: GptOssConfig) -> dict[str, int]:
             "embedding": cfg.vocab_size * cfg.hidden_size, "lm_head": cfg.vocab_size * cfg.hidden_size}
 
 
-def _config_from_manifest(d: dict[str, Any], where: str) -> GptOssConfig:
-    try:
-        kw = dict(d)
-        kw["yarn"] = Yarn(**kw.get("yarn", {}))
-        kw["layer_types"] = tuple(kw.get("layer_types", ()))
-        cfg = GptOssConfig(**kw)
-    except (TypeError, ValueError) as e:
-        raise EdgecError(f"{where}: malformed config in manifest ({e})") from None
-    cfg.validate(where)
-    return cfg
-
-
 def _inspect_output(folder: Path, context: int | None) -> dict[str, Any]:
     """An edgec output folder: its manifest, files present with the recorded sizes, and the memory it needs."""
     mpath = folder / "edgec.json"
     m = load_json(mpath)
     if not isinstance(m.get("config"), dict) or not isinstance(m.get("files"), dict):
         raise EdgecError(f"{mpath}: not an edgec manifest (no config / files)")
-    cfg = _config_from_manifest(m["config"], str(mpath))
+    cfg = GptOssConfig.from_dict(m["config"], str(mpath))
     ctx = context or cfg.max_position_embeddings
     problems, files, total = [], [], 0
     for name, info in sorted(m["files"].items()):

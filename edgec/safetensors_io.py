@@ -87,6 +87,11 @@ class SafetensorsFile:
                             offset=self.data_start + b)
         return arr.reshape(e["shape"])
 
+    def release_pages(self) -> None:
+        """Tell the kernel we are done with the mapped pages so they leave our RSS (the page cache keeps them)."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         if self._mm is not None:
             try:

@@ -270,6 +270,19 @@ class GptOssConfig:
         d["layer_types"] = list(self.layer_types)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "edgec.json") -> GptOssConfig:
+        """Inverse of `as_dict` (the config an edgec.json manifest records), validated."""
+        try:
+            kw = dict(d)
+            kw["yarn"] = Yarn(**kw.get("yarn", {}))
+            kw["layer_types"] = tuple(kw.get("layer_types", ()))
+            cfg = cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise EdgecError(f"{where}: malformed config in manifest ({e})") from None
+        cfg.validate(where)
+        return cfg
+
     def with_(self, **kw: Any) -> GptOssConfig:
         return replace(self, **kw)
 

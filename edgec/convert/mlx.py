@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,14 +37,6 @@ Q8_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.
 
 # an output tensor: (name, safetensors dtype, shape, producer yielding (array chunk, source bytes consumed))
 Plan = tuple[str, str, tuple[int, ...], Callable[[], Iterator[tuple[np.ndarray, int]]]]
-
-
-def _drop_pages(ckpt: Checkpoint) -> None:
-    """Tell the kernel we are done with the mapped pages so they leave our RSS (the page cache keeps them)."""
-    for f in ckpt.files.values():
-        mm = getattr(f, "_mm", None)
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
 
 
 class _HashingFile:
@@ -223,7 +214,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
                         advance(consumed)
                         since_drop += chunk.nbytes
                         if since_drop >= ROW_CHUNK_BYTES:  # keep the touched source pages out of our RSS
-                            _drop_pages(ckpt)
+                            ckpt.release_pages()
                             since_drop = 0
                     weight_map[name] = fname
             hashing.drain()

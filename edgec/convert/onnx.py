@@ -40,7 +40,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     ctx = int(profile.get("context_length", cfg.max_position_embeddings))
     with atomic_dir(out, force) as tmp, byte_progress(ckpt.source_bytes(), f"onnx {profile['name']}",
                                                       progress) as adv:
-        ext = ExternalData(tmp / "model.onnx.data", adv, release=lambda: _drop_pages(ckpt))
+        ext = ExternalData(tmp / "model.onnx.data", adv, release=ckpt.release_pages)
         try:
             g = build(ckpt, ext, dense, experts, ctx, profile)
         finally:
@@ -56,16 +56,6 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         write_manifest(tmp, ckpt, profile, recipe)
     return {"files": ["model.onnx", "model.onnx.data", "genai_config.json", *tok], "recipe": recipe,
             "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
-
-
-def _drop_pages(ckpt: Checkpoint) -> None:
-    """Tell the kernel we are done with the mapped source pages so they leave our RSS (the page cache keeps them)."""
-    import mmap
-
-    for f in ckpt.files.values():
-        mm = getattr(f, "_mm", None)
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _moe_kind(experts: str) -> str:

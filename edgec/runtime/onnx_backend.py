@@ -33,8 +33,7 @@ class OnnxBackend(Backend):
         onnx = require("onnx", "onnx")
         self.folder = Path(folder)
         manifest = load_json(self.folder / "edgec.json")
-        self.config = GptOssConfig(**{**manifest["config"], "layer_types": tuple(manifest["config"]["layer_types"]),
-                                      "yarn": _yarn(manifest["config"]["yarn"])})
+        self.config = GptOssConfig.from_dict(manifest["config"], str(self.folder / "edgec.json"))
         genai = load_json(self.folder / "genai_config.json")
         self.max_context = int(max_context or genai["model"]["context_length"])
         target = manifest.get("target", "onnx-cpu")
@@ -94,9 +93,3 @@ class OnnxBackend(Backend):
         if not all_logits:
             outs = outs[-1:]
         return np.concatenate(outs).astype(np.float32, copy=False)
-
-
-def _yarn(d: dict):
-    from ..spec import Yarn
-
-    return Yarn(**d)
