@@ -93,7 +93,8 @@ def test_rollback_past_the_sliding_history_equals_fresh_prefill(kv_model, ids_lo
     from edgec.runtime.base import load_backend
 
     g = Generator(load_backend(kv_model, max_context=4096))
-    g.prefill(ids_long[:1800])  # MLX: the sliding buffers have slid past position 300
+    g.prefill(ids_long[:1800])
+    assert g.backend.sw_start > 300 - 128  # the sliding buffers no longer hold the window before position 300
     second = ids_long[:300] + ids_long[3000:3100]
     logits = g.prefill(second)
     assert (g.stats.reused, g.stats.prefill) == (300, 100)
@@ -252,6 +253,16 @@ def test_inspect_kv_bytes_equal_the_mlx_allocation_at_131072(tiny_mlx):
         z = mx.zeros((c.num_key_value_heads, 1, c.head_dim))
         b._store(i, z, z, 0 if c.is_sliding(i) else 131071)
     assert b.kv_bytes() == planned
+
+
+def test_inspect_kv_bytes_equal_the_onnx_allocation_at_131072(tiny_onnx):
+    from edgec.runtime.base import load_backend
+
+    report = json.loads(run(["inspect", tiny_onnx, "--context", 131072, "--json"]))
+    planned = report["memory_plan"]["targets"][0]["kv_bytes"]
+    b = load_backend(tiny_onnx, max_context=131072)
+    b._grow_full(131072)  # what a full context makes the full layers allocate
+    assert b.kv_bytes() == planned == (1 * 131072 + 2 * 1408) * 2 * 2 * 16 * 4  # fp32; sliding layers stay at 1408
 
 
 def test_memory_plan_refuses_and_warns_with_numbers(tiny):

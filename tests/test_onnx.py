@@ -71,7 +71,36 @@ def test_exact_cpu_300_positions(tiny, exact, ids300):
     assert be.length == 150
     d, top1 = agree(be.forward(ids300[150:], all_logits=True), ref[150:])
     assert d <= 1e-3 and top1 == 1.0
-    assert be.kv_bytes() == 3 * 2 * 2 * 300 * 16 * 4  # layers * (k, v) * kv heads * positions * head_dim * fp32
+    # (k, v) * kv heads * head_dim * fp32 per position: the full layer's first 1024-position chunk, and the two sliding
+    # layers' fixed window 128 + rollback margin 1024 + prefill chunk 256, however long the context grows
+    assert be.kv_bytes() == (1 * 1024 + 2 * (128 + 1024 + 256)) * 2 * 2 * 16 * 4
+
+
+def test_incremental_decode_and_truncate(exact, ids_long, monkeypatch):
+    """Prefill + token-by-token decode == one-shot prefill; truncate(n) + forward == a fresh prefill, inside the
+    kept sliding history and past it (small margins, so the sliding buffers move in a short sequence)."""
+    from edgec.runtime import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "ROLLBACK_MARGIN", 16)
+    monkeypatch.setattr(onnx_backend, "CHUNK", 16)
+    monkeypatch.setattr(onnx_backend, "FULL_CHUNK", 64)
+    ids = ids_long[:300]
+    b = onnx_backend.OnnxBackend(exact)
+    whole = b.forward(ids, all_logits=True)
+    # full layer grown 64 -> 128 -> 192 -> 320 positions (x1.5, in 64-position steps); sliding 128 + 16 + 16
+    assert b.sw_start > 0 and b.kv_bytes() == (320 + 2 * (128 + 16 + 16)) * 2 * 2 * 16 * 4
+    b.reset()
+    steps = [b.forward(ids[:250], all_logits=True)] + [b.forward([t]) for t in ids[250:]]
+    np.testing.assert_allclose(np.concatenate(steps), whole, atol=1e-4, rtol=0)
+    for n in (290, 100, 5):  # 290: inside the kept history (144 positions); 100 and 5: past it (recomputed)
+        b.truncate(n)
+        assert b.length == n
+        np.testing.assert_allclose(b.forward(ids[n:], all_logits=True), whole[n:], atol=1e-4, rtol=0)
+        assert b.length == len(ids)
+    b.truncate(len(ids) - 40)
+    last = b.forward(ids[-40:])  # by default only the last position's logits are computed
+    assert last.shape == (1, whole.shape[1])
+    np.testing.assert_allclose(last[0], whole[-1], atol=1e-4, rtol=0)
 
 
 def test_exact_cpu_long_context(tiny, exact, ids_long):

@@ -156,7 +156,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     ext.add("lm_head.weight", code, (V, H), (_dense(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
     flat = g.node("Reshape", [y, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
     lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
-    shape = g.node("Concat", [g.node("Shape", ["input_ids"])[0], g.i64(V)], axis=0)[0]
+    shape = g.node("Concat", [g.node("Shape", ["input_ids"], end=1)[0], g.i64(-1, V)], axis=0)[0]  # [batch, -1, V]
     g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=["logits"])
     return g
 
