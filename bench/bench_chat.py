@@ -21,14 +21,17 @@ GIB = 2**30
 
 
 def kv_figures() -> dict:
+    from edgec.inspect import memory_plan
     from edgec.runtime.session import kv_plan_bytes
     from edgec.spec import preset
 
     out = {}
     for name in ("20b", "120b"):
         cfg = preset(name)
+        plan = {r["target"]: r for r in memory_plan(cfg, 131072)["targets"]}
         out[name] = {"bf16_GiB": cfg.kv_cache_bytes(131072, 2) / GIB, "kv8_GiB": kv_plan_bytes(cfg, 131072, 8) / GIB,
                      "fp32_GiB": cfg.kv_cache_bytes(131072, 4) / GIB,
+                     "onnx_cpu_loop_GiB": plan["onnx-cpu"]["kv_bytes"] / GIB,  # edgec's ONNX loop, as allocated
                      "all_layers_full_bf16_GiB": 2 * cfg.kv_dim * 2 * 131072 * cfg.num_hidden_layers / GIB}
     return out
 

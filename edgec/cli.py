@@ -150,7 +150,8 @@ def convert(src: Path, target: str, out: Path, dense: str | None, experts: str |
     if as_json:
         emit_json(summary)
     else:
-        stderr.print(f"[green]converted[/] {src} -> {out} ({target}) in {summary.get('seconds', 0):.1f}s, "
+        stderr.print(f"[green]converted[/] {src} -> {out} ({target}: experts {summary['experts']}, dense "
+                     f"{summary['dense']}) in {summary.get('seconds', 0):.1f}s, "
                      f"peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")
 
 

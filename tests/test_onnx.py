@@ -76,17 +76,22 @@ def test_exact_cpu_300_positions(tiny, exact, ids300):
     assert be.kv_bytes() == (1 * 1024 + 2 * (128 + 1024 + 256)) * 2 * 2 * 16 * 4
 
 
-def test_incremental_decode_and_truncate(exact, ids_long, monkeypatch):
+@pytest.mark.parametrize("share", [True, False])
+def test_incremental_decode_and_truncate(tiny, exact, ids_long, monkeypatch, share):
     """Prefill + token-by-token decode == one-shot prefill; truncate(n) + forward == a fresh prefill, inside the
-    kept sliding history and past it (small margins, so the sliding buffers move in a short sequence)."""
+    kept sliding history and past it (small margins, so the sliding buffers move in a short sequence). share=False is
+    the path of GPU providers (past fed, present copied back), run here on CPU."""
     from edgec.runtime import onnx_backend
 
     monkeypatch.setattr(onnx_backend, "ROLLBACK_MARGIN", 16)
     monkeypatch.setattr(onnx_backend, "CHUNK", 16)
     monkeypatch.setattr(onnx_backend, "FULL_CHUNK", 64)
     ids = ids_long[:300]
-    b = onnx_backend.OnnxBackend(exact)
+    b = onnx_backend.OnnxBackend(exact, share_buffers=share)
+    assert bool(b.ort_values) == share
     whole = b.forward(ids, all_logits=True)
+    d, top1 = agree(whole, hf_logits(tiny, ids))
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
     # full layer grown 64 -> 128 -> 192 -> 320 positions (x1.5, in 64-position steps); sliding 128 + 16 + 16
     assert b.sw_start > 0 and b.kv_bytes() == (320 + 2 * (128 + 16 + 16)) * 2 * 2 * 16 * 4
     b.reset()
@@ -163,8 +168,25 @@ def test_int4_requantization(tiny, tmp_path, ids300):
     ours, rtn = ((got - exact_w) ** 2).sum(), ((rtn_int4(exact_w) - exact_w) ** 2).sum()
     assert ours < 0.7 * rtn, (ours, rtn)
     out = convert(tiny, tmp_path / "int4", "onnx-cpu", "--experts", "int4")
+    recipe = json.loads((out / "edgec.json").read_text())["recipe"]
+    assert (recipe["experts"], recipe["dense"]) == ("int4", "int8")  # the compact recipe's dense default
     _, top1 = agree(load_backend(out).forward(ids300, all_logits=True), hf_logits(tiny, ids300))
-    assert top1 > 0.5  # the onnxruntime-genai builder's int4 reaches 50% on this kind of checkpoint
+    assert top1 > 0.5
+
+
+def test_int4_recipe_beats_the_builders_int4(tiny, tmp_path, ids300):
+    """The onnxruntime-genai builder's `-p int4 -e cpu` on the same checkpoint, both run by onnxruntime-genai and
+    scored against transformers: edgec's `--experts int4` output agrees on top-1 more often (measured 71% vs 37%)."""
+    pytest.importorskip("onnx_ir")
+    builder = tmp_path / "builder"
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny), "-o", str(builder),
+                        "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = convert(tiny, tmp_path / "int4", "onnx-cpu", "--experts", "int4")
+    ref = hf_logits(tiny, ids300)
+    _, top1_builder = agree(genai_logits(builder, ids300, keep=300), ref)
+    _, top1_ours = agree(genai_logits(ours, ids300, keep=300), ref)
+    assert top1_ours > max(0.5, top1_builder + 0.2), (top1_ours, top1_builder)
 
 
 def test_cuda_mxfp4_is_the_checkpoint_repacked(tiny, tmp_path):

@@ -20,8 +20,10 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
     out = Path(out)
     if out.exists() and not force:
         raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
-    dense = resolve_format(profile, "dense", dense)
     experts = resolve_format(profile, "experts", experts)
+    # a profile may pair an expert format with its own dense default (onnx-cpu: int4 experts -> int8 dense)
+    dense = resolve_format(profile, "dense", dense or profile.get("dense", {}).get("default_with_experts", {}).get(
+        experts))
     ckpt = Checkpoint.open(src)
     module = importlib.import_module(f".{profile['converter']}", __package__)
     t0 = time.perf_counter()

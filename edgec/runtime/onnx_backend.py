@@ -8,9 +8,10 @@ GroupQueryAttention's `sliding_window_cache` is switched off (the 128-key window
 Slice before lm_head computes only the last position's logits unless every position is asked for.
 
 KV cache:
-  full layers     one buffer per K and V shared by GQA's past and present (IOBinding binds both to the same
-                  OrtValue, so GQA writes new positions in place), grown in FULL_CHUNK steps (x1.5 at least) up to
-                  max_context
+  full layers     one buffer per K and V, grown in FULL_CHUNK steps (x1.5 at least) up to max_context. On the CPU
+                  provider GQA's past and present share it (IOBinding binds both to the same OrtValue, so new
+                  positions are written in place); other providers get the cached positions as past and their
+                  present is copied back (GQA shares a buffer only when both sit on its device)
   sliding layers  the last window + ROLLBACK_MARGIN positions kept host side (buffers of window + ROLLBACK_MARGIN +
                   CHUNK positions that move only when full); each run feeds GQA the last `window` of them
 `truncate(n)` is exact: full layers just move the length; sliding layers too while their kept history covers the
@@ -80,7 +81,7 @@ class OnnxBackend(Backend):
     name = "onnx"
 
     def __init__(self, folder: str | Path, max_context: int | None = None, provider: str | None = None,
-                 threads: int | None = None, **_: object):
+                 threads: int | None = None, share_buffers: bool | None = None, **_: object):
         ort = self.ort = require("onnxruntime", "onnx")
         onnx = require("onnx", "onnx")
         self.folder = Path(folder)
@@ -105,6 +106,7 @@ class OnnxBackend(Backend):
         layer = lambda name: int(name.split(".")[1])  # noqa: E731  past_key_values.<layer>.<key|value>
         self.full = [i.name for i in past if not self.config.is_sliding(layer(i.name))]
         self.sliding = [i.name for i in past if self.config.is_sliding(layer(i.name))]
+        self.share = provider == "CPUExecutionProvider" if share_buffers is None else share_buffers
         self.reset()
 
     # ---- cache -------------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class OnnxBackend(Backend):
     def reset(self) -> None:
         self.ids: list[int] = []
         self.buf: dict[str, np.ndarray] = {}  # name -> [1, kv heads, capacity, head dim]
-        self.ort_values: dict = {}  # full layers: the OrtValue over each buffer (past and present at once)
+        self.ort_values: dict = {}  # shared full layers: the OrtValue over each buffer (past and present at once)
         self.sw_start = 0  # absolute position of index 0 of the sliding buffers
         self._grow_full(1)
         cap = min(sliding_positions(self.config), self.max_context)
@@ -152,7 +154,8 @@ class OnnxBackend(Backend):
             if n in self.buf:
                 new[:, :, : self.length] = self.buf[n][:, :, : self.length]
             self.buf[n] = new
-            self.ort_values[n] = self.ort.OrtValue.ortvalue_from_numpy(new)
+            if self.share:
+                self.ort_values[n] = self.ort.OrtValue.ortvalue_from_numpy(new)
 
     def _slide(self, start: int, n: int) -> None:
         """Before writing n positions at `start`, move the sliding buffers so they keep the last window + margin."""
@@ -180,18 +183,21 @@ class OnnxBackend(Backend):
         for k, v in feeds.items():
             bind.bind_cpu_input(k, v)
         bind.bind_output("logits")
-        outs = ["logits", *self.full]  # get_outputs() follows the binding order
-        for name in self.full:
-            bind.bind_ortvalue_input(name, self.ort_values[name])
-            bind.bind_ortvalue_output(name.replace("past_key_values.", "present."), self.ort_values[name])
-        for name in self.sliding:
-            bind.bind_cpu_input(name, np.ascontiguousarray(self.buf[name][:, :, a:b]))
-            outs.append(name)
-            bind.bind_output(name.replace("past_key_values.", "present."))
+        for name in self.full + self.sliding:  # get_outputs() follows this binding order
+            present = name.replace("past_key_values.", "present.")
+            if name in self.ort_values:
+                bind.bind_ortvalue_input(name, self.ort_values[name])
+                bind.bind_ortvalue_output(present, self.ort_values[name])
+            else:
+                fed = self.buf[name][:, :, a:b] if name in self.sliding else self.buf[name][:, :, :start]
+                bind.bind_cpu_input(name, np.ascontiguousarray(fed))
+                bind.bind_output(present)
         self.session.run_with_iobinding(bind)
-        res = dict(zip(outs, bind.get_outputs(), strict=True))
-        for name in self.sliding:  # present = the fed window + this chunk: keep the chunk's positions
-            self.buf[name][:, :, b : b + n] = res[name].numpy()[:, :, past:]
+        res = dict(zip(["logits", *self.full, *self.sliding], bind.get_outputs(), strict=True))
+        for name in self.full + self.sliding:  # a copied present = what was fed + this chunk: keep the chunk
+            if name not in self.ort_values:
+                fed, at = (past, b) if name in self.sliding else (start, start)
+                self.buf[name][:, :, at : at + n] = res[name].numpy()[:, :, fed:]
         self.ids.extend(int(t) for t in chunk)
         return res["logits"].numpy()[0]
 
