@@ -5,6 +5,7 @@ The generation loop, `edgec logits`, `edgec parity`, chat and bench use only thi
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -39,6 +40,12 @@ class Backend(ABC):
     def kv_bytes(self) -> int:
         """Bytes the KV cache has allocated right now."""
         return 0
+
+
+def grown_capacity(need: int, have: int, max_context: int, step: int) -> int:
+    """Positions a full-attention KV buffer holding `have` grows to for `need`: at least 1.5x (filling the context
+    copies the cache a few times, not once per step), in multiples of `step`, at most max_context."""
+    return min(max_context, math.ceil(max(need, have * 3 // 2) / step) * step)
 
 
 def target_of(folder: Path) -> str:

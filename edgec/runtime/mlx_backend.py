@@ -11,7 +11,7 @@ softmax denominator here (mlx-lm has no sinks with a quantized cache); sliding l
 Experts run without dequantizing through `mx.gather_qmm(..., mode="mxfp4")`; attention through
 `mx.fast.scaled_dot_product_attention(..., sinks=...)`.
 
-KV cache: full-attention layers grow in preallocated chunks of FULL_CHUNK positions up to `max_context`;
+KV cache: full-attention layers grow in preallocated chunks (x1.5 at least, FULL_CHUNK steps) up to `max_context`;
 sliding layers keep the last window + ROLLBACK_MARGIN positions (128 + 1024 for gpt-oss). `truncate(n)` is
 exact: within the kept history it only moves the length; a rollback past it re-prefills the kept token ids
 from scratch (rare, correct).
@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import EdgecError, require
 from ..rope import yarn_inv_freq
 from ..spec import GptOssConfig, load_json
-from .base import Backend
+from .base import Backend, grown_capacity
 
 FULL_CHUNK = 1024  # full-attention caches grow by this many positions
 ROLLBACK_MARGIN = 1024  # extra sliding history kept beyond the window, so truncate(n) rarely recomputes
@@ -148,7 +148,7 @@ class MlxBackend(Backend):
             need = start + n
             if need > self.max_context:
                 raise EdgecError(f"context of {need} tokens exceeds max_context {self.max_context}")
-            cap, base = min(self.max_context, math.ceil(need / FULL_CHUNK) * FULL_CHUNK), 0
+            cap, base = grown_capacity(need, 0 if kv[0] is None else kv[0].shape[1], self.max_context, FULL_CHUNK), 0
         if kv[0] is None or kv[0].shape[1] < cap:
             shape = (c.num_key_value_heads, cap, c.head_dim)
             grown = [mx.zeros(shape, dtype=self.kv_dtype) for _ in range(2)]
@@ -168,7 +168,7 @@ class MlxBackend(Backend):
         need = start + n
         if need > self.max_context:
             raise EdgecError(f"context of {need} tokens exceeds max_context {self.max_context}")
-        cap = min(self.max_context, math.ceil(need / FULL_CHUNK) * FULL_CHUNK)
+        cap = grown_capacity(need, 0 if len(kv) == 2 else kv[0].shape[1], self.max_context, FULL_CHUNK)
         dim, group = self.kv8_dim, self.kv8_group
         if len(kv) == 2 or kv[0].shape[1] < cap:
             h = c.num_key_value_heads

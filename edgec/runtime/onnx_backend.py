@@ -20,14 +20,13 @@ window before n, otherwise the kept token ids are prefilled again (rare, correct
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgecError, require
 from ..spec import GptOssConfig, load_json
-from .base import Backend
+from .base import Backend, grown_capacity
 
 CHUNK = 256  # prompt tokens per session run (bounds the [chunk, vocab] logits buffer of all_logits)
 FULL_CHUNK = 1024  # full-attention buffers grow by at least this many positions
@@ -148,7 +147,7 @@ class OnnxBackend(Backend):
         have = self.buf[self.full[0]].shape[2] if self.full and self.full[0] in self.buf else 0
         if need <= have or not self.full:
             return
-        cap = min(self.max_context, math.ceil(max(need, have * 3 // 2) / FULL_CHUNK) * FULL_CHUNK)
+        cap = grown_capacity(need, have, self.max_context, FULL_CHUNK)
         for n in self.full:
             new = self._zeros(cap)
             if n in self.buf:
