@@ -96,6 +96,7 @@ def test_incremental_decode_and_truncate(out, ids_long, monkeypatch):
     the kept sliding history and past it (small margins so the sliding buffers move in a short sequence)."""
     monkeypatch.setattr(mlx_backend, "ROLLBACK_MARGIN", 16)
     monkeypatch.setattr(mlx_backend, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(mlx_backend, "FULL_CHUNK", 64)
     ids = ids_long[:200]
     b = load_backend(out)
     whole = b.forward(ids, all_logits=True)
@@ -103,6 +104,9 @@ def test_incremental_decode_and_truncate(out, ids_long, monkeypatch):
     b.reset()
     steps = [b.forward(ids[:170], all_logits=True)] + [b.forward([t]) for t in ids[170:]]
     np.testing.assert_allclose(np.concatenate(steps), whole, atol=1e-5, rtol=0)
+    # the full layer grew 64 -> 128 -> 192 -> 320 positions (x1.5, in 64-position steps), not once per decode step;
+    # sliding layers: window 128 + margin 16 + prefill chunk 16; float32 K and V, 2 kv heads, head dim 16
+    assert b.kv_bytes() == (320 + 2 * (128 + 16 + 16)) * 2 * 2 * 16 * 4
     for n in (190, 60, 5):  # 190: inside the kept history (144 positions); 60 and 5: past it (recomputed)
         b.truncate(n)
         assert b.length == n

@@ -43,8 +43,11 @@ class Backend(ABC):
 
 
 def grown_capacity(need: int, have: int, max_context: int, step: int) -> int:
-    """Positions a full-attention KV buffer holding `have` grows to for `need`: at least 1.5x (filling the context
-    copies the cache a few times, not once per step), in multiples of `step`, at most max_context."""
+    """Positions a full-attention KV buffer holding `have` needs for `need`: `have` while it fits, else at least 1.5x
+    as many (filling the context copies the cache a few times, not once per step), in multiples of `step`, at most
+    max_context."""
+    if need <= have:
+        return have
     return min(max_context, math.ceil(max(need, have * 3 // 2) / step) * step)
 
 

@@ -145,9 +145,9 @@ class OnnxBackend(Backend):
     def _grow_full(self, need: int) -> None:
         """Make the full layers' buffers hold `need` positions (growing by 1.5x, in FULL_CHUNK steps)."""
         have = self.buf[self.full[0]].shape[2] if self.full and self.full[0] in self.buf else 0
-        if need <= have or not self.full:
-            return
         cap = grown_capacity(need, have, self.max_context, FULL_CHUNK)
+        if cap == have:
+            return
         for n in self.full:
             new = self._zeros(cap)
             if n in self.buf:
