@@ -89,8 +89,10 @@ def main() -> None:
     edgec = [PY, "-m", "edgec", "convert", str(a.src), "--target", "onnx-cpu", "--force"]
     jobs = {
         "edgec exact (fp32 dense)": (edgec + ["-o", str(a.work / "e_exact")], a.work / "e_exact"),
-        "edgec --experts int4 (int8 dense)": (edgec + ["--experts", "int4", "-o", str(a.work / "e_int4")],
-                                              a.work / "e_int4"),
+        "edgec --experts int4 (int8 attn, int4 lm_head)": (edgec + ["--experts", "int4", "-o",
+                                                                   str(a.work / "e_int4")], a.work / "e_int4"),
+        "edgec int4 experts, int8 dense": (edgec + ["--experts", "int4", "--dense", "int8", "-o",
+                                                    str(a.work / "e_int4i8")], a.work / "e_int4i8"),
         "edgec int4 experts, int4 dense": (edgec + ["--experts", "int4", "--dense", "int4", "-o",
                                                     str(a.work / "e_int4d")], a.work / "e_int4d"),
         "edgec int4 experts, fp32 dense": (edgec + ["--experts", "int4", "--dense", "fp32", "-o",
@@ -111,7 +113,7 @@ def main() -> None:
         r = run_measured(cmd, a.work / (out.name + ".log"))
         r["output_gib"] = round(sum(p.stat().st_size for p in out.iterdir()) / 2**30, 2) if out.is_dir() else None
         results[name] = r
-        print(f"convert  {name:36s} rc={r['rc']} wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mib']:6d} MiB  "
+        print(f"convert  {name:46s} rc={r['rc']} wall {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mib']:6d} MiB  "
               f"output {r['output_gib']} GiB", flush=True)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 199998, size=64)]
     for name, (_, out) in {**jobs, **reuse}.items():
@@ -119,11 +121,11 @@ def main() -> None:
             continue
         tps = decode_genai(out, prompt, a.new_tokens)
         results[name]["genai_decode_tok_s"] = round(tps, 2)
-        print(f"decode   {name:36s} onnxruntime-genai {tps:7.2f} tok/s", flush=True)
+        print(f"decode   {name:46s} onnxruntime-genai {tps:7.2f} tok/s", flush=True)
         if name.startswith("edgec"):
             tps = decode_edgec(out, prompt, a.new_tokens)
             results[name]["edgec_runtime_decode_tok_s"] = round(tps, 2)
-            print(f"decode   {name:36s} edgec OnnxBackend {tps:7.2f} tok/s", flush=True)
+            print(f"decode   {name:46s} edgec OnnxBackend {tps:7.2f} tok/s", flush=True)
     print(json.dumps(results, indent=2))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")

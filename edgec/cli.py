@@ -139,19 +139,21 @@ def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="output folder")
 @click.option("--dense", help="format of the non-expert weights (profile default if omitted)")
 @click.option("--experts", help="format of the expert weights (profile default if omitted)")
+@click.option("--lm-head", help="format of lm_head where the target quantizes it apart (onnx-cpu; default: as dense)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
-def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, force: bool,
-            as_json: bool) -> None:
+def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, lm_head: str | None,
+            force: bool, as_json: bool) -> None:
     """Convert a gpt-oss checkpoint for a deployment target."""
     from .convert import run_convert
 
-    summary = run_convert(src, target, out, dense=dense, experts=experts, force=force)
+    summary = run_convert(src, target, out, dense=dense, experts=experts, force=force, lm_head=lm_head)
     if as_json:
         emit_json(summary)
     else:
+        lm = f", lm_head {summary['lm_head']}" if summary.get("lm_head", summary["dense"]) != summary["dense"] else ""
         stderr.print(f"[green]converted[/] {src} -> {out} ({target}: experts {summary['experts']}, dense "
-                     f"{summary['dense']}) in {summary.get('seconds', 0):.1f}s, "
+                     f"{summary['dense']}{lm}) in {summary.get('seconds', 0):.1f}s, "
                      f"peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")
 
 

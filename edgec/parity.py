@@ -118,10 +118,12 @@ def load_prompts(path: Path, folder: Path) -> list[dict[str, Any]]:
 
 
 def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any]) -> dict[str, float]:
-    """Profile thresholds: [parity.default], then [parity.<experts>], then [parity."<dense>+<experts>"]."""
+    """Profile thresholds: [parity.default], then [parity.<experts>], then [parity."<dense>+<experts>"], then, for
+    an lm_head quantized apart from the dense weights, [parity."<dense>+<experts>+lm_head-<lm_head>"]."""
     p = profile.get("parity", {})
     t = dict(DEFAULT_THRESHOLDS)
-    for key in ("default", str(recipe.get("experts")), f"{recipe.get('dense')}+{recipe.get('experts')}"):
+    pair = f"{recipe.get('dense')}+{recipe.get('experts')}"
+    for key in ("default", str(recipe.get("experts")), pair, f"{pair}+lm_head-{recipe.get('lm_head')}"):
         t.update({k: float(v) for k, v in p.get(key, {}).items() if k in METRICS})
     return t
 
@@ -187,7 +189,8 @@ def render(report: dict[str, Any]) -> None:
     from .progress import stderr
 
     recipe = report["recipe"]
-    t = Table(title=f"parity {report['target']} ({report['backend']} runtime): dense {recipe.get('dense')}, "
+    lm = f", lm_head {recipe['lm_head']}" if recipe.get("lm_head", recipe.get("dense")) != recipe.get("dense") else ""
+    t = Table(title=f"parity {report['target']} ({report['backend']} runtime): dense {recipe.get('dense')}{lm}, "
                     f"experts {recipe.get('experts')}")
     for col in ("prompt", "positions", "max |diff|", "mean |diff|", "min cos", "top-1", "max KL", "greedy"):
         t.add_column(col, justify="right" if col != "prompt" else "left")

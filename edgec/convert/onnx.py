@@ -9,6 +9,8 @@ TopK/Gather/MatMul. Expert formats (from the MXFP4 blocks, one expert at a time)
   int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`)
   mxfp4  QMoE quant_type fp4: the checkpoint's codes repacked to [E, K, N/2] + FLOAT8E8M0 scales (CUDA only)
   fp16/fp32 (decomposed)  dequantized expert matrices in the io dtype (exact)
+Dense matrices (attention q/k/v/o) and lm_head: the io dtype, or int8/int4 MatMulNBits blocks of 32; lm_head may
+take its own format (`--lm-head`; the `--experts int4` recipe is int8 attention + int4 lm_head).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ ROWS = 8192  # rows per chunk when streaming the embedding / lm_head
 
 
 def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, experts: str, force: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, lm_head: str | None = None) -> dict[str, Any]:
     require("onnx", "onnx")
     cfg = ckpt.config
     ctx = int(profile.get("context_length", cfg.max_position_embeddings))
@@ -42,7 +44,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
                                                       progress) as adv:
         ext = ExternalData(tmp / "model.onnx.data", adv, release=ckpt.release_pages)
         try:
-            g = build(ckpt, ext, dense, experts, ctx, profile)
+            g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense)
         finally:
             ext.close()
         model = g.model(ext, int(profile.get("opset", 21)))
@@ -50,7 +52,8 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         genai = genai_config(ckpt, profile, ctx, dense)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
         tok = copy_tokenizer_files(ckpt, tmp)
-        recipe = {"dense": dense, "experts": experts, "io_dtype": io_dtype(dense), "context_length": ctx,
+        recipe = {"dense": dense, "lm_head": lm_head or dense, "experts": experts, "io_dtype": io_dtype(dense),
+                  "context_length": ctx,
                   "execution_provider": profile.get("execution_provider"), "moe": _moe_kind(experts),
                   "decomposed_layers": g.fallback_layers if experts != "decomposed" else "all"}
         write_manifest(tmp, ckpt, profile, recipe)
@@ -62,7 +65,8 @@ def _moe_kind(experts: str) -> str:
     return {"exact": "QMoE int8 per-channel", "int4": "QMoE int4", "mxfp4": "QMoE fp4"}.get(experts, "decomposed")
 
 
-def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: int, profile: dict[str, Any]) -> Graph:
+def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: int, profile: dict[str, Any],
+          lm_head: str) -> Graph:
     """Write every weight through `ext` (in model order) and return the graph that uses them."""
     cfg = ckpt.config
     io = io_dtype(dense)
@@ -143,9 +147,9 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     ext.add("model.norm.weight", code, (H,), _dense(ckpt.raw("model.norm.weight"), io))
     y, _ = _skip_norm(g, residual, pending, "model.norm.weight", "/model/norm", cfg)
     lm = ckpt.raw("lm_head.weight")
-    if dense in INT_BITS:  # MatMulNBits, quantized block by block as the rows stream in
+    if lm_head in INT_BITS:  # MatMulNBits, quantized block by block as the rows stream in
         sc: list[np.ndarray] = []
-        bits = INT_BITS[dense]
+        bits = INT_BITS[lm_head]
         chunks = (_keep(quantize_rows(bf16_to_f32(lm[r:r + ROWS]), bits), sc) for r in range(0, V, ROWS))
         ext.add("lm_head.qweight", UINT8, (V, H // 32, 32 * bits // 8), chunks)
         ext.add("lm_head.scales", code, (V, H // 32), (to_io(x_, io) for x_ in sc))
