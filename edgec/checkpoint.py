@@ -175,6 +175,10 @@ class Checkpoint:
                     found[n] = r / n
         return list(found.values())
 
+    def file_range(self, arr: np.ndarray) -> tuple[int, int] | None:
+        """(fd, byte offset) of `arr` in its shard if it is a contiguous view returned by `raw`, else None."""
+        return next((r for f in self.files.values() if (r := f.file_range(arr)) is not None), None)
+
     def release_pages(self) -> None:
         """Drop the mapped pages read so far from this process's RSS (streaming converters call it per chunk)."""
         for f in self.files.values():

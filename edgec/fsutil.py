@@ -61,6 +61,20 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             signal.signal(signal.SIGTERM, old)
 
 
+def fsync_folder(folder: Path) -> None:
+    """Make the files in `folder` and its entries durable (before `atomic_dir` renames it into place)."""
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "r+b") as f:  # Windows flushes only files opened for writing
+                os.fsync(f.fileno())
+    if os.name == "posix":  # a folder cannot be opened, nor needs this, on Windows
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _main_thread() -> bool:
     import threading
 

@@ -6,11 +6,14 @@ Headers are validated before any data is touched; BF16 tensors come back as uint
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +27,11 @@ NP_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.f
             "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32, "I64": np.int64,
             "U64": np.uint64, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
 MAX_HEADER = 100 * 1024 * 1024
+_sync_file_range = None
+if sys.platform == "linux":  # starts write-back of a range without waiting; a hint (the os module lacks it)
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
 
 
 class SafetensorsFile:
@@ -75,9 +83,17 @@ class SafetensorsFile:
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._file = open(self.path, "rb")  # kept open for `file_range`
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._base = np.frombuffer(self._mm, np.uint8).ctypes.data
         return self._mm
+
+    def file_range(self, arr: np.ndarray) -> tuple[int, int] | None:
+        """(fd, byte offset) of `arr` in this file if it is a contiguous view into the map, else None."""
+        if self._mm is None or not arr.flags.c_contiguous:
+            return None
+        off = arr.ctypes.data - self._base
+        return (self._file.fileno(), off) if 0 <= off <= len(self._mm) - arr.nbytes else None
 
     def raw(self, name: str) -> np.ndarray:
         """Zero-copy view of a tensor (BF16 as uint16)."""
@@ -99,6 +115,7 @@ class SafetensorsFile:
             except BufferError:  # a view is still alive; the map closes when it is collected
                 pass
             self._mm = None
+            self._file.close()
 
 
 class SafetensorsWriter:
@@ -106,6 +123,8 @@ class SafetensorsWriter:
 
     The header is written first from the declared (name, dtype, shape) list, so data can stream straight
     to disk; `write(name, array)` or several `write(name, chunk)` calls fill each tensor in order.
+    The whole file is allocated up front and write-back starts after every write, so the disk works while
+    the caller produces the rest and `close()` (which fsyncs) finds little left to flush.
     """
 
     def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
@@ -123,13 +142,19 @@ class SafetensorsWriter:
             off += nb
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self.total = 8 + len(blob) + off
-        self.f: BinaryIO = open(self.path, "wb")
-        self.f.write(struct.pack("<Q", len(blob)) + blob)
+        self.header = struct.pack("<Q", len(blob)) + blob
+        self.total = len(self.header) + off
+        self.f: BinaryIO = open(self.path, "wb", buffering=0)
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(self.f.fileno(), 0, self.total)  # one extent, and a full disk fails now
+        self.pos = 0  # bytes written so far (the file is already full size)
+        self._put(self.header)
         self._i = 0
         self._left = self.order[0][1] if self.order else 0
 
-    def write(self, name: str, data: np.ndarray) -> None:
+    def write(self, name: str, data: np.ndarray, source: tuple[int, int] | None = None) -> None:
+        """Append `data` (all or the next chunk of tensor `name`). `source`: (fd, offset) of a file holding
+        exactly these bytes (see `SafetensorsFile.file_range`); they are then copied inside the kernel."""
         if np.size(data) == 0 and any(n == name and nb == 0 for n, nb in self.order):
             return  # zero-size tensors have no bytes; they are skipped automatically
         while self._i < len(self.order) and self._left == 0 and self.order[self._i][1] == 0:
@@ -143,10 +168,36 @@ class SafetensorsWriter:
         nb = buf.nbytes
         if nb > self._left:
             raise RuntimeError(f"{self.path}: {name}: {nb} bytes written, only {self._left} left")
-        self.f.write(memoryview(buf).cast("B"))
+        done = self._copy(*source, nb) if source is not None else 0
+        self._put(memoryview(buf).cast("B")[done:])
         self._left -= nb
         if self._left == 0:
             self._advance()
+
+    def _copy(self, fd: int, offset: int, nbytes: int) -> int:
+        """copy_file_range as far as the platform and file systems allow; returns the bytes copied."""
+        if not hasattr(os, "copy_file_range"):
+            return 0
+        done = 0
+        try:
+            while done < nbytes and (n := os.copy_file_range(fd, self.f.fileno(), nbytes - done, offset + done)):
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        self._written(done)
+        return done
+
+    def _put(self, b: memoryview | bytes) -> None:
+        done = 0
+        while done < len(b):
+            done += self.f.write(b[done:])
+        self._written(done)
+
+    def _written(self, n: int) -> None:
+        if _sync_file_range is not None and n:
+            _sync_file_range(self.f.fileno(), self.pos, n, SYNC_FILE_RANGE_WRITE)
+        self.pos += n
 
     def _advance(self) -> None:
         self._i += 1
@@ -155,7 +206,6 @@ class SafetensorsWriter:
     def close(self) -> None:
         while self._i < len(self.order) and self.order[self._i][1] == 0:
             self._advance()
-        self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         if self._i != len(self.order):

@@ -136,11 +136,11 @@ def test_bad_input(tiny, out, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = SafetensorsWriter.write
 
-    def interrupted(self, name, data):  # noqa: ANN001
+    def interrupted(self, name, data, **kw):  # noqa: ANN001, ANN003
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt
-        return real(self, name, data)
+        return real(self, name, data, **kw)
 
     monkeypatch.setattr(SafetensorsWriter, "write", interrupted)
     with pytest.raises(EdgecError, match="interrupted"):

@@ -77,6 +77,30 @@ def test_writer_enforces_declared_order_and_sizes(tmp_path):
         w.close()
 
 
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_writer_copies_views_of_a_source_file(tmp_path, monkeypatch, in_kernel):
+    if not in_kernel:  # platforms without copy_file_range write the same bytes from the view
+        monkeypatch.delattr("os.copy_file_range", raising=False)
+    ts = {k: v for k, v in tensors(np.random.default_rng(3)).items() if v.size}
+    src = tmp_path / "src.safetensors"
+    with SafetensorsWriter(src, [(n, DT[a.dtype.type], a.shape) for n, a in ts.items()]) as w:
+        for n, a in ts.items():
+            w.write(n, a)
+    f = SafetensorsFile(src)
+    views = {n: f.raw(n) for n in ts}
+    assert f.file_range(views["b.blocks"]) == (f._file.fileno(), f.data_start + f.entries["b.blocks"]["offsets"][0])
+    assert f.file_range(views["a.weight"][:, 1:]) is None and f.file_range(ts["a.weight"]) is None
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, [(n, DT[a.dtype.type], a.shape) for n, a in reversed(ts.items())]) as w:
+        for n in reversed(ts):
+            w.write(n, views[n][:1], source=f.file_range(views[n][:1]))  # chunks: first row, then the rest
+            w.write(n, views[n][1:], source=f.file_range(views[n][1:]))
+    back = SafetensorsFile(out)
+    assert all(np.array_equal(back.raw(n), a) for n, a in ts.items())
+    f.close()
+    back.close()
+
+
 def test_bf16_conversion_matches_torch():
     import torch
 

@@ -7,7 +7,8 @@ and gate/up de-interleaved by rows (even rows gate, odd rows up). Every other te
 
 Streaming: tensors are planned from the headers, then copied expert by expert / row chunk by row chunk from
 the memory map into `SafetensorsWriter`s; the map's pages are dropped after each tensor, so peak RSS is set by
-the largest chunk, never by the model size.
+the largest chunk, never by the model size. Chunks that are verbatim views of the source (everything but the
+de-interleaved gate/up and q8 outputs) are copied file to file inside the kernel, and only hashed from the map.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import EdgecError, require
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, fsync_folder
 from ..progress import byte_progress
 from ..safetensors_io import SafetensorsWriter
 from .common import copy_tokenizer_files, write_manifest
@@ -39,34 +40,23 @@ Q8_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.
 Plan = tuple[str, str, tuple[int, ...], Callable[[], Iterator[tuple[np.ndarray, int]]]]
 
 
-class _HashingFile:
-    """Wraps a writer's file: every written buffer is also hashed, on a worker thread (hashlib drops the GIL),
-    so the manifest's sha256 costs no second read. At most 4 buffers wait, which bounds the memory held."""
+class _Sha256:
+    """sha256 fed on a worker thread (hashlib drops the GIL), so the manifest's digest costs no second read and
+    overlaps the writes. At most 4 buffers wait, which bounds the memory (and mapped pages) held."""
 
-    def __init__(self, f, h, pool: ThreadPoolExecutor):  # noqa: ANN001
-        self.f, self.h, self.pool = f, h, pool
+    def __init__(self, first: bytes, pool: ThreadPoolExecutor):
+        self.h, self.pool = hashlib.sha256(first), pool
         self.pending: deque[Future] = deque()
 
-    def write(self, b) -> int:  # noqa: ANN001
+    def update(self, b: np.ndarray) -> None:
         while len(self.pending) >= 4:
             self.pending.popleft().result()
         self.pending.append(self.pool.submit(self.h.update, b))
-        return self.f.write(b)
 
-    def drain(self) -> None:
+    def hexdigest(self) -> str:
         while self.pending:
             self.pending.popleft().result()
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        return getattr(self.f, name)
-
-
-def _hashed_writer(path: Path, spec: list, pool: ThreadPoolExecutor) -> tuple[SafetensorsWriter, _HashingFile]:
-    w = SafetensorsWriter(path, spec, {"format": "mlx"})
-    w.f.flush()
-    hf = _HashingFile(w.f, hashlib.sha256(path.read_bytes()), pool)  # the header is all there is so far
-    w.f = hf
-    return w, hf
+        return self.h.hexdigest()
 
 
 def _rows(arr: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
@@ -206,19 +196,20 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
     with atomic_dir(out, force) as tmp, byte_progress(total, f"mlx {dense}/{experts}", progress) as advance, \
             ThreadPoolExecutor(max_workers=1) as pool:
         for fname, shard in zip(names, shards, strict=True):
-            w, hashing = _hashed_writer(tmp / fname, [(e[0], e[1], e[2]) for e in shard], pool)
-            with w:
+            with SafetensorsWriter(tmp / fname, [(e[0], e[1], e[2]) for e in shard], {"format": "mlx"}) as w:
+                digest = _Sha256(w.header, pool)
                 for name, _, _, produce in shard:
                     for chunk, consumed in produce():
-                        w.write(name, chunk)
+                        digest.update(chunk)
+                        # verbatim chunks are views of the source map: copied file to file inside the kernel
+                        w.write(name, chunk, source=ckpt.file_range(chunk))
                         advance(consumed)
                         since_drop += chunk.nbytes
                         if since_drop >= ROW_CHUNK_BYTES:  # keep the touched source pages out of our RSS
                             ckpt.release_pages()
                             since_drop = 0
                     weight_map[name] = fname
-            hashing.drain()
-            sha[fname] = hashing.h.hexdigest()
+                sha[fname] = digest.hexdigest()
             written += (tmp / fname).stat().st_size
         index = {"metadata": {"total_size": written, "format": "mlx"}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -228,5 +219,6 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
                   "expert_layout": "mlx-lm sanitize: uint32 words, gate/up de-interleaved by rows",
                   "tensors": len(weight_map), "shards": names}
         write_manifest(tmp, ckpt, profile, recipe, known_sha256=sha)
+        fsync_folder(tmp)  # the shards fsynced as they closed; now the small files and the folder
     return {"files": names + ["model.safetensors.index.json", "config.json", *tokenizer, "edgec.json"],
             "tensors": len(weight_map), "bytes_written": written, "source_bytes": total}
