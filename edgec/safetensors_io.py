@@ -29,8 +29,11 @@ NP_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.f
 MAX_HEADER = 100 * 1024 * 1024
 _sync_file_range = None
 if sys.platform == "linux":  # starts write-back of a range without waiting; a hint (the os module lacks it)
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    try:
+        _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+        _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    except (OSError, AttributeError):  # a libc without it: writes still work, write-back just starts later
+        _sync_file_range = None
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -146,7 +149,12 @@ class SafetensorsWriter:
         self.total = len(self.header) + off
         self.f: BinaryIO = open(self.path, "wb", buffering=0)
         if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(self.f.fileno(), 0, self.total)  # one extent, and a full disk fails now
+            try:
+                os.posix_fallocate(self.f.fileno(), 0, self.total)  # one extent, and a full disk fails now
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it: just write
+                    self.f.close()
+                    raise
         self.pos = 0  # bytes written so far (the file is already full size)
         self._put(self.header)
         self._i = 0
