@@ -142,6 +142,8 @@ def test_genai_generates_like_edgec(exact, ids300):
     assert cfg["model"]["type"] == "gptoss" and cfg["model"]["context_length"] == 131072
     assert cfg["model"]["decoder"]["sliding_window"]["layers"] == [0, 2]
     assert cfg["model"]["eos_token_id"] == [200002, 199999, 200012]
+    # onnxruntime picks the thread count (all physical cores); without the key onnxruntime-genai ran as on one thread
+    assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
 
 
 def rtn_int4(w: np.ndarray) -> np.ndarray:

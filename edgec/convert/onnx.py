@@ -325,8 +325,10 @@ def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int, io: str) -
     eos = gen.get("eos_token_id", cfg.eos_token_id)
     eos = eos if isinstance(eos, list) else [eos]
     ep = profile.get("genai_provider")
+    session = {"log_id": "onnxruntime-genai", "provider_options": [{ep: {}}] if ep else [],
+               **profile.get("genai_session_options", {})}
     decoder: dict[str, Any] = {
-        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [{ep: {}}] if ep else []},
+        "session_options": session,
         "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
