@@ -42,6 +42,35 @@ class Backend(ABC):
         return 0
 
 
+class WindowedBackend(Backend):
+    """A backend that remembers the token ids it holds and whose sliding layers keep positions from `sw_start` on
+    (window + a rollback margin): `truncate(n)` only moves the length while that history covers the window before
+    n, and otherwise prefills the kept ids again (rare, exact). Subclasses implement `reset` and `forward`."""
+
+    ids: list[int]
+    sw_start: int
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the cache (ids, sliding history and all)."""
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise EdgecError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        if n > 0 and self.sw_start > max(0, n - self.config.sliding_window):  # rolled back past the kept history
+            ids = self.ids[:n]
+            self.reset()
+            self.forward(ids)
+        elif n == 0:
+            self.reset()
+        else:
+            del self.ids[n:]
+
+
 def grown_capacity(need: int, have: int, max_context: int, step: int) -> int:
     """Positions a full-attention KV buffer holding `have` needs for `need`: `have` while it fits, else at least 1.5x
     as many (filling the context copies the cache a few times, not once per step), in multiples of `step`, at most

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import EdgecError, require
 from ..rope import yarn_inv_freq
 from ..spec import GptOssConfig, load_json
-from .base import Backend, grown_capacity
+from .base import WindowedBackend, grown_capacity
 
 FULL_CHUNK = 1024  # full-attention caches grow by this many positions
 ROLLBACK_MARGIN = 1024  # extra sliding history kept beyond the window, so truncate(n) rarely recomputes
@@ -63,7 +63,7 @@ def kv_cache_bytes(cfg: GptOssConfig, context: int, kv_bits: int | None = None, 
     return len(cfg.full_layers) * context * per_full + len(cfg.sliding_layers) * sliding * per_pos
 
 
-class MlxBackend(Backend):
+class MlxBackend(WindowedBackend):
     name = "mlx"
 
     def __init__(self, folder: str | Path, max_context: int | None = None, kv_bits: int | None = None,
@@ -113,24 +113,8 @@ class MlxBackend(Backend):
         # per layer [K, V]; a full layer with kv_bits=8: [K codes, K scales, K biases, V codes, V scales, V biases]
         self.cache: list[list] = [[None, None] for _ in range(self.config.num_hidden_layers)]
 
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
     def kv_bytes(self) -> int:
         return sum(t.nbytes for kv in self.cache for t in kv if t is not None)
-
-    def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise EdgecError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        if n > 0 and self.sw_start > max(0, n - self.config.sliding_window):  # rolled back past the kept history
-            ids = self.ids[:n]
-            self.reset()
-            self.forward(ids)
-        else:
-            del self.ids[n:]
-            if n == 0:
-                self.reset()
 
     def _quantized(self, layer: int) -> bool:
         return self.kv_bits == 8 and not self.config.is_sliding(layer)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import EdgecError, require
 from ..spec import GptOssConfig, load_json
-from .base import Backend, grown_capacity
+from .base import WindowedBackend, grown_capacity
 
 CHUNK = 256  # prompt tokens per session run (bounds the [chunk, vocab] logits buffer of all_logits)
 FULL_CHUNK = 1024  # full-attention buffers grow by at least this many positions
@@ -76,7 +76,7 @@ def _edit_graph(model, cfg: GptOssConfig) -> None:  # noqa: ANN001
         n.input[list(n.input).index(norm)] = "/edgec/norm_tail"
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(WindowedBackend):
     name = "onnx"
 
     def __init__(self, folder: str | Path, max_context: int | None = None, provider: str | None = None,
@@ -109,10 +109,6 @@ class OnnxBackend(Backend):
         self.reset()
 
     # ---- cache -------------------------------------------------------------------------------------------
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
     def reset(self) -> None:
         self.ids: list[int] = []
         self.buf: dict[str, np.ndarray] = {}  # name -> [1, kv heads, capacity, head dim]
@@ -122,18 +118,6 @@ class OnnxBackend(Backend):
         cap = min(sliding_positions(self.config), self.max_context)
         for n in self.sliding:
             self.buf[n] = self._zeros(cap)
-
-    def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise EdgecError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        if n > 0 and self.sw_start > max(0, n - self.config.sliding_window):  # rolled back past the kept history
-            ids = self.ids[:n]
-            self.reset()
-            self.forward(ids)
-        elif n == 0:
-            self.reset()
-        else:
-            del self.ids[n:]
 
     def kv_bytes(self) -> int:
         return int(sum(b.nbytes for b in self.buf.values()))
