@@ -46,7 +46,7 @@ def sliding_positions(cfg: GptOssConfig) -> int:
     return cfg.sliding_window + ROLLBACK_MARGIN + CHUNK
 
 
-def _edit_graph(model, cfg: GptOssConfig) -> None:  # noqa: ANN001
+def _edit_graph(model) -> None:  # noqa: ANN001
     """The in-memory edits described in the module docstring."""
     from onnx import TensorProto, helper
 
@@ -94,7 +94,7 @@ class OnnxBackend(WindowedBackend):
             raise EdgecError(f"{self.folder}: target {target} needs onnxruntime's {provider}, which this "
                              f"onnxruntime build lacks (has: {', '.join(ort.get_available_providers())})")
         model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
-        _edit_graph(model, self.config)
+        _edit_graph(model)
         so = ort.SessionOptions()
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
         if threads:
