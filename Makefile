@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED ?= $(abspath ../shared)
 export TIKTOKEN_ENCODINGS_BASE ?= $(SHARED)/data
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean gpu-wheels gpu-check gpu-check-dry
 
 $(BIN)/edgec: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,18 @@ demo: setup
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench.py
+
+# GPU check (bench/gpu_check.py, README "GPU check"). gpu-wheels: here, fetch the CUDA wheels and cut them into
+# parts for the device tool; gpu-check: on the lent GPU machine, with its image's python3 (no venv: it reaches no
+# registry); gpu-check-dry: the CPU dry run the test suite also runs.
+gpu-wheels: setup
+	$(BIN)/python bench/gpu_check.py prepare
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PY) bench/gpu_check.py run $(GPU_CHECK_ARGS)
+
+gpu-check-dry: setup
+	$(BIN)/python bench/gpu_check.py run --dry-run --out out/gpu-check-dry $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build out
