@@ -358,7 +358,7 @@ def start_background_prep() -> None:
             return
     log = open(work / "prep.log", "a")  # noqa: SIM115  (handed to the child)
     p = subprocess.Popen([PY, str(Path(__file__).resolve()), "run", "--stage", "prep", "--budget", "1500"], stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
     pidfile.write_text(str(p.pid))
     print(f"background prep started (pid {p.pid}, log {work / 'prep.log'})")
 

@@ -127,3 +127,24 @@ def test_dry_run_report(dry):
     for s in doc["steps"]:
         assert f"| {s['name']} | {s['status']} |" in md
     assert (out / "gpu-check-logs.tar.gz").stat().st_size > 0
+
+
+def test_gpu_poll_reads_nvml(gc, monkeypatch):
+    """Peak GPU memory (a GPU-only path, run here against a stand-in NVML): the device's peak over its baseline and
+    the child's own peak from the process list."""
+    import time
+    import types
+
+    used = iter([1000, 5000, 3000] + [3000] * 1000)
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu0",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=next(used) << 20),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=42, usedGpuMemory=3500 << 20),
+                                                        types.SimpleNamespace(pid=7, usedGpuMemory=9 << 30)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(gc, "_NVML", None)
+    baseline = gc.gpu_memory()[0]
+    assert baseline == 1000 << 20
+    poll = gc.GpuPoll(42, baseline)
+    time.sleep(0.5)
+    assert poll.result() == {"gpu_peak_device_mib": 4000.0, "gpu_peak_process_mib": 3500.0}
