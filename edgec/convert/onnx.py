@@ -1,13 +1,16 @@
-"""gpt-oss -> onnxruntime-genai model folder (model.onnx + model.onnx.data + genai_config.json + tokenizer).
+"""gpt-oss -> onnxruntime-genai model folder (model.onnx + model.edgec.onnx sharing model.onnx.data, genai_config.json,
+tokenizer files; the two graphs' interface is declared in `onnx_graph.py`).
 
 Per layer: SimplifiedLayerNorm / SkipSimplifiedLayerNorm, fused qkv MatMul+Add, com.microsoft.GroupQueryAttention
 (sinks as `head_sink`, rotary from YaRN cos/sin caches, `local_window_size` on sliding layers), o_proj, router
-MatMul+Add, then com.microsoft.QMoE (swiglu, interleaved fusion) or, for DirectML, the same MoE decomposed into
-TopK/Gather/MatMul. Expert formats (from the MXFP4 blocks, one expert at a time):
+MatMul+Add, then com.microsoft.QMoE (swiglu, interleaved fusion) or, where the provider has no MoE kernel
+(DirectML), the MoE from standard ops. Expert formats (from the MXFP4 blocks, one expert at a time):
   exact  per-channel INT8 QMoE (zero point 128, one power-of-two scale per output row): reproduces MXFP4 bit for
          bit and keeps fp32 activations on CPU; a layer whose rows do not fit falls back to decomposed fp32 experts
   int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`)
-  mxfp4  QMoE quant_type fp4: the checkpoint's codes repacked to [E, K, N/2] + FLOAT8E8M0 scales (CUDA only)
+  mxfp4  QMoE quant_type fp4: the checkpoint's codes repacked to [E, K, N/2] + FLOAT8E8M0 scales (CUDA), or, with
+         `[experts] ops = "standard"` (DirectML), the checkpoint's bytes as they are, decoded in the graph by a
+         Gather on a (scale, byte) table for the experts the tokens of a run route to (`_moe_mxfp4_lut`)
   fp16/fp32 (decomposed)  dequantized expert matrices in the io dtype (exact)
 Dense matrices (attention q/k/v/o) and lm_head: the io dtype, or int8/int4 MatMulNBits blocks of 32; lm_head may
 take its own format (`--lm-head`; the `--experts int4` recipe is int8 attention + int4 lm_head).
@@ -30,7 +33,32 @@ from ..rope import cos_sin
 from ..safetensors_io import bf16_to_f32
 from ..spec import load_json
 from .common import copy_tokenizer_files, write_manifest
-from .onnx_graph import FLOAT, FLOAT8E8M0, INT32, INT64, IO_CODE, UINT8, ExternalData, Graph, io_value, to_io
+from .onnx_graph import (
+    ATTENTION_MASK,
+    DATA,
+    EDGEC,
+    EDGEC_GRAPH,
+    FLOAT,
+    FLOAT8E8M0,
+    GENAI,
+    GENAI_GRAPH,
+    GRAPH_FORMAT,
+    INPUT_IDS,
+    INT32,
+    INT64,
+    IO_CODE,
+    LOGITS,
+    LOGITS_FROM,
+    PAST,
+    POSITION_IDS,
+    PRESENT,
+    SLIDING_SEQLENS_K,
+    SLIDING_TOTAL,
+    UINT8,
+    ExternalData,
+    Graph,
+    to_io,
+)
 
 ROWS = 8192  # rows per chunk when streaming the embedding / lm_head
 
@@ -40,63 +68,96 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     require("onnx", "onnx")
     cfg = ckpt.config
     ctx = int(profile.get("context_length", cfg.max_position_embeddings))
-    with atomic_dir(out, force) as tmp, byte_progress(ckpt.source_bytes(), f"onnx {profile['name']}",
-                                                      progress) as adv:
-        ext = ExternalData(tmp / "model.onnx.data", adv, release=ckpt.release_pages)
+    meter = SourceMeter(ckpt)
+    with atomic_dir(out, force) as tmp, byte_progress(meter.total, f"onnx {profile['name']}", progress) as adv:
+        meter.advance = adv
+        ext = ExternalData(tmp / DATA, release=ckpt.release_pages)
         try:
-            g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense)
+            g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense, meter)
         finally:
             ext.close()
-        model = g.model(ext, int(profile.get("opset", 21)))
-        (tmp / "model.onnx").write_bytes(model.SerializeToString())
-        genai = genai_config(ckpt, profile, ctx, dense)
+        opset = int(profile.get("opset", 21))
+        for name, only in ((GENAI_GRAPH, GENAI), (EDGEC_GRAPH, EDGEC)):
+            (tmp / name).write_bytes(g.model(ext, opset, only).SerializeToString())
+        genai = genai_config(ckpt, profile, ctx)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
         tok = copy_tokenizer_files(ckpt, tmp)
         recipe = {"dense": dense, "lm_head": lm_head or dense, "experts": experts, "io_dtype": io_dtype(dense),
-                  "context_length": ctx,
-                  "execution_provider": profile.get("execution_provider"), "moe": _moe_kind(experts),
+                  "context_length": ctx, "graph_format": GRAPH_FORMAT,
+                  "execution_provider": profile.get("execution_provider"), "ort_device": profile.get("ort_device",
+                                                                                                    "cpu"),
+                  "moe": _moe_kind(profile, experts),
                   "decomposed_layers": g.fallback_layers if experts != "decomposed" else "all"}
         write_manifest(tmp, ckpt, profile, recipe)
-    return {"files": ["model.onnx", "model.onnx.data", "genai_config.json", *tok], "recipe": recipe,
+    return {"files": [GENAI_GRAPH, EDGEC_GRAPH, DATA, "genai_config.json", *tok], "recipe": recipe,
             "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
-def _moe_kind(experts: str) -> str:
+class SourceMeter:
+    """Conversion progress in source bytes (a true total: what the checkpoint's tensors hold): `done(prefix)`
+    advances by every not yet counted tensor whose HF name starts with `prefix`."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.left = {t.name: t.nbytes for t in ckpt.specs()}
+        self.total = sum(self.left.values())
+        self.advance = lambda n: None
+
+    def done(self, prefix: str = "") -> None:
+        names = [n for n in self.left if n.startswith(prefix)]
+        self.advance(sum(self.left.pop(n) for n in names))
+
+
+def _moe_kind(profile: dict[str, Any], experts: str) -> str:
+    if _standard_ops(profile) and experts == "mxfp4":
+        return "MXFP4 bytes decoded in the graph (standard ops)"
     return {"exact": "QMoE int8 per-channel", "int4": "QMoE int4", "mxfp4": "QMoE fp4"}.get(experts, "decomposed")
 
 
+def _standard_ops(profile: dict[str, Any]) -> bool:
+    """Whether the target's provider lacks a MoE kernel, so experts are built from standard ONNX ops."""
+    return (profile.get("experts") or {}).get("ops") == "standard"
+
+
 def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: int, profile: dict[str, Any],
-          lm_head: str) -> Graph:
-    """Write every weight through `ext` (in model order) and return the graph that uses them."""
+          lm_head: str, meter: SourceMeter | None = None) -> Graph:
+    """Write every weight through `ext` (in model order) and return the graph that uses them (both variants)."""
     cfg = ckpt.config
+    meter = meter or SourceMeter(ckpt)
     io = io_dtype(dense)
     # MatMulNBits accuracy_level for int8/int4 dense: 4 = int8 activations (fast int8 dot kernels, lossy), 0 = fp32
     acc = int(profile.get("dense_accuracy_level", 0))
     H, V, _E, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts, cfg.num_key_value_heads, cfg.head_dim
     code = IO_CODE[io]
     g = Graph()
-    g.inputs += [io_value("input_ids", INT64, ["batch_size", "sequence_length"]),
-                 io_value("attention_mask", INT64, ["batch_size", "total_sequence_length"])]
+    g.input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
+    g.input(ATTENTION_MASK, INT64, ["batch_size", "total_sequence_length"])
     for kind in ("key", "value"):
         for i in range(cfg.num_hidden_layers):
             past = "past_sliding_length" if cfg.is_sliding(i) else "past_sequence_length"
-            g.inputs.append(io_value(f"past_key_values.{i}.{kind}", code, ["batch_size", nkv, past, hd]))
-    g.outputs.append(io_value("logits", code, ["batch_size", "sequence_length", V]))
+            g.input(PAST % (i, kind), code, ["batch_size", nkv, past, hd])
+    # edgec's loop: sliding layers' own bookkeeping (see onnx_graph.py) and the first position given logits
+    g.input(SLIDING_SEQLENS_K, INT32, [1], only=EDGEC)
+    g.input(SLIDING_TOTAL, INT32, [], only=EDGEC)
+    g.input(POSITION_IDS, INT64, [1, "sequence_length"], only=EDGEC)
+    g.input(LOGITS_FROM, INT64, [1], only=EDGEC)
+    g.output(LOGITS, code, ["batch_size", "sequence_length", V], only=GENAI)
+    g.output(LOGITS, code, ["batch_size", "logits_length", V], only=EDGEC)
     for kind in ("key", "value"):
         for i in range(cfg.num_hidden_layers):
             total = "total_sliding_length" if cfg.is_sliding(i) else "total_sequence_length"
-            g.outputs.append(io_value(f"present.{i}.{kind}", code, ["batch_size", nkv, total, hd]))
+            g.output(PRESENT % (i, kind), code, ["batch_size", nkv, total, hd])
 
     # GQA bookkeeping: seqlens_k = tokens seen - 1, total_sequence_length = mask width (both int32)
-    s = g.node("ReduceSum", ["attention_mask", g.i64(1)], keepdims=0)[0]
+    s = g.node("ReduceSum", [ATTENTION_MASK, g.i64(1)], keepdims=0)[0]
     seqlens = g.node("Cast", [g.node("Sub", [s, g.i64(1)])[0]], to=INT32)[0]
-    width = g.node("Gather", [g.node("Shape", ["attention_mask"])[0], g.const("/const/i64/1s", np.array(1))],
+    width = g.node("Gather", [g.node("Shape", [ATTENTION_MASK])[0], g.const("/const/i64/1s", np.array(1))],
                    axis=0)[0]
     total = g.node("Cast", [width], to=INT32)[0]
 
     emb = ckpt.raw("model.embed_tokens.weight")
     ext.add("model.embed_tokens.weight", code, (V, H), (_dense(emb[r:r + ROWS], io) for r in range(0, V, ROWS)))
-    x = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], name="/model/embed_tokens/Gather")[0]
+    x = g.node("Gather", ["model.embed_tokens.weight", INPUT_IDS], name="/model/embed_tokens/Gather")[0]
+    meter.done("model.embed_tokens.")
     cos, sin = cos_sin(cfg, ctx)
     ext.add("cos_cache", code, cos.shape, to_io(cos, io))
     ext.add("sin_cache", code, sin.shape, to_io(sin, io))
@@ -120,13 +181,18 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
         attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=nkv, scale=float(hd ** -0.5),
                      local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1, softcap=0.0, do_rotary=1,
                      rotary_interleaved=0)
-        if cfg.is_sliding(i) and profile.get("sliding_window_cache", True):
-            attrs["sliding_window_cache"] = 1
-        att = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                             seqlens, total, "cos_cache", "sin_cache", "", "", p + "attn.sinks"],
-                     name=q + "/attn/GroupQueryAttention", domain="com.microsoft",
-                     outputs=[q + "/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
-                     **attrs)[0]
+        # sliding layers, onnxruntime-genai: a window-sized cache the op evicts from itself; edgec: a buffer that keeps
+        # history past the window (exact rollback), indexed by the loop's own seqlens and absolute position ids
+        variants = [(None, seqlens, total, "", {})]
+        if cfg.is_sliding(i):
+            swc = dict(sliding_window_cache=1) if profile.get("sliding_window_cache", True) else {}
+            variants = [(GENAI, seqlens, total, "", swc), (EDGEC, SLIDING_SEQLENS_K, SLIDING_TOTAL, POSITION_IDS, {})]
+        for only, sk, tot, pos, extra in variants:
+            att = g.node("GroupQueryAttention", [qkv, "", "", PAST % (i, "key"), PAST % (i, "value"), sk, tot,
+                                                 "cos_cache", "sin_cache", pos, "", p + "attn.sinks"],
+                         name=q + "/attn/GroupQueryAttention", domain="com.microsoft", only=only,
+                         outputs=[q + "/attn/GroupQueryAttention/output_0", PRESENT % (i, "key"),
+                                  PRESENT % (i, "value")], **attrs, **extra)[0]
         o = _linear(g, ext, att, p + "attn.o_proj", q + "/attn/o_proj", ckpt.f32(a + "o_proj.weight"),
                     ckpt.f32(a + "o_proj.bias"), io, dense, acc)
         ext.add(p + "post_attention_layernorm.weight", code, (H,),
@@ -139,13 +205,21 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
         if experts == "exact" and not _int8_channel_exact(ckpt, i):
             fallback.append(i)  # a row spans more binades than int8 holds: dense experts keep it exact
             pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
+        elif experts == "mxfp4" and _standard_ops(profile):
+            pending = _moe_mxfp4_lut(g, ext, ckpt, i, h2, r, io)
         elif experts in ("exact", "int4", "mxfp4"):
             pending = _qmoe(g, ext, ckpt, i, h2, r, io, experts)
         else:
             pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
+        meter.done(p)
 
     ext.add("model.norm.weight", code, (H,), _dense(ckpt.raw("model.norm.weight"), io))
     y, _ = _skip_norm(g, residual, pending, "model.norm.weight", "/model/norm", cfg)
+    # lm_head's input: every position (onnxruntime-genai), or positions LOGITS_FROM.. (edgec: -1 = the last only)
+    y_lm = "/lm_head/input"
+    g.node("Identity", [y], name="/lm_head/AllPositions", outputs=[y_lm], only=GENAI)
+    g.node("Slice", [y, LOGITS_FROM, g.i64(np.iinfo(np.int64).max), g.i64(1)], name="/lm_head/LogitsFrom",
+           outputs=[y_lm], only=EDGEC)
     lm = ckpt.raw("lm_head.weight")
     if lm_head in INT_BITS:  # MatMulNBits, quantized block by block as the rows stream in
         sc: list[np.ndarray] = []
@@ -153,15 +227,16 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
         chunks = (_keep(quantize_rows(bf16_to_f32(lm[r:r + ROWS]), bits), sc) for r in range(0, V, ROWS))
         ext.add("lm_head.qweight", UINT8, (V, H // 32, 32 * bits // 8), chunks)
         ext.add("lm_head.scales", code, (V, H // 32), (to_io(x_, io) for x_ in sc))
-        g.node("MatMulNBits", [y, "lm_head.qweight", "lm_head.scales"], name="/lm_head/MatMulNBits",
-               domain="com.microsoft", outputs=["logits"], K=H, N=V, bits=bits, block_size=32,
+        g.node("MatMulNBits", [y_lm, "lm_head.qweight", "lm_head.scales"], name="/lm_head/MatMulNBits",
+               domain="com.microsoft", outputs=[LOGITS], K=H, N=V, bits=bits, block_size=32,
                accuracy_level=acc)
-        return g
-    ext.add("lm_head.weight", code, (V, H), (_dense(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
-    flat = g.node("Reshape", [y, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
-    lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
-    shape = g.node("Concat", [g.node("Shape", ["input_ids"], end=1)[0], g.i64(-1, V)], axis=0)[0]  # [batch, -1, V]
-    g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=["logits"])
+    else:
+        ext.add("lm_head.weight", code, (V, H), (_dense(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
+        flat = g.node("Reshape", [y_lm, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
+        lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
+        shape = g.node("Concat", [g.node("Shape", [y_lm], end=1)[0], g.i64(-1, V)], axis=0)[0]  # [batch, -1, V]
+        g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=[LOGITS])
+    meter.done()
     return g
 
 
@@ -289,7 +364,7 @@ def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: st
     """MoE without a MoE kernel (DirectML): TopK, Softmax, Gather of the chosen experts' dense matrices, MatMul."""
     cfg = ckpt.config
     E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    k, lim = cfg.num_experts_per_tok, cfg.swiglu_limit
+    k = cfg.num_experts_per_tok
     p, q, code = f"model.layers.{i}.", f"/model/layers.{i}/moe", IO_CODE[io]
     for which, shape in (("gate_up_proj", (E, 2 * inter, H)), ("down_proj", (E, H, inter))):
         src = p + f"mlp.experts.{which}"
@@ -302,13 +377,7 @@ def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: st
     w1 = g.node("Gather", [p + "moe.experts.gate_up_proj.weight", idx], axis=0)[0]  # [B,S,k,2I,H]
     b1 = g.node("Gather", [p + "moe.experts.gate_up_proj.bias", idx], axis=0)[0]  # [B,S,k,2I]
     hh = g.node("Add", [g.node("Squeeze", [g.node("MatMul", [w1, xe])[0], g.i64(-1)])[0], b1])[0]
-    big = np.iinfo(np.int64).max
-    gate = g.node("Slice", [hh, g.i64(0), g.i64(big), g.i64(-1), g.i64(2)])[0]
-    up = g.node("Slice", [hh, g.i64(1), g.i64(big), g.i64(-1), g.i64(2)])[0]
-    gate = g.node("Clip", [gate, "", g.scalar(lim, io)])[0]
-    up = g.node("Clip", [up, g.scalar(-lim, io), g.scalar(lim, io)])[0]
-    sig = g.node("Sigmoid", [g.node("Mul", [gate, g.scalar(cfg.swiglu_alpha, io)])[0]])[0]
-    act = g.node("Mul", [g.node("Mul", [gate, sig])[0], g.node("Add", [up, g.scalar(1.0, io)])[0]])[0]
+    act = _swiglu(g, hh, -1, cfg, io)
     w2 = g.node("Gather", [p + "moe.experts.down_proj.weight", idx], axis=0)[0]  # [B,S,k,H,I]
     b2 = g.node("Gather", [p + "moe.experts.down_proj.bias", idx], axis=0)[0]
     y = g.node("MatMul", [w2, g.node("Unsqueeze", [act, g.i64(-1)])[0]])[0]
@@ -317,7 +386,110 @@ def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: st
     return g.node("ReduceSum", [y, g.i64(2)], name=q + "/ReduceSum", keepdims=0)[0]
 
 
-def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int, io: str) -> dict[str, Any]:
+def _swiglu(g: Graph, hh: str, axis: int, cfg, io: str) -> str:  # noqa: ANN001
+    """gpt-oss's clamped SwiGLU on gate/up rows interleaved along `axis` (gate = even, up = odd)."""
+    big, lim = np.iinfo(np.int64).max, cfg.swiglu_limit
+    gate = g.node("Slice", [hh, g.i64(0), g.i64(big), g.i64(axis), g.i64(2)])[0]
+    up = g.node("Slice", [hh, g.i64(1), g.i64(big), g.i64(axis), g.i64(2)])[0]
+    gate = g.node("Clip", [gate, "", g.scalar(lim, io)])[0]
+    up = g.node("Clip", [up, g.scalar(-lim, io), g.scalar(lim, io)])[0]
+    sig = g.node("Sigmoid", [g.node("Mul", [gate, g.scalar(cfg.swiglu_alpha, io)])[0]])[0]
+    return g.node("Mul", [g.node("Mul", [gate, sig])[0], g.node("Add", [up, g.scalar(1.0, io)])[0]])[0]
+
+
+# Bytes of expert values the MXFP4-in-graph MoE decodes at once (all experts a run routes to, a slice of their rows):
+# the transient it adds on the device is about three times this (int32 table indices, decoded values), per layer.
+DECODE_BYTES = 128 << 20
+FP16_MAX = 65504.0
+
+
+def _moe_mxfp4_lut(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str) -> str:
+    """MoE from standard ONNX ops on the checkpoint's MXFP4 bytes (4.25 bits/weight), for providers without a MoE
+    kernel (DirectML). Routing picks the top-k experts per token; the run's experts are the union U of those (k
+    for one decoded token, at most E for a prompt chunk), gathered once as bytes; each slice of their rows is decoded
+    by one Gather on a [256 scales x 256 bytes, 2] table (exactly LUT[code] * 2**(scale-127) in the io dtype) and
+    multiplied with every token; a token's output weighs each of the U experts by its routing weight (0 when it did
+    not choose it). Work is |U|/k times the sparse MoE's (the same for decode), the decoded transient is bounded by
+    DECODE_BYTES whatever the prompt length, and activations grow as [U, 2I, tokens]."""
+    cfg = ckpt.config
+    E, H, inter, k = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    p, q, code = f"model.layers.{i}.", f"/model/layers.{i}/moe", IO_CODE[io]
+    if "mxfp4.table" not in ext.names:
+        ext.add("mxfp4.table", code, (256 * 256, 2), _mxfp4_table(io))
+    mats = {}
+    for which, n, kk in (("gate_up_proj", 2 * inter, H), ("down_proj", H, inter)):
+        src, dst = p + f"mlp.experts.{which}", p + f"moe.experts.{which}"
+        blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
+        if io == "fp16":
+            for e in range(E):
+                _check_fp16(blocks[e], scales[e], f"{src}_blocks[{e}]")
+        ext.add(dst + ".blocks", UINT8, (E, n, kk // 32, 16), (np.asarray(blocks[e]) for e in range(E)))
+        ext.add(dst + ".scales", UINT8, (E, n, kk // 32), (np.asarray(scales[e]) for e in range(E)))
+        ext.add(dst + ".bias", code, (E, n), _dense(ckpt.raw(src + "_bias"), io))
+        mats[which] = (dst, n, kk)
+    # routing: top-k per token, softmax over the k, the union of chosen experts, each token's weight per union slot
+    vals, idx = g.node("TopK", [router, g.i64(k)], n_out=2, name=q + "/TopK", axis=-1, largest=1, sorted=1)
+    w = g.node("Reshape", [g.node("Softmax", [vals], name=q + "/Softmax", axis=-1)[0], g.i64(-1, k, 1)])[0]  # [T,k,1]
+    idx = g.node("Reshape", [idx, g.i64(-1, k, 1)])[0]  # [T,k,1]
+    hit = g.node("Equal", [idx, g.const("/const/i64/experts", np.arange(E, dtype=np.int64))])[0]  # [T,k,E]
+    used = g.node("ReduceMax", [g.node("Cast", [hit], to=INT32)[0], g.i64(0, 1)], keepdims=0)[0]  # [E]
+    sel = g.node("Reshape", [g.node("NonZero", [used], name=q + "/Union")[0], g.i64(-1)])[0]  # [U] expert ids
+    chose = g.node("Cast", [g.node("Equal", [idx, sel])[0]], to=code)[0]  # [T,k,U]
+    weight = g.node("ReduceSum", [g.node("Mul", [chose, w])[0], g.i64(1)], keepdims=0)[0]  # [T,U]
+    weight = g.node("Unsqueeze", [g.node("Transpose", [weight], perm=[1, 0])[0], g.i64(1)])[0]  # [U,1,T]
+
+    def experts(which: str, x: str) -> str:
+        """[U, n, T]: the union's `which` matrices (decoded slice by slice) times x ([K, T] or [U, K, T]), + bias."""
+        dst, n, kk = mats[which]
+        b = g.node("Gather", [dst + ".blocks", sel], axis=0)[0]  # [U, n, K/32, 16] uint8
+        s = g.node("Gather", [dst + ".scales", sel], axis=0)[0]  # [U, n, K/32] uint8
+        rows = max(1, DECODE_BYTES // (E * kk * np.dtype(_NP[io]).itemsize))
+        parts = []
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            bs = g.node("Slice", [b, g.i64(r0), g.i64(r1), g.i64(1)])[0]
+            ss = g.node("Slice", [s, g.i64(r0), g.i64(r1), g.i64(1)])[0]
+            row = g.node("Mul", [g.node("Cast", [ss], to=INT32)[0], g.const("/const/i32/256", np.int32(256))])[0]
+            at = g.node("Add", [g.node("Cast", [bs], to=INT32)[0], g.node("Unsqueeze", [row, g.i64(-1)])[0]])[0]
+            vals_ = g.node("Gather", ["mxfp4.table", at], axis=0, name=f"{q}/{which}/Decode_{r0}")[0]
+            wts = g.node("Reshape", [vals_, g.i64(-1, r1 - r0, kk)])[0]  # [U, rows, K]
+            parts.append(g.node("MatMul", [wts, x], name=f"{q}/{which}/MatMul_{r0}")[0])
+        y = parts[0] if len(parts) == 1 else g.node("Concat", parts, axis=1)[0]
+        bias = g.node("Gather", [dst + ".bias", sel], axis=0)[0]  # [U, n]
+        return g.node("Add", [y, g.node("Unsqueeze", [bias, g.i64(-1)])[0]])[0]
+
+    xt = g.node("Transpose", [g.node("Reshape", [h, g.i64(-1, H)])[0]], perm=[1, 0])[0]  # [H, T]
+    act = _swiglu(g, experts("gate_up_proj", xt), 1, cfg, io)  # [U, I, T]
+    y = g.node("Mul", [experts("down_proj", act), weight])[0]  # [U, H, T]
+    y = g.node("Transpose", [g.node("ReduceSum", [y, g.i64(0)], keepdims=0)[0]], perm=[1, 0])[0]  # [T, H]
+    return g.node("Reshape", [y, g.node("Shape", [h])[0]], name=q + "/Output")[0]
+
+
+_NP = {"fp32": np.float32, "fp16": np.float16}
+
+
+def _mxfp4_table(io: str) -> np.ndarray:
+    """[256 * 256, 2]: row scale * 256 + byte holds the byte's two values (low nibble first), LUT * 2**(scale-127),
+    rounded once to the io dtype (what the dequantized expert matrices would hold)."""
+    byte = np.arange(256)
+    pair = np.stack([mxfp4.LUT[byte & 15], mxfp4.LUT[byte >> 4]], axis=-1)  # [256, 2]
+    with np.errstate(over="ignore", invalid="ignore"):  # scales past the io dtype's range: inf (255, NaN: unused)
+        vals = pair[None] * np.ldexp(np.float32(1), np.arange(256) - 127).astype(np.float32)[:, None, None]
+        return vals.reshape(-1, 2).astype(_NP[io])
+
+
+def _check_fp16(blocks: np.ndarray, scales: np.ndarray, where: str) -> None:
+    """An fp16 graph holds |value| <= 65504: refuse (one line) an expert whose MXFP4 values overflow it."""
+    hot = np.asarray(scales) > 127 + 13  # 6 * 2**13 fits; above, it depends on the block's largest code
+    if not hot.any():
+        return
+    mags = np.abs(mxfp4.decode(np.asarray(blocks)[hot][:, None], np.asarray(scales)[hot][:, None]))
+    if not np.isfinite(mags).all() or mags.max() > FP16_MAX:
+        raise EdgecError(f"{where}: MXFP4 values up to {float(mags.max()):.3g} overflow float16 (max 65504); "
+                         f"convert with --dense fp32")
+
+
+def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int) -> dict[str, Any]:
     """onnxruntime-genai's genai_config.json for this graph (type gptoss, sliding-window cache section)."""
     cfg = ckpt.config
     gen_path = next((p for p in ckpt.tokenizer_files() if p.name == "generation_config.json"), None)
@@ -329,11 +501,12 @@ def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int, io: str) -
                **profile.get("genai_session_options", {})}
     decoder: dict[str, Any] = {
         "session_options": session,
-        "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
-        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value"},
+        "filename": GENAI_GRAPH, "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+        "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
+                   "past_key_names": PAST.replace("%s", "key"),
+                   "past_value_names": PAST.replace("%s", "value")},
+        "outputs": {"logits": LOGITS, "present_key_names": PRESENT.replace("%s", "key"),
+                    "present_value_names": PRESENT.replace("%s", "value")},
         "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
         "num_key_value_heads": cfg.num_key_value_heads,
     }
@@ -351,11 +524,3 @@ def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int, io: str) -
                       "vocab_size": cfg.vocab_size},
             "search": search}
 
-
-def check(out: Path) -> None:
-    """onnx.checker on the written folder (external data resolved by path); raise EdgecError on failure."""
-    onnx = require("onnx", "onnx")
-    try:
-        onnx.checker.check_model(str(Path(out) / "model.onnx"))
-    except onnx.checker.ValidationError as e:
-        raise EdgecError(f"{out}/model.onnx: onnx.checker: {str(e).splitlines()[0]}") from None

@@ -1,7 +1,18 @@
-"""The gpt-oss decoder as an ONNX graph (com.microsoft GroupQueryAttention + QMoE), weights streamed to disk.
+"""ONNX graph building blocks for edgec's gpt-oss converter, and the interface of the graphs it writes.
 
-Every initializer's bytes go straight into `model.onnx.data` as they are produced (`ExternalData`); the graph
-only holds TensorProtos that point at offsets in that file, so the ModelProto stays a few hundred KB.
+Every initializer's bytes go straight into `model.onnx.data` as they are produced (`ExternalData`); the graphs
+only hold TensorProtos that point at offsets in that file, so each ModelProto stays a few hundred KB.
+
+The contract (named here once; `convert/onnx.py` builds it, `runtime/onnx_backend.py` and genai_config.json use it):
+  GENAI_GRAPH (model.onnx)        what onnxruntime-genai runs through genai_config.json: input_ids, attention_mask,
+                                  past_key_values.<layer>.<key|value> -> logits (every position), present.*; sliding
+                                  layers use GroupQueryAttention's windowed cache (`sliding_window_cache`)
+  EDGEC_GRAPH (model.edgec.onnx)  what edgec's own loop runs: the same nodes and weights (both graphs point into the
+                                  same model.onnx.data) except that sliding layers take the loop's own
+                                  SLIDING_SEQLENS_K / SLIDING_TOTAL / POSITION_IDS (a buffer that keeps history past
+                                  the window, for exact rollback), and LOGITS_FROM picks the first position whose
+                                  logits are computed (-1: the last only).
+GRAPH_FORMAT is recorded in edgec.json; a folder written under another contract is refused with "re-convert".
 """
 
 from __future__ import annotations
@@ -14,7 +25,15 @@ import numpy as np
 
 ALIGN = 4096  # page-aligned offsets so onnxruntime can memory-map the weights
 
-# io dtype name -> (numpy dtype used to write values, onnx TensorProto data type code)
+GRAPH_FORMAT = 2
+GENAI_GRAPH, EDGEC_GRAPH, DATA = "model.onnx", "model.edgec.onnx", "model.onnx.data"
+INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
+PAST, PRESENT = "past_key_values.%d.%s", "present.%d.%s"  # % (layer, "key" | "value")
+SLIDING_SEQLENS_K, SLIDING_TOTAL, POSITION_IDS, LOGITS_FROM = ("sliding_seqlens_k", "sliding_total_sequence_length",
+                                                             "position_ids", "logits_from")
+GENAI, EDGEC = "genai", "edgec"  # the two graphs a node, input or output can be restricted to
+
+# ONNX TensorProto data type codes
 FLOAT, UINT8, INT64, INT32, FLOAT16, BFLOAT16, FLOAT8E8M0 = 1, 2, 7, 6, 10, 16, 24
 
 
@@ -35,12 +54,12 @@ IO_CODE = {"fp32": FLOAT, "fp16": FLOAT16, "bf16": BFLOAT16}
 class ExternalData:
     """Append-only external-data file; `add` returns an EXTERNAL TensorProto (no bytes in the graph)."""
 
-    def __init__(self, path: Path, progress=None, release=None, release_every: int = 64 << 20):
+    def __init__(self, path: Path, release=None, release_every: int = 64 << 20):
         self.path = Path(path)
         self.f = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         self.offset = 0
         self.inits: list[Any] = []
-        self.progress = progress or (lambda n: None)
+        self.names: set[str] = set()
         self.release, self.release_every, self._since = release, release_every, 0
 
     def add(self, name: str, code: int, dims: Iterable[int], chunks: np.ndarray | Iterable[np.ndarray]) -> str:
@@ -55,7 +74,6 @@ class ExternalData:
             b = np.ascontiguousarray(c)
             self.f.write(memoryview(b).cast("B"))
             self.offset += b.nbytes
-            self.progress(b.nbytes)
             self._since += b.nbytes
             if self.release and self._since >= self.release_every:  # keep touched source pages out of RSS
                 self.release()
@@ -66,6 +84,7 @@ class ExternalData:
             e = t.external_data.add()
             e.key, e.value = k, v
         self.inits.append(t)
+        self.names.add(name)
         return name
 
     def close(self) -> None:
@@ -73,24 +92,34 @@ class ExternalData:
 
 
 class Graph:
-    """Nodes, small constants, inputs and outputs; `model()` assembles the ModelProto."""
+    """Nodes, small constants, inputs and outputs; `model(only=GENAI|EDGEC)` assembles one of the two ModelProtos.
+
+    A node, input or output added with `only=` belongs to that graph alone; everything else to both."""
 
     def __init__(self):
-        self.nodes: list[Any] = []
+        self.nodes: list[tuple[Any, str | None]] = []
         self.consts: list[Any] = []
-        self.inputs: list[Any] = []
-        self.outputs: list[Any] = []
+        self.inputs: list[tuple[Any, str | None]] = []
+        self.outputs: list[tuple[Any, str | None]] = []
         self._n = 0
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, name: str = "", domain: str = "",
-             outputs: list[str] | None = None, **attrs: Any) -> list[str]:
+             outputs: list[str] | None = None, only: str | None = None, **attrs: Any) -> list[str]:
         from onnx import helper
 
         self._n += 1
         name = name or f"/{op}_{self._n}"
         outs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        self.nodes.append((helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs), only))
         return outs
+
+    def input(self, name: str, code: int, shape: list[Any], only: str | None = None) -> str:
+        self.inputs.append((io_value(name, code, shape), only))
+        return name
+
+    def output(self, name: str, code: int, shape: list[Any], only: str | None = None) -> str:
+        self.outputs.append((io_value(name, code, shape), only))
+        return name
 
     def const(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -105,10 +134,12 @@ class Graph:
     def scalar(self, v: float, io: str) -> str:
         return self.const(f"/const/{io}/{v}", to_io(np.array(v, dtype=np.float32), io))
 
-    def model(self, ext: ExternalData, opset: int):
+    def model(self, ext: ExternalData, opset: int, only: str):
         from onnx import helper
 
-        g = helper.make_graph(self.nodes, "gpt-oss", self.inputs, self.outputs, initializer=self.consts + ext.inits)
+        pick = lambda items: [x for x, o in items if o in (None, only)]  # noqa: E731
+        g = helper.make_graph(pick(self.nodes), "gpt-oss", pick(self.inputs), pick(self.outputs),
+                              initializer=self.consts + ext.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset),
                                                 helper.make_opsetid("com.microsoft", 1)], producer_name="edgec")
         m.ir_version = 10
