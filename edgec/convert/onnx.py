@@ -183,16 +183,22 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
                      rotary_interleaved=0)
         # sliding layers, onnxruntime-genai: a window-sized cache the op evicts from itself; edgec: a buffer that keeps
         # history past the window (exact rollback), indexed by the loop's own seqlens and absolute position ids
-        variants = [(None, seqlens, total, "", {})]
+        past, present = [PAST % (i, k) for k in ("key", "value")], [PRESENT % (i, k) for k in ("key", "value")]
+        variants = [(None, past, present, seqlens, total, "", {})]
+        if cfg.is_sliding(i) and profile.get("sliding_window_cache", True):
+            cap, inner, outer = _window_floor(g, past, present, cfg.sliding_window, q)
+            variants = [(GENAI, inner, outer, seqlens, total, "", dict(sliding_window_cache=1))]
         if cfg.is_sliding(i):
-            swc = dict(sliding_window_cache=1) if profile.get("sliding_window_cache", True) else {}
-            variants = [(GENAI, seqlens, total, "", swc), (EDGEC, SLIDING_SEQLENS_K, SLIDING_TOTAL, POSITION_IDS, {})]
-        for only, sk, tot, pos, extra in variants:
-            att = g.node("GroupQueryAttention", [qkv, "", "", PAST % (i, "key"), PAST % (i, "value"), sk, tot,
-                                                 "cos_cache", "sin_cache", pos, "", p + "attn.sinks"],
+            variants.append((EDGEC, past, present, SLIDING_SEQLENS_K, SLIDING_TOTAL, POSITION_IDS, {}))
+        for only, kv_in, kv_out, sk, tot, pos, extra in variants:
+            att = g.node("GroupQueryAttention", [qkv, "", "", *kv_in, sk, tot, "cos_cache", "sin_cache", pos, "",
+                                                 p + "attn.sinks"],
                          name=q + "/attn/GroupQueryAttention", domain="com.microsoft", only=only,
-                         outputs=[q + "/attn/GroupQueryAttention/output_0", PRESENT % (i, "key"),
-                                  PRESENT % (i, "value")], **attrs, **extra)[0]
+                         outputs=[q + "/attn/GroupQueryAttention/output_0", *kv_out], **attrs, **extra)[0]
+            if kv_out != present:  # back to the capacity onnxruntime-genai allocated
+                for a_, b_, k in zip(kv_out, present, ("key", "value"), strict=True):
+                    g.node("Slice", [a_, g.i64(0), cap, g.i64(2)], name=f"{q}/attn/WindowFloor/Slice_{k}",
+                           outputs=[b_], only=GENAI)
         o = _linear(g, ext, att, p + "attn.o_proj", q + "/attn/o_proj", ckpt.f32(a + "o_proj.weight"),
                     ckpt.f32(a + "o_proj.bias"), io, dense, acc)
         ext.add(p + "post_attention_layernorm.weight", code, (H,),
@@ -260,6 +266,21 @@ def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     if bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
     return np.ascontiguousarray(q), scale
+
+
+def _window_floor(g: Graph, past: list[str], present: list[str], window: int, q: str) -> tuple[str, list, list]:
+    """onnxruntime-genai sizes a sliding layer's cache min(max_length, window + slack), and GroupQueryAttention's
+    windowed cache refuses a capacity below the window: pad the past K/V up to the window (a no-op at the usual
+    capacities) and slice the present back. Returns (capacity [1], padded past names, unpadded present names)."""
+    w = q + "/attn/WindowFloor"
+    cap = g.node("Slice", [g.node("Shape", [past[0]], name=w + "/Shape", only=GENAI)[0], g.i64(2), g.i64(3)],
+                 name=w + "/Capacity", only=GENAI)[0]
+    short = g.node("Max", [g.node("Sub", [g.i64(window), cap], name=w + "/Sub", only=GENAI)[0], g.i64(0)],
+                   name=w + "/Max", only=GENAI)[0]
+    pads = g.node("Concat", [g.i64(0, 0, 0, 0, 0, 0), short, g.i64(0)], name=w + "/Pads", axis=0, only=GENAI)[0]
+    inner = [g.node("Pad", [name, pads], name=f"{w}/Pad_{k}", only=GENAI)[0]
+             for name, k in zip(past, ("key", "value"), strict=True)]
+    return cap, inner, [f"{q}/attn/present_{k}" for k in ("key", "value")]
 
 
 def _linear(g: Graph, ext: ExternalData, x: str, wname: str, name: str, w: np.ndarray, b: np.ndarray, io: str,

@@ -138,8 +138,10 @@ class Graph:
         from onnx import helper
 
         pick = lambda items: [x for x, o in items if o in (None, only)]  # noqa: E731
-        g = helper.make_graph(pick(self.nodes), "gpt-oss", pick(self.inputs), pick(self.outputs),
-                              initializer=self.consts + ext.inits)
+        nodes = pick(self.nodes)
+        used = {name for n in nodes for name in n.input}
+        g = helper.make_graph(nodes, "gpt-oss", pick(self.inputs), pick(self.outputs),
+                              initializer=[c for c in self.consts if c.name in used] + ext.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset),
                                                 helper.make_opsetid("com.microsoft", 1)], producer_name="edgec")
         m.ir_version = 10
