@@ -141,6 +141,51 @@ def test_genai_runs_any_max_length(tiny, exact, ids300):
         assert d <= 1e-3 and top1 == 1.0, (max_length, d, top1)
 
 
+EXAMPLES = Path(__file__).parent / "genai_examples"  # onnxruntime-genai's own scripts, unchanged (see README there)
+
+
+def harmony_prompt(system: str | None, user: str | None, generation: bool) -> str:
+    """openai-harmony's rendering (the oracle): default system message, `system` as developer instructions."""
+    import openai_harmony as oh
+
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    msgs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new())]
+    if system is not None:
+        msgs.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER,
+                                                     oh.DeveloperContent.new().with_instructions(system)))
+    if user is not None:
+        msgs.append(oh.Message.from_role_and_content(oh.Role.USER, user))
+    conv = oh.Conversation.from_messages(msgs)
+    if generation:
+        return enc.decode(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT))
+    return enc.decode(enc.render_conversation(conv))
+
+
+def test_genai_example_scripts_run_as_they_are(exact):
+    """model-qa.py and model-chat.py from onnxruntime-genai run on the folder unchanged (CPU, the folder's provider
+    list): the chat template renders Harmony exactly as openai-harmony does, and a max_length below the sliding window
+    works. (The tiny model's random weights generate until max_length.)"""
+    env = {**__import__("os").environ, "PYTHONIOENCODING": "utf-8"}
+    qa = subprocess.run([sys.executable, "model-qa.py", "-m", str(exact), "--non_interactive", "-v", "-l", "96",
+                         "-up", "What color is the sky?"], cwd=EXAMPLES, capture_output=True, text=True, timeout=300,
+                        env=env)
+    assert qa.returncode == 0, qa.stdout[-2000:] + qa.stderr[-2000:]
+    assert "Exception in apply_chat_template" not in qa.stdout
+    prompt = qa.stdout.split("Prompt: ", 1)[1].split("\nRunning generation loop...", 1)[0]
+    assert prompt == harmony_prompt("You are a helpful AI assistant.", "What color is the sky?", True)
+    assert "Output: " in qa.stdout
+    chat = subprocess.run([sys.executable, "model-chat.py", "-m", str(exact), "-v", "-l", "400"], cwd=EXAMPLES,
+                          input="Hello there\nquit()\n", capture_output=True, text=True, timeout=300, env=env)
+    assert chat.returncode == 0, chat.stdout[-2000:] + chat.stderr[-2000:]
+    assert "Exception in apply_chat_template" not in chat.stdout
+    system = chat.stdout.split("System prompt: ", 1)[1].split("\nPrompt (Use quit() to exit): ", 1)[0]
+    assert system == harmony_prompt("You are a helpful AI assistant.", None, False)
+    user = chat.stdout.split("User prompt: ", 1)[1].split("\nRunning generation loop...", 1)[0]
+    assert user == harmony_prompt(None, "Hello there", True)
+    cfg = json.loads((exact / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == (exact / "chat_template.jinja").read_text()
+
+
 def test_genai_generates_like_edgec(exact, ids300):
     from edgec.runtime.base import load_backend
 

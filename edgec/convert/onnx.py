@@ -82,6 +82,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         genai = genai_config(ckpt, profile, ctx)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
         tok = copy_tokenizer_files(ckpt, tmp)
+        tok = sorted({*tok, *write_chat_template(tmp)})
         recipe = {"dense": dense, "lm_head": lm_head or dense, "experts": experts, "io_dtype": io_dtype(dense),
                   "context_length": ctx, "graph_format": GRAPH_FORMAT,
                   "execution_provider": profile.get("execution_provider"), "ort_device": profile.get("ort_device",
@@ -91,6 +92,24 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         write_manifest(tmp, ckpt, profile, recipe)
     return {"files": [GENAI_GRAPH, EDGEC_GRAPH, DATA, "genai_config.json", *tok], "recipe": recipe,
             "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
+
+
+CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "chat_template.jinja"
+
+
+def write_chat_template(out: Path) -> list[str]:
+    """onnxruntime-genai's examples render prompts with the folder's chat_template.jinja, and its Tokenizer alone with
+    tokenizer_config.json's `chat_template`: keep the source's template (else write edgec's Harmony one) and give
+    tokenizer_config.json the same text. Returns the files written."""
+    jinja, config = out / "chat_template.jinja", out / "tokenizer_config.json"
+    if not jinja.is_file():
+        jinja.write_text(CHAT_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+    if config.is_file():
+        cfg = load_json(config)
+        if not cfg.get("chat_template"):
+            cfg["chat_template"] = jinja.read_text(encoding="utf-8")
+            config.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [jinja.name] + ([config.name] if config.is_file() else [])
 
 
 class SourceMeter:
