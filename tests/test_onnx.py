@@ -321,9 +321,10 @@ def test_gpu_targets_pass_checker_and_state_limits(tiny, tmp_path):
 
 
 # What DirectML registers (onnxruntime docs/OperatorKernels.md, DmlExecutionProvider) among the ops these graphs use
-DML_OPS = {"Add", "Cast", "Clip", "Concat", "Div", "Equal", "Gather", "Gemm", "Identity", "MatMul", "Mul", "NonZero",
-           "ReduceMax", "ReduceMean", "ReduceSum", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Sub",
-           "TopK", "Transpose", "Unsqueeze", "GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"}
+DML_OPS = {"Add", "Cast", "Clip", "Concat", "Div", "Equal", "Gather", "Gemm", "Identity", "MatMul", "Max", "Mul",
+           "NonZero", "Pad", "ReduceMax", "ReduceMean", "ReduceSum", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax",
+           "Sqrt", "Sub", "TopK", "Transpose", "Unsqueeze", "GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+           "MatMulNBits"}
 
 
 def test_dml_experts_are_the_checkpoints_mxfp4_bytes_and_exact(tiny, tmp_path, ids300):
