@@ -114,8 +114,8 @@ CLI = {
                                                           report, *extra],
 }
 # dry run: edgec's loop on the CPU provider whatever the folder's target (the CLI has no provider option)
-FORCE_CPU = ("import edgec.runtime.onnx_backend as b; b.PROVIDERS = dict.fromkeys(b.PROVIDERS, 'CPUExecutionProvider')"
-             "; from edgec.cli import main; main()")
+FORCE_CPU = ("import functools, edgec.runtime.onnx_backend as b; b.OnnxBackend.__init__ = functools.partialmethod("
+             "b.OnnxBackend.__init__, provider='CPUExecutionProvider'); from edgec.cli import main; main()")
 # `edgec parity` with onnxruntime-genai's generator as the runtime under test (GenaiBackend below)
 WITH_GENAI = ("import sys; sys.path.insert(0, {here!r}); import gpu_check; gpu_check.use_genai_backend(cpu={cpu})"
               "; from edgec.cli import main; main()")
