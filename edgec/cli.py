@@ -57,10 +57,12 @@ def emit_json(obj: object) -> None:
 @click.option("--vocab", type=int, help="vocabulary rows (Harmony needs 201088)")
 @click.option("--shards", type=int, help="number of safetensors shards")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--scale-spread", type=click.IntRange(0, 40), default=8, show_default=True, metavar="BINADES",
+              help="binades spanned by the MXFP4 block scales of an expert row, plus rare outliers (0: one scale)")
 @click.option("--layout", type=click.Choice(["hf", "original", "both"]), default="hf", show_default=True)
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads, kv_heads, experts, top_k, vocab,
-          shards, seed, layout, force) -> None:
+          shards, seed, scale_spread, layout, force) -> None:
     """Write a synthetic gpt-oss checkpoint that follows the published layout to the byte."""
     from .progress import byte_progress
     from .spec import preset as make
@@ -70,7 +72,8 @@ def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads,
                head_dim=head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
                num_local_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab)
     with byte_progress(total_bytes(cfg, layout), f"synth {preset}") as advance:
-        synthesize(cfg, out, seed=seed, shards=shards, layout=layout, force=force, progress=advance)
+        synthesize(cfg, out, seed=seed, shards=shards, layout=layout, force=force, progress=advance,
+                   scale_spread=scale_spread)
     stderr.print(f"wrote {out} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                  f"{cfg.num_local_experts} experts, {total_bytes(cfg, layout) / 1e9:.2f} GB)")
 
@@ -152,9 +155,12 @@ def convert(src: Path, target: str, out: Path, dense: str | None, experts: str |
         emit_json(summary)
     else:
         lm = f", lm_head {summary['lm_head']}" if summary.get("lm_head", summary["dense"]) != summary["dense"] else ""
+        lossy = summary.get("warnings", [])
+        for w in lossy:  # every step that did not keep the checkpoint's values, loudly
+            stderr.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
         stderr.print(f"[green]converted[/] {src} -> {out} ({target}: experts {summary['experts']}, dense "
-                     f"{summary['dense']}{lm}) in {summary.get('seconds', 0):.1f}s, "
-                     f"peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")
+                     f"{summary['dense']}{lm}; {'LOSSY' if lossy else 'exact weights'}) in "
+                     f"{summary.get('seconds', 0):.1f}s, peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")
 
 
 @main.command()

@@ -18,7 +18,7 @@ from .spec import GptOssConfig, hf_tensors, load_json
 BITS_PER_WEIGHT: dict[str, float] = {
     "mxfp4": 4.25,  # 4-bit E2M1 codes + one 8-bit E8M0 scale per 32
     "int8": 9.0,  # int8 + fp32 scale per block of 32
-    "exact": 8.0,  # MXFP4 -> lossless int8 with power-of-two per-channel scales (onnx-cpu QMoE; scales negligible)
+    "exact": 8.5,  # MXFP4 -> lossless int8 blocks of 32 + an fp16 scale per block (QMoE on the GPU targets)
     "int4": 4.5,  # int4 + fp16 scale per block of 32
     "q8": 8.5,  # MLX affine 8-bit, group 64 (bf16 scale + bias per 64)
     "bf16": 16.0,

@@ -88,24 +88,14 @@ def check_scales(scales: np.ndarray, where: str, chunk: int = 1 << 24) -> None:
 
 # ---- ONNX Runtime QMoE repackings (onnx-* targets) ---------------------------------------------------------
 def to_qmoe_fp4(blocks: np.ndarray) -> np.ndarray:
-    """QMoE `quant_type="fp4"` weights: [..., N, G, 16] (rows = outputs) -> [..., K, N/2], the pair of output
-    rows (2n, 2n+1) of input column k packed into one byte, low nibble = even row. Lossless."""
+    """QMoE `quant_type="fp4"` weights in the CUDA kernel's N-packed layout: [..., N, G, 16] (rows = outputs) ->
+    [..., K, N/2], the pair of output rows (2n, 2n+1) of input column k packed into one byte, low nibble = even
+    row. Lossless. (onnxruntime's CPU kernel takes the checkpoint's own row-major bytes instead.)"""
     b = np.asarray(blocks, dtype=np.uint8)
     c = codes(b)  # [..., N, G, 32]
     c = c.reshape(c.shape[:-2] + (-1,))  # [..., N, K]
     c = np.swapaxes(c, -1, -2)  # [..., K, N]
     return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
-
-
-def from_qmoe_fp4(packed: np.ndarray) -> np.ndarray:
-    """Inverse of `to_qmoe_fp4`: [..., K, N/2] -> checkpoint blocks [..., N, K/32, 16]."""
-    p = np.asarray(packed, dtype=np.uint8)
-    kn = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
-    kn[..., 0::2] = p & 0x0F
-    kn[..., 1::2] = p >> 4
-    nk = np.swapaxes(kn, -1, -2)  # [..., N, K]
-    g = nk.reshape(nk.shape[:-1] + (-1, 32))
-    return (g[..., 0::2] | (g[..., 1::2] << 4)).astype(np.uint8)
 
 
 def _int4_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,62 +146,3 @@ def to_qmoe_int4(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np
     unit = np.ldexp(np.float32(1.0), np.asarray(scales, dtype=np.int32).reshape(-1) - 127)
     scale = (ctab[a, best] * unit).astype(np.float32).reshape(np.asarray(scales).shape)
     return packed, scale
-
-
-def from_qmoe_int(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """Dequantize QMoE integer weights (zero point 2**(bits-1), block 32): [..., N, K] float32."""
-    p = np.asarray(packed, dtype=np.uint8)
-    if bits == 4:
-        q = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.float32)
-        q[..., 0::2] = p & 0x0F
-        q[..., 1::2] = p >> 4
-        q -= 8
-    else:
-        q = p.astype(np.float32) - 128
-    g = q.reshape(q.shape[:-1] + (-1, 32)) * np.asarray(scales, dtype=np.float32)[..., None]
-    return g.reshape(q.shape)
-
-
-_MAG_X2 = np.abs(LUT_X2).astype(np.uint8)  # |2 * LUT| per code: 0, 1, 2, 3, 4, 6, 8, 12
-_CTZ = np.array([8, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0], dtype=np.int32)  # trailing zeros of 0..15 (0: none)
-_SHIFTED = np.array([[(v * 2.0 ** d + 128) if abs(v * 2.0 ** d) <= 127 and (v * 2.0 ** d) % 1 == 0 else 0
-                      for v in LUT_X2] for d in range(-3, 8)], dtype=np.uint8)  # [d + 3, code] -> q + 128
-
-
-_LO, _HI = np.arange(256) & 15, np.arange(256) >> 4
-_BYTE_OR = (_MAG_X2[_LO] | _MAG_X2[_HI]).astype(np.uint8)  # per stored byte: OR / max of its two |2 * LUT|
-_BYTE_MAX = np.maximum(_MAG_X2[_LO], _MAG_X2[_HI]).astype(np.uint8)
-_PAIR = (_SHIFTED[:, _LO].astype(np.uint16) | (_SHIFTED[:, _HI].astype(np.uint16) << 8)).reshape(-1)  # [d+3, byte]
-
-
-def _channel_plan(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Per-block shift d and per-row exponent r of the exact per-channel INT8 form, and whether it fits."""
-    b = np.asarray(blocks, dtype=np.uint8)  # [N, G, 16]
-    low = _CTZ[np.bitwise_or.reduce(_BYTE_OR[b], axis=-1)]  # lowest set bit over the block (8 = all zero)
-    amax = _BYTE_MAX[b].max(axis=-1).astype(np.int32)
-    e = np.asarray(scales, dtype=np.int32) - 128
-    big = np.iinfo(np.int32).max
-    r = np.where(amax > 0, e + low, big).min(axis=1)
-    r = np.where(r == big, 0, r)
-    d = e - r[:, None]
-    fits = bool(np.all((amax == 0) | ((d <= 7) & (amax.astype(np.int64) << np.clip(d, 0, 7) <= 127))))
-    return np.clip(d, -3, 7), r, fits
-
-
-def int8_channel_fits(blocks: np.ndarray, scales: np.ndarray) -> bool:
-    """Whether `to_qmoe_int8_channel` can represent these blocks exactly."""
-    return _channel_plan(blocks, scales)[2]
-
-
-def to_qmoe_int8_channel(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Exact QMoE INT8 with one power-of-two scale per output row (onnxruntime's CPU kernel keeps fp32
-    activations for per-channel INT8, while block-wise INT8 quantizes activations to int8).
-
-    [N, G, 16] blocks -> (uint8 q [N, K] with zero point 128, float32 scales [N]) such that (q - 128) * scale
-    equals every MXFP4 value exactly, or None when a row's values span more than int8 can hold."""
-    b = np.asarray(blocks, dtype=np.uint8)
-    d, r, fits = _channel_plan(b, scales)
-    if not fits:
-        return None
-    q = _PAIR[(d.astype(np.int32) * 256 + 3 * 256)[..., None] + b].view(np.uint8)  # [N, G, 32]: lo, hi per byte
-    return q.reshape(q.shape[0], -1), np.ldexp(np.float32(1.0), r).astype(np.float32)

@@ -1,7 +1,10 @@
 """Synthetic gpt-oss checkpoints that follow the published layout to the byte, at any size.
 
-Weights are random but realistic in scale (MXFP4 codes over the whole table, E8M0 scales chosen so each
-expert matmul keeps unit scale, about 2**-7 at full size; bf16 elsewhere) so logits are well spread.
+Weights are random but realistic in scale (bf16 elsewhere) so logits are well spread. MXFP4 experts use codes over
+the whole E2M1 table and E8M0 block scales as unkind as trained weights quantized to MXFP4: per-block amax varies
+log-normally, so the scale bytes of one row span `scale_spread` binades (default 8; 0 = one scale everywhere), plus
+rare outlier blocks 1-3 binades above that; the centre is chosen so each expert matmul keeps unit output scale
+(about 2**-10 at full size for the default spread).
 Everything streams: tensors are generated in chunks and written straight to disk, so the 20b preset
 (~13.8 GB) is written with bounded memory. The same seed gives the same values in both layouts.
 """
@@ -22,6 +25,8 @@ from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, origin
 
 CHUNK_BYTES = 16 << 20
 LUT_RMS = math.sqrt(68.5 / 8)  # rms of the E2M1 table over uniformly random codes
+SCALE_SPREAD = 8  # default binades spanned by the block scales of one expert row
+OUTLIER_RATE = 1 / 1024  # blocks whose scale sits 1-3 binades above the row's normal range
 
 GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012],
                      "pad_token_id": 199999, "transformers_version": "4.55.0.dev0"}
@@ -47,12 +52,38 @@ def _std(cfg: GptOssConfig, t: TensorSpec) -> tuple[float, float]:
     return 0.0, 1.5 / math.sqrt(cfg.hidden_size)  # q/k/v and router
 
 
-def _scale_byte(k: int) -> int:
-    """E8M0 scale that gives a K-input MXFP4 matmul roughly unit output scale (120 = 2**-7 at K=2880)."""
-    return 127 + round(math.log2(1.0 / (LUT_RMS * math.sqrt(k))))
+def _scale_byte(k: int, spread: int = 0) -> int:
+    """E8M0 centre that gives a K-input MXFP4 matmul roughly unit output scale (120 = 2**-7 at K=2880 with one
+    scale everywhere; lower for a spread, whose large blocks dominate the output power)."""
+    return 127 + round(math.log2(1.0 / (LUT_RMS * math.sqrt(k * _power(spread)))))
 
 
-def tensor_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int) -> Iterator[np.ndarray]:
+def _offsets(spread: int) -> tuple[np.ndarray, np.ndarray]:
+    """Binade offsets of the block scales from the centre and their probabilities: a normal with sigma spread/4,
+    rounded and clipped to +-spread/2, and the outliers 1-3 binades above the top."""
+    h = spread // 2
+    if h == 0:
+        return np.zeros(1), np.ones(1)
+    cdf = [0.5 * (1 + math.erf((j + 0.5) / (spread / 4) / math.sqrt(2))) for j in range(-h, h)]
+    p = np.diff([0.0, *cdf, 1.0]) * (1 - OUTLIER_RATE)
+    return np.arange(-h, h + 4), np.concatenate([p, np.full(3, OUTLIER_RATE / 3)])
+
+
+def _power(spread: int) -> float:
+    """Mean of 4**offset: how much the spread raises the expert matmul's output power."""
+    off, p = _offsets(spread)
+    return float((p * 4.0 ** off).sum())
+
+
+def _scales(rng: np.random.Generator, shape: tuple[int, ...], k: int, spread: int) -> np.ndarray:
+    """Scale bytes drawn through a 65536-entry table of the offsets (2 bytes of randomness per byte written)."""
+    off, p = _offsets(spread)
+    counts = np.round(np.cumsum(p) * 65536).astype(np.int64)
+    table = np.repeat((_scale_byte(k, spread) + off).astype(np.uint8), np.diff(counts, prepend=0))
+    return table[rng.integers(0, 65536, size=shape, dtype=np.uint16)]
+
+
+def tensor_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int, spread: int = SCALE_SPREAD) -> Iterator[np.ndarray]:
     """The tensor's values in row chunks, deterministic in (seed, tensor name, chunk)."""
     row_shape = t.shape[1:]
     row_bytes = max(1, t.nbytes // max(t.shape[0], 1))
@@ -66,7 +97,7 @@ def tensor_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int) -> Iterator[np.nd
             yield rng.integers(0, 256, size=shape, dtype=np.uint8)
         elif t.kind == "expert_scales":
             k = cfg.intermediate_size if "down_proj" in t.name else cfg.hidden_size
-            yield (_scale_byte(k) + rng.integers(-1, 2, size=shape)).astype(np.uint8)
+            yield _scales(rng, shape, k, spread)
         else:
             mean, std = _std(cfg, t)
             yield f32_to_bf16(rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean))
@@ -89,7 +120,8 @@ def _split(specs: list[TensorSpec], n: int) -> list[list[TensorSpec]]:
     return [s for s in out if s] or [[]]
 
 
-def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Callable[[int], None]) -> None:
+def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Callable[[int], None],
+             spread: int = SCALE_SPREAD) -> None:
     specs = hf_tensors(cfg)
     groups = _split(specs, shards)
     names = shard_names(len(groups))
@@ -97,7 +129,7 @@ def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Ca
     for fname, group in zip(names, groups, strict=True):
         with SafetensorsWriter(root / fname, [(t.name, t.dtype, t.shape) for t in group], {"format": "pt"}) as w:
             for t in group:
-                for chunk in tensor_chunks(cfg, t, seed):
+                for chunk in tensor_chunks(cfg, t, seed, spread):
                     w.write(t.name, chunk)
                     progress(chunk.nbytes)
                 weight_map[t.name] = fname
@@ -109,7 +141,8 @@ def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Ca
     (root / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
 
 
-def write_original(cfg: GptOssConfig, root: Path, seed: int, progress: Callable[[int], None]) -> None:
+def write_original(cfg: GptOssConfig, root: Path, seed: int, progress: Callable[[int], None],
+                   spread: int = SCALE_SPREAD) -> None:
     """OpenAI's layout: one `model.safetensors`, fused qkv, `block.N.*` names, same values as the HF layout."""
     root.mkdir(parents=True, exist_ok=True)
     by_hf = {t.name: t for t in hf_tensors(cfg)}
@@ -121,15 +154,17 @@ def write_original(cfg: GptOssConfig, root: Path, seed: int, progress: Callable[
                            {"format": "pt"}) as w:
         for t in specs:
             for hf_name in parts[t.name]:  # q, k, v rows in order for the fused qkv
-                for chunk in tensor_chunks(cfg, by_hf[hf_name], seed):
+                for chunk in tensor_chunks(cfg, by_hf[hf_name], seed, spread):
                     w.write(t.name, chunk)
                     progress(chunk.nbytes)
     (root / "config.json").write_text(json.dumps(cfg.to_original(), indent=2) + "\n")
 
 
 def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None = None, layout: str = "hf",
-               force: bool = False, progress: Callable[[int], None] = lambda n: None) -> Path:
-    """Write a synthetic checkpoint to `out` atomically. layout: hf, original or both (HF + original/)."""
+               force: bool = False, progress: Callable[[int], None] = lambda n: None,
+               scale_spread: int = SCALE_SPREAD) -> Path:
+    """Write a synthetic checkpoint to `out` atomically. layout: hf, original or both (HF + original/);
+    scale_spread: binades spanned by the MXFP4 block scales of an expert row (0: one scale everywhere)."""
     from .harmony.tokenizer import write_tokenizer_files
 
     if shards is None:
@@ -138,10 +173,10 @@ def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None =
             shards = 15
     with atomic_dir(out, force=force) as tmp:
         if layout in ("hf", "both"):
-            write_hf(cfg, tmp, seed, shards, progress)
+            write_hf(cfg, tmp, seed, shards, progress, scale_spread)
             write_tokenizer_files(tmp)
         if layout in ("original", "both"):
-            write_original(cfg, tmp / "original" if layout == "both" else tmp, seed, progress)
+            write_original(cfg, tmp / "original" if layout == "both" else tmp, seed, progress, scale_spread)
             if layout == "original":
                 write_tokenizer_files(tmp)
     return out

@@ -14,11 +14,13 @@ SHARED = REPO.parent / "shared"
 os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(SHARED / "data"))
 
 
-def make_ckpt(root: Path, preset: str = "tiny", layout: str = "both", seed: int = 0, **overrides) -> Path:
+def make_ckpt(root: Path, preset: str = "tiny", layout: str = "both", seed: int = 0, scale_spread: int | None = None,
+              **overrides) -> Path:
     from edgec.spec import preset as make
-    from edgec.synth import synthesize
+    from edgec.synth import SCALE_SPREAD, synthesize
 
-    return synthesize(make(preset, **overrides), root, seed=seed, layout=layout)
+    return synthesize(make(preset, **overrides), root, seed=seed, layout=layout,
+                      scale_spread=SCALE_SPREAD if scale_spread is None else scale_spread)
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +28,16 @@ def tiny(tmp_path_factory) -> Path:
     """The shared test model: tiny preset with 3 layers (odd), 8 heads / 2 kv heads, top-4 of 8 experts, both
     layouts (HF at the root, OpenAI's in original/), real o200k_harmony vocabulary."""
     return make_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny3", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory) -> Path:
+    """A checkpoint from tests/independent_ckpt.py (not `edgec synth`): heavy-tailed real values encoded to MXFP4
+    with block scales spanning 10+ binades within every expert row, odd shapes (3 layers, hidden 160, intermediate
+    96, 5 q heads on 1 kv head, 6 experts, top 3), real vocabulary; HF layout written by the safetensors library."""
+    from independent_ckpt import write
+
+    return write(tmp_path_factory.mktemp("ckpt") / "wide", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ onnx.checker, and the checkpoint's own MXFP4 bytes decoded independently of edge
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,10 +255,10 @@ def test_format_defaults_and_refusals():
     from edgec.targets import load_profile
 
     cpu = load_profile("onnx-cpu")
-    assert resolve_formats(cpu, None, None, None) == {"dense": "fp32", "experts": "exact", "lm_head": "fp32"}
+    assert resolve_formats(cpu, None, None, None) == {"dense": "fp32", "experts": "mxfp4", "lm_head": "fp32"}
     assert resolve_formats(cpu, None, "int4", None) == {"dense": "int8", "experts": "int4", "lm_head": "int4"}
     assert resolve_formats(cpu, "fp32", "int4", None) == {"dense": "fp32", "experts": "int4", "lm_head": "fp32"}
-    assert resolve_formats(cpu, "int8", "exact", "int4")["lm_head"] == "int4"
+    assert resolve_formats(cpu, "int8", "mxfp4", "int4")["lm_head"] == "int4"
     with pytest.raises(EdgecError, match="--lm-head int2; supported: fp32, int8, int4"):
         resolve_formats(cpu, None, None, "int2")
     with pytest.raises(EdgecError, match="no separate --lm-head"):
@@ -463,6 +464,114 @@ def test_conversion_progress_has_a_true_total(tiny, tmp_path, monkeypatch):
     assert seen == [(tensors, tensors)] * 3
 
 
+def external(folder: Path, t) -> np.ndarray:
+    """The bytes of an external-data initializer, read from the file by its recorded offset and length."""
+    info = {e.key: e.value for e in t.external_data}
+    data = np.memmap(folder / info["location"], dtype=np.uint8, mode="r")
+    return np.asarray(data[int(info["offset"]):int(info["offset"]) + int(info["length"])])
+
+
+def row_spans(ck, which: str) -> np.ndarray:
+    """Binades spanned by the E8M0 block scales of every expert row (max - min scale byte), all layers."""
+    return np.concatenate([np.ptp(np.asarray(ck.raw(f"model.layers.{i}.mlp.experts.{which}_scales")), axis=-1).ravel()
+                           for i in range(ck.config.num_hidden_layers)])
+
+
+@pytest.fixture(scope="module")
+def wide_cpu(wide, tmp_path_factory) -> Path:
+    return convert(wide, tmp_path_factory.mktemp("conv") / "wide-cpu", "onnx-cpu")
+
+
+def test_wide_scale_spread_stays_exact_and_compact(wide, wide_cpu, ids300):
+    """The independent generator's checkpoint, 10+ binades of block scales within expert rows (what made the former
+    per-channel INT8 experts fall back to fp32 in every layer): onnx-cpu's default recipe keeps the experts as the
+    checkpoint's own bytes (QMoE fp4, row-major) and matches transformers (fp32) and onnxruntime-genai."""
+    from edgec.checkpoint import Checkpoint
+    from edgec.runtime.base import load_backend
+
+    ck = Checkpoint.open(wide)
+    for which in ("gate_up_proj", "down_proj"):
+        spans = row_spans(ck, which)
+        assert np.median(spans) >= 8 and spans.max() >= 12, (which, np.median(spans), spans.max())
+    recipe = json.loads((wide_cpu / "edgec.json").read_text())["recipe"]
+    assert (recipe["experts"], recipe["experts_exact"], recipe["lossy"]) == ("mxfp4", True, [])
+    m = onnx.load(str(wide_cpu / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    written = source = 0
+    for layer in range(ck.config.num_hidden_layers):
+        for which in ("gate_up_proj", "down_proj"):
+            blocks = np.asarray(ck.raw(f"model.layers.{layer}.mlp.experts.{which}_blocks"))
+            scales = np.asarray(ck.raw(f"model.layers.{layer}.mlp.experts.{which}_scales"))
+            w, sc = (inits[f"model.layers.{layer}.moe.experts.{which}.{n}"] for n in ("qweight", "scales"))
+            assert sc.data_type == onnx.TensorProto.FLOAT8E8M0
+            assert np.array_equal(external(wide_cpu, w), blocks.ravel())  # the checkpoint's bytes, as stored
+            assert np.array_equal(external(wide_cpu, sc), scales.ravel())
+            written += external(wide_cpu, w).size + external(wide_cpu, sc).size
+            source += blocks.nbytes + scales.nbytes
+    assert written == source  # 1.0x the source's expert bytes
+    qmoe = [n for n in m.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == 3 and all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                                  ["weights_prepacked"] == 1 for n in qmoe)
+    ref = hf_logits(wide, ids300)
+    d, top1 = agree(load_backend(wide_cpu).forward(ids300, all_logits=True), ref)
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
+    d, top1 = agree(genai_logits(wide_cpu, ids300, keep=300), ref)
+    assert d <= 1e-3 and top1 == 1.0, (d, top1)
+
+
+def test_inspect_prices_what_onnx_cpu_writes(wide, wide_cpu):
+    """`edgec inspect SRC`'s onnx-cpu row is the weight bytes the converter writes, to the byte, apart from what the
+    table does not price: the rotary cos/sin caches, the fp4 QMoE's per-expert global scales and page alignment."""
+    from edgec.inspect import inspect_report
+
+    plan = {r["target"]: r for r in inspect_report(wide)["memory_plan"]["targets"]}["onnx-cpu"]
+    cfg = json.loads((wide_cpu / "edgec.json").read_text())["config"]
+    rope = 2 * 131072 * (cfg["head_dim"] // 2) * 4
+    global_scales = cfg["num_hidden_layers"] * 2 * cfg["num_local_experts"] * 4
+    inits = len(onnx.load(str(wide_cpu / "model.onnx"), load_external_data=False).graph.initializer)
+    padding = (wide_cpu / "model.onnx.data").stat().st_size - plan["weights_bytes"] - rope - global_scales
+    assert 0 <= padding < 4096 * inits, padding
+
+
+def test_lossy_steps_are_loud_and_recorded(wide, tmp_path):
+    """Every step that does not keep the checkpoint's values is a yellow warning at convert time and a line in
+    edgec.json's recipe.lossy, and the summary then says LOSSY, never exact."""
+    from independent_ckpt import write
+
+    r = run_cli("convert", str(wide), "-t", "onnx-cpu", "-o", str(tmp_path / "int4"), "--experts", "int4")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert [w.split(":")[1].strip() for w in warnings] == ["experts int4", "attention int8", "lm_head int4"]
+    assert "LOSSY" in r.stderr.splitlines()[-1] and "exact" not in r.stderr.splitlines()[-1]
+    recipe = json.loads((tmp_path / "int4" / "edgec.json").read_text())["recipe"]
+    assert not recipe["experts_exact"] and len(recipe["lossy"]) == 3
+    # exact INT8 experts on an fp16 target: (q - 128) * scale is every MXFP4 value, except in the blocks whose scale
+    # 2**(s-128) fp16 cannot hold (E8M0 outside 104..143), which are counted per layer
+    from edgec.checkpoint import Checkpoint
+
+    src = write(tmp_path / "huge", binades=40, vocab=1024, layers=2)
+    r = run_cli("convert", str(src), "-t", "onnx-webgpu", "-o", str(tmp_path / "webgpu"), "--experts", "exact")
+    assert r.returncode == 0, r.stderr
+    assert "warning: experts exact: block scales outside the fp16 range" in r.stderr and "layers 0 (" in r.stderr
+    lossy = json.loads((tmp_path / "webgpu" / "edgec.json").read_text())["recipe"]["lossy"]
+    ck = Checkpoint.open(src)
+    m = onnx.load(str(tmp_path / "webgpu" / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    bad = 0
+    for i in range(2):
+        for which in ("gate_up_proj", "down_proj"):
+            scales = np.asarray(ck.raw(f"model.layers.{i}.mlp.experts.{which}_scales")).astype(int)
+            out_of_range = (scales < 104) | (scales > 143)
+            bad += int(out_of_range.sum())
+            name = f"model.layers.{i}.moe.experts.{which}"
+            q = external(tmp_path / "webgpu", inits[name + ".qweight"]).astype(np.float32) - 128
+            sc = external(tmp_path / "webgpu", inits[name + ".scales"]).view(np.float16).astype(np.float32)
+            vals = q.reshape(*scales.shape, 32) * sc.reshape(scales.shape)[..., None]
+            want = ck.experts(i, which, range(6)).reshape(*scales.shape, 32)
+            assert np.array_equal(vals[~out_of_range], want[~out_of_range])
+    assert bad > 0 and sum(int(n) for n in re.findall(r"\((\d+) blocks\)", lossy[0])) == bad
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*EDGEC, *args], capture_output=True, text=True, timeout=120)
 
@@ -473,8 +582,8 @@ def test_bad_input(tiny, tmp_path):
     r = run_cli("convert", str(tiny), "--target", "onnx-cpu", "-o", str(out))
     assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("convert", str(tiny), "--target", "onnx-cpu", "-o", str(tmp_path / "x"), "--experts", "mxfp4")
-    assert r.returncode == 2 and "exact, int4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("convert", str(tiny), "--target", "onnx-cpu", "-o", str(tmp_path / "x"), "--experts", "exact")
+    assert r.returncode == 2 and "supported: mxfp4, int4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("convert", str(tiny), "--target", "onnx-dml", "-o", str(tmp_path / "x"), "--experts", "int4")
     assert r.returncode == 2 and "supported: mxfp4, decomposed" in r.stderr
     assert not (tmp_path / "x").exists()

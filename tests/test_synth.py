@@ -141,11 +141,38 @@ def test_synth_20b_shape_streams_with_bounded_memory(tmp_path):
     size_small = sum(p.stat().st_size for p in small.glob("*.safetensors"))
     assert size_big - size_small > 300e6
     assert rss_big < 0.6 * size_big and rss_big - rss_small < 40 * 2**20, (rss_small, rss_big, size_big)
-    # full-size expert scales sit around 2**-7 (facts file): E8M0 byte 120 for K = 2880
+    # full-size expert scales: rows spanning the default 8 binades around 2**-10 (E8M0 117 for K = 2880), outliers
+    # above, and unit output scale (the spread's large blocks dominate the power, so the centre sits below the
+    # 2**-7 of a single scale)
     ck = Checkpoint.open(big)
     for which in ("gate_up_proj", "down_proj"):
-        s = ck.raw(f"model.layers.0.mlp.experts.{which}_scales")
-        assert int(np.median(s[:4])) == 120 and abs(s[:4].astype(int) - 120).max() <= 2
+        s = ck.raw(f"model.layers.0.mlp.experts.{which}_scales")[:4].astype(int)
+        assert int(np.median(s)) == 117 and np.median(s.max(-1) - s.min(-1)) == 8 and (s > 121).any()
+        w = ck.experts(0, which, [0])[0]
+        assert 0.6 < np.sqrt((w.astype(np.float64) ** 2).mean() * 2880) < 1.6
+
+
+@pytest.mark.parametrize("spread", [0, 2, 4, 8, 12, 16])
+def test_scale_spread(spread):
+    """--scale-spread S: the block scales of a 90-block row span S binades (0: one scale), a few outlier blocks sit
+    1-3 binades above, and the expert matmul keeps unit output scale whatever the spread."""
+    from edgec.spec import TensorSpec
+    from edgec.synth import tensor_chunks
+
+    cfg = preset("20b", num_hidden_layers=1)
+    spec = TensorSpec("model.layers.0.mlp.experts.down_proj_scales", "U8", (8, 2880, 90), "expert_scales", 0)
+    s = np.concatenate(list(tensor_chunks(cfg, spec, seed=0, spread=spread))).astype(int)
+    span = s.max(-1) - s.min(-1)
+    if spread == 0:
+        assert span.max() == 0
+        return
+    normal = np.where(s <= np.median(s) + spread // 2, s, np.median(s))  # without the outliers
+    assert np.median(normal.max(-1) - normal.min(-1)) == spread
+    assert 0.5e-3 < (s > np.median(s) + spread // 2).mean() < 2e-3  # outliers: about 1 block in 1024
+    blocks = np.random.default_rng(0).integers(0, 256, size=(*s.shape, 16), dtype=np.uint8)
+    w = mxfp4.decode(blocks[:1, :512], s[:1, :512].astype(np.uint8)).astype(np.float64)
+    gain = np.sqrt((w ** 2).mean() * 2880)
+    assert 0.6 < gain < 1.6, gain
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])

@@ -5,13 +5,15 @@ Per layer: SimplifiedLayerNorm / SkipSimplifiedLayerNorm, fused qkv MatMul+Add, 
 (sinks as `head_sink`, rotary from YaRN cos/sin caches, `local_window_size` on sliding layers), o_proj, router
 MatMul+Add, then com.microsoft.QMoE (swiglu, interleaved fusion) or, where the provider has no MoE kernel
 (DirectML), the MoE from standard ops. Expert formats (from the MXFP4 blocks, one expert at a time):
-  exact  per-channel INT8 QMoE (zero point 128, one power-of-two scale per output row): reproduces MXFP4 bit for
-         bit and keeps fp32 activations on CPU; a layer whose rows do not fit falls back to decomposed fp32 experts
-  int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`)
-  mxfp4  QMoE quant_type fp4: the checkpoint's codes repacked to [E, K, N/2] + FLOAT8E8M0 scales (CUDA), or, with
-         `[experts] ops = "standard"` (DirectML), the checkpoint's bytes as they are, decoded in the graph by a
-         Gather on a (scale, byte) table for the experts the tokens of a run route to (`_moe_mxfp4_lut`)
-  fp16/fp32 (decomposed)  dequantized expert matrices in the io dtype (exact)
+  mxfp4  QMoE quant_type fp4 + FLOAT8E8M0 scales: the checkpoint's bytes, either as stored (row-major [E, N, K/2],
+         `weights_prepacked=1`: onnxruntime's CPU kernel, exact at any scale spread) or repacked N-major to
+         [E, K, N/2] for CUDA (profile key `[experts] mxfp4_layout`); with `[experts] ops = "standard"` (DirectML)
+         the checkpoint's bytes as they are, decoded in the graph by a Gather on a (scale, byte) table for the
+         experts the tokens of a run route to (`_moe_mxfp4_lut`)
+  exact  INT8 QMoE, blocks of 32 (zero point 128, scale 2**(s-128) in the io dtype): every MXFP4 value exactly,
+         whatever the scale spread, as long as the io dtype holds the scale (fp16: E8M0 104..143; else warned)
+  int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`; lossy)
+  decomposed  dequantized expert matrices in the io dtype (exact)
 Dense matrices (attention q/k/v/o) and lm_head: the io dtype, or int8/int4 MatMulNBits blocks of 32; lm_head may
 take its own format (`--lm-head`; the `--experts int4` recipe is int8 attention + int4 lm_head).
 """
@@ -76,6 +78,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
             g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense, meter)
         finally:
             ext.close()
+        lossy = lossy_steps(experts, dense, lm_head or dense, g.scale_clipped)
         opset = int(profile.get("opset", 21))
         for name, only in ((GENAI_GRAPH, GENAI), (EDGEC_GRAPH, EDGEC)):
             (tmp / name).write_bytes(g.model(ext, opset, only).SerializeToString())
@@ -85,13 +88,12 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         tok = sorted({*tok, *write_chat_template(tmp)})
         recipe = {"dense": dense, "lm_head": lm_head or dense, "experts": experts, "io_dtype": io_dtype(dense),
                   "context_length": ctx, "graph_format": GRAPH_FORMAT,
-                  "execution_provider": profile.get("execution_provider"), "ort_device": profile.get("ort_device",
-                                                                                                    "cpu"),
-                  "moe": _moe_kind(profile, experts),
-                  "decomposed_layers": g.fallback_layers if experts != "decomposed" else "all"}
+                  "execution_provider": profile.get("execution_provider"),
+                  "ort_device": profile.get("ort_device", "cpu"), "moe": _moe_kind(profile, experts),
+                  "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy}
         write_manifest(tmp, ckpt, profile, recipe)
     return {"files": [GENAI_GRAPH, EDGEC_GRAPH, DATA, "genai_config.json", *tok], "recipe": recipe,
-            "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
+            "warnings": lossy, "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
 CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "chat_template.jinja"
@@ -129,7 +131,27 @@ class SourceMeter:
 def _moe_kind(profile: dict[str, Any], experts: str) -> str:
     if _standard_ops(profile) and experts == "mxfp4":
         return "MXFP4 bytes decoded in the graph (standard ops)"
-    return {"exact": "QMoE int8 per-channel", "int4": "QMoE int4", "mxfp4": "QMoE fp4"}.get(experts, "decomposed")
+    return MOE_KIND[experts]
+
+
+MOE_KIND = {"mxfp4": "QMoE fp4 (the checkpoint's MXFP4 bytes)", "exact": "QMoE int8, blocks of 32 (exact MXFP4)",
+            "int4": "QMoE int4, blocks of 32 (lossy)", "decomposed": "decomposed MatMuls (dense experts)"}
+
+
+def lossy_steps(experts: str, dense: str, lm_head: str, scale_clipped: dict[int, int]) -> list[str]:
+    """Every step of this conversion that does not keep the checkpoint's values, one line each (convert prints
+    them as warnings; edgec.json keeps them in recipe.lossy)."""
+    out = []
+    if experts == "int4":
+        out.append("experts int4: MXFP4 requantized to INT4 blocks of 32 (lossy)")
+    if scale_clipped:
+        layers = ", ".join(f"{i} ({n} blocks)" for i, n in sorted(scale_clipped.items()))
+        out.append(f"experts exact: block scales outside the fp16 range (E8M0 104..143) in layers {layers}: those "
+                   "blocks' weights flush to zero or overflow")
+    for cls, fmt in (("attention", dense), ("lm_head", lm_head)):
+        if fmt in INT_BITS:
+            out.append(f"{cls} {fmt}: MatMulNBits blocks of 32 (lossy requantization of the bf16 weights)")
+    return out
 
 
 def _standard_ops(profile: dict[str, Any]) -> bool:
@@ -182,8 +204,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     ext.add("sin_cache", code, sin.shape, to_io(sin, io))
 
     residual, pending = x, None
-    fallback: list[int] = []
-    g.fallback_layers = fallback
+    g.scale_clipped = {}  # layer -> expert blocks whose scale the io dtype cannot hold (exact INT8 in fp16)
     for i in range(cfg.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"/model/layers.{i}"
         ext.add(p + "input_layernorm.weight", code, (H,), _dense(ckpt.raw(p + "input_layernorm.weight"), io))
@@ -227,15 +248,12 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
         # router
         r = _linear(g, ext, h2, p + "moe.router", q + "/moe/router", ckpt.f32(p + "mlp.router.weight"),
                     ckpt.f32(p + "mlp.router.bias"), io, "fp32" if dense in INT_BITS else dense)
-        if experts == "exact" and not _int8_channel_exact(ckpt, i):
-            fallback.append(i)  # a row spans more binades than int8 holds: dense experts keep it exact
+        if experts == "decomposed":
             pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
         elif experts == "mxfp4" and _standard_ops(profile):
             pending = _moe_mxfp4_lut(g, ext, ckpt, i, h2, r, io)
-        elif experts in ("exact", "int4", "mxfp4"):
-            pending = _qmoe(g, ext, ckpt, i, h2, r, io, experts)
         else:
-            pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
+            pending = _qmoe(g, ext, ckpt, i, h2, r, io, experts, profile)
         meter.done(p)
 
     ext.add("model.norm.weight", code, (H,), _dense(ckpt.raw("model.norm.weight"), io))
@@ -345,27 +363,33 @@ def _skip_norm(g: Graph, residual: str, new: str, weight: str, name: str, cfg) -
     return out[0], out[3]
 
 
-def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str, experts: str) -> str:
+def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str, experts: str,
+          profile: dict[str, Any]) -> str:
     cfg = ckpt.config
     E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     p, code = f"model.layers.{i}.", IO_CODE[io]
+    rows = experts == "mxfp4" and profile.get("experts", {}).get("mxfp4_layout") == "rows"
     names = []
     for which, n, k in (("gate_up_proj", 2 * inter, H), ("down_proj", H, inter)):
         src = p + f"mlp.experts.{which}"
         blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
         dst = p + f"moe.experts.{which}"
-        if experts == "mxfp4":
-            ext.add(dst + ".qweight", UINT8, (E, k, n // 2), (mxfp4.to_qmoe_fp4(blocks[e]) for e in range(E)))
+        if experts == "mxfp4":  # dims are the logical [E, K, N/2] in both layouts
+            pack = np.asarray if rows else mxfp4.to_qmoe_fp4
+            ext.add(dst + ".qweight", UINT8, (E, k, n // 2), (pack(blocks[e]) for e in range(E)))
             ext.add(dst + ".scales", FLOAT8E8M0, (E, n, k // 32), (np.asarray(scales[e]) for e in range(E)))
         else:
-            conv = mxfp4.to_qmoe_int8_channel if experts == "exact" else mxfp4.to_qmoe_int4
-            pack = 1 if experts == "exact" else 2
-            qs = (conv(blocks[e], scales[e]) for e in range(E))
+            conv = _int8 if experts == "exact" else mxfp4.to_qmoe_int4
             # weights and scales go to two tensors: write weights first, keeping only the small scales
             sc: list[np.ndarray] = []
-            ext.add(dst + ".qweight", UINT8, (E, n, k // pack), (_keep(qsc, sc) for qsc in qs))
-            sshape = (E, n) if experts == "exact" else (E, n, k // 32)
-            ext.add(dst + ".scales", code, sshape, (to_io(s_, io) for s_ in sc))
+            pack = 1 if experts == "exact" else 2
+            ext.add(dst + ".qweight", UINT8, (E, n, k // pack),
+                    (_keep(conv(blocks[e], scales[e]), sc) for e in range(E)))
+            ext.add(dst + ".scales", code, (E, n, k // 32), (to_io(s_, io) for s_ in sc))
+            if experts == "exact" and io == "fp16":  # 2**(s-128) is exact in fp16 for E8M0 104..143 only
+                bad = sum(int(((s_ < 2.0 ** -24) | (s_ > 2.0 ** 15)).sum()) for s_ in sc)
+                if bad:
+                    g.scale_clipped[i] = g.scale_clipped.get(i, 0) + bad
         ext.add(dst + ".bias", code, (E, n), _dense(ckpt.raw(src + "_bias"), io))
         names.append(dst)
     (w1, w2) = names
@@ -373,26 +397,22 @@ def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router:
     inputs = [h, probs, w1 + ".qweight", w1 + ".scales", w1 + ".bias", w2 + ".qweight", w2 + ".scales", w2 + ".bias",
               "", "", "", "", "", ""]
     attrs = dict(activation_alpha=cfg.swiglu_alpha, activation_beta=1.0, activation_type="swiglu",
-                 expert_weight_bits=8 if experts == "exact" else 4, k=cfg.num_experts_per_tok,
+                 expert_weight_bits=8 if experts == "exact" else 4, k=cfg.num_experts_per_tok, block_size=32,
                  normalize_routing_weights=1, swiglu_fusion=1, use_sparse_mixer=0, swiglu_limit=cfg.swiglu_limit)
-    if experts != "exact":  # exact INT8 is per-channel: block-wise INT8 makes the CPU kernel quantize activations
-        attrs["block_size"] = 32
     if experts == "mxfp4":
         for nm in (w1, w2):
             ext.add(nm + ".global_scales", FLOAT, (E,), np.ones(E, dtype=np.float32))
         inputs += ["", w1 + ".global_scales", w2 + ".global_scales"]
         attrs["quant_type"] = "fp4"
+        if rows:
+            attrs["weights_prepacked"] = 1  # "row-major MXFP4": the layout onnxruntime's CPU kernel runs
     return g.node("QMoE", inputs, name=f"/model/layers.{i}/moe/QMoE", domain="com.microsoft", **attrs)[0]
 
 
-def _int8_channel_exact(ckpt: Checkpoint, i: int) -> bool:
-    """Whether every expert row of layer i fits per-channel INT8 exactly (see `mxfp4.to_qmoe_int8_channel`)."""
-    for which in ("gate_up_proj", "down_proj"):
-        src = f"model.layers.{i}.mlp.experts.{which}"
-        blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
-        if not all(mxfp4.int8_channel_fits(blocks[e], scales[e]) for e in range(blocks.shape[0])):
-            return False
-    return True
+def _int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact INT8 blocks of 32 for QMoE: uint8 [N, K] with zero point 128, float32 scales [N, K/32]."""
+    q, s = mxfp4.to_int8(blocks, scales)
+    return q.view(np.uint8) ^ np.uint8(0x80), s
 
 
 def _keep(pair: tuple[np.ndarray, np.ndarray], scales: list[np.ndarray]) -> np.ndarray:
