@@ -406,8 +406,8 @@ def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router:
         attrs["quant_type"] = "fp4"
         if rows:
             attrs["weights_prepacked"] = 1  # "row-major MXFP4": the layout onnxruntime's CPU kernel runs
-    if not rows and profile.get("execution_provider") == "CUDAExecutionProvider":
-        attrs["weights_prepacked"] = 0  # raw weights, as the onnxruntime-genai builder marks them for CUDA
+    elif profile.get("execution_provider") == "CUDAExecutionProvider":  # integer experts on CUDA: absent means
+        attrs["weights_prepacked"] = 0  # CUTLASS-prepacked; ours are raw [E, N, K/pack], as the builder marks them
     return g.node("QMoE", inputs, name=f"/model/layers.{i}/moe/QMoE", domain="com.microsoft", **attrs)[0]
 
 
