@@ -38,18 +38,19 @@ def kv_figures() -> dict:
 
 def second_turn(folder: Path, tok, first_user_tokens: int) -> dict:
     """A first turn with a long user message and an analysis+final reply, then a second question: reuse vs fresh."""
+    from edgec.harmony.conversation import Message
     from edgec.runtime.base import load_backend
     from edgec.runtime.generate import Sampling
-    from edgec.runtime.session import ChatSession, text_message
+    from edgec.runtime.session import ChatSession
 
     ctx = first_user_tokens + 1024
     s = ChatSession(load_backend(folder, max_context=ctx), tok, date="2025-01-01",
                     sampling=Sampling(temperature=0, max_tokens=32))
     words = " ".join(f"w{i}" for i in range(first_user_tokens // 2))
-    s.history = [text_message("user", words),
-                 text_message("assistant", "Thinking about it. " * 20, channel="analysis")]
+    s.history = [Message("user", words),
+                 Message("assistant", "Thinking about it. " * 20, channel="analysis")]
     s.respond()
-    s.history[2:] = [text_message("assistant", "Done.", channel="final"), text_message("user", "And then?")]
+    s.history[2:] = [Message("assistant", "Done.", channel="final"), Message("user", "And then?")]
     prompt, _ = s.fit_prompt()
     t = time.perf_counter()
     s.gen.prefill(prompt)

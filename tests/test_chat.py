@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgec.cli import main
+from edgec.harmony.conversation import Message
 from edgec.runtime.base import Backend
 from edgec.runtime.generate import Generator, Sampling, common_prefix
-from edgec.runtime.session import ChatSession, text_message
+from edgec.runtime.session import ChatSession
 
 STATS = re.compile(r"^prefill=(\d+) reused=(\d+) decode=(\d+) tok/s=(\d+\.\d)$", re.M)
 
@@ -72,11 +73,11 @@ def test_reuse_after_dropped_analysis_equals_fresh_prefill(kv_model):
     tok = tokenizer()
     s = ChatSession(load_backend(kv_model, max_context=2048), tok, date="2025-01-01",
                     sampling=Sampling(temperature=0, max_tokens=4))
-    s.history = [text_message("user", "What is 2+2? " * 40),
-                 text_message("assistant", "The user asks a sum. " * 20, channel="analysis")]
+    s.history = [Message("user", "What is 2+2? " * 40),
+                 Message("assistant", "The user asks a sum. " * 20, channel="analysis")]
     s.respond()
     cached = list(s.gen.tokens)
-    s.history[2:] = [text_message("assistant", "4", channel="final"), text_message("user", "And 3+3?")]
+    s.history[2:] = [Message("assistant", "4", channel="final"), Message("user", "And 3+3?")]
     prompt, _ = s.fit_prompt()
     analysis_at = common_prefix(s.render(s.history[:1] and s.header() + s.history[:1]), cached)
     assert cached[:len(prompt)] != prompt  # not an extension
@@ -109,13 +110,13 @@ def test_context_fill_drops_the_oldest_turns_and_keeps_system_and_developer(tiny
     s = ChatSession(ReferenceBackend(tiny), tokenizer(), developer="Answer in French.", max_context=300,
                     sampling=Sampling(max_tokens=20), date="2025-01-01")
     for i in range(12):
-        s.history += [text_message("user", f"question number {i} about the weather in town {i}"),
-                      text_message("assistant", f"answer number {i}: it is sunny in town {i}", channel="final")]
-    s.history.append(text_message("user", "last question"))
+        s.history += [Message("user", f"question number {i} about the weather in town {i}"),
+                      Message("assistant", f"answer number {i}: it is sunny in town {i}", channel="final")]
+    s.history.append(Message("user", "last question"))
     full = list(s.history)
     prompt, dropped = s.fit_prompt()
     assert dropped > 0 and len(prompt) + 20 <= 300
-    assert s.history == full[2 * dropped:] and s.history[0]["role"] == "user"
+    assert s.history == full[2 * dropped:] and s.history[0].role == "user"
     head = s.render(s.header())[:-2]  # system + developer messages, without `<|start|>assistant`
     assert prompt[:len(head)] == head
     assert len(s.render(s.header() + full[2 * (dropped - 1):])) + 20 > 300  # one turn fewer would not fit
@@ -126,7 +127,7 @@ def test_a_single_turn_too_long_for_the_context_is_refused(tiny):
     from edgec.runtime.reference_backend import ReferenceBackend
 
     s = ChatSession(ReferenceBackend(tiny), tokenizer(), max_context=120, sampling=Sampling(max_tokens=8))
-    s.history = [text_message("user", "word " * 200)]
+    s.history = [Message("user", "word " * 200)]
     with pytest.raises(EdgecError, match="context holds 120"):
         s.fit_prompt()
 
@@ -307,3 +308,34 @@ def test_load_and_reset_slash_commands(tiny, tmp_path, monkeypatch):
     (_, r1, _), (_, r2, _) = [tuple(int(x) for x in m[:3]) for m in STATS.findall(out)]
     assert r1 == r2 == 0 and backend.prompts[-1][0] == 0
     assert len(backend.prompts[-1][1]) < len(want)  # after /reset the loaded history is gone, the system stays
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_generate_reads_an_openai_conversation_with_the_reasoning_flag(tiny, tmp_path, monkeypatch, explicit):
+    """An OpenAI chat list: its system message becomes developer instructions (not raw system text), its tools the
+    functions namespace, and --reasoning sets the effort; openai-harmony renders the same prompt."""
+    import openai_harmony as oh
+
+    import edgec.runtime.base as base
+
+    backend = Replay(tokenizer().encode("<|channel|>final<|message|>Hi!<|return|>", allowed_special="all"))
+    monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
+    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+            "tools": [{"type": "function", "function": {"name": "ping", "description": "Ping",
+                                                        "parameters": {"type": "object", "properties": {}}}}],
+            "reasoning_effort": "high"}  # an explicit --reasoning wins over the file's
+    path = tmp_path / "openai.json"
+    path.write_text(json.dumps(body))
+    out = json.loads(run(["generate", tiny, "--conversation", path, "--json", "--max-context", 4096]
+                         + (["--reasoning", "low"] if explicit else [])))
+    effort = oh.ReasoningEffort.LOW if explicit else oh.ReasoningEffort.HIGH
+    conv = oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(effort)
+                                         .with_conversation_start_date(datetime.date.today().isoformat())),
+        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Be brief.")
+                                         .with_function_tools([oh.ToolDescription.new(
+                                             "ping", "Ping", parameters={"type": "object", "properties": {}})])),
+        oh.Message.from_role_and_content(oh.Role.USER, "hello")])
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    assert backend.prompts[0] == (0, list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT)))
+    assert [(m["channel"], m["text"]) for m in out["messages"]] == [("final", "Hi!")]

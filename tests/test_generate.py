@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from edgec.errors import EdgecError
+from edgec.harmony.render import CALL, RETURN
 from edgec.runtime.base import Backend
-from edgec.runtime.generate import CALL, RETURN, Generator, Sampler, Sampling, common_prefix, next_token_probs
+from edgec.runtime.generate import Generator, Sampler, Sampling, common_prefix, next_token_probs
 from edgec.spec import preset
 
 # ---- sampling ----------------------------------------------------------------------------------------------------

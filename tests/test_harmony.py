@@ -439,3 +439,139 @@ def test_cli_render_and_parse(tmp_path, enc):
     bad.write_text("{not json")
     r = runner.invoke(main, ["harmony", "render", str(bad)])
     assert r.exit_code == 2 and "bad.json" in r.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenAI API <-> Harmony (edgec.harmony.openai), against openai-harmony's rendering of the intended conversation
+# ---------------------------------------------------------------------------------------------------------------
+
+def _oh_tools():
+    return [H.ToolDescription.new("get_weather", "Gets the weather.\nSecond line.", WEATHER),
+            H.ToolDescription.new("ping", "No parameters")]
+
+
+CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Gets the weather.\nSecond line.",
+                                                 "parameters": WEATHER}},
+              {"type": "function", "function": {"name": "ping", "description": "No parameters"}}]
+
+
+def test_openai_chat_maps_as_the_published_template(enc, tok):
+    """system -> developer instructions (the published chat template's rule), reasoning_effort -> the system message,
+    reasoning_content -> analysis, tool_calls -> commentary to=functions.NAME <|constrain|>json, tool -> tool result
+    named by the call's id, assistant content -> final. Rendered token for token as openai-harmony renders it."""
+    from edgec.harmony.openai import conversation, from_chat
+
+    body = [{"role": "system", "content": "Always answer in French."},
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": "Quel temps fait-il à Paris ?"},
+            {"role": "assistant", "content": None, "reasoning_content": "User wants weather. Call tool.",
+             "tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"location":"Paris, France"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp":18}'},
+            {"role": "assistant", "content": "Il fait 18 °C."},
+            {"role": "user", "content": [{"type": "text", "text": "Et demain ?"}]}]
+    ours = conversation(from_chat(body, CHAT_TOOLS), "high", "2025-06-28")
+    R, S = H.Role, H.Message.from_role_and_content
+    theirs = H.Conversation.from_messages([
+        S(R.SYSTEM, H.SystemContent.new().with_reasoning_effort(H.ReasoningEffort.HIGH)
+          .with_conversation_start_date("2025-06-28")),
+        S(R.DEVELOPER, H.DeveloperContent.new().with_instructions("Always answer in French.\n\nBe brief.")
+          .with_function_tools(_oh_tools())),
+        S(R.USER, "Quel temps fait-il à Paris ?"),
+        S(R.ASSISTANT, "User wants weather. Call tool.").with_channel("analysis"),
+        S(R.ASSISTANT, '{"location":"Paris, France"}').with_channel("commentary")
+        .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"),
+        H.Message.from_author_and_content(H.Author.new(R.TOOL, "functions.get_weather"), '{"temp":18}')
+        .with_recipient("assistant").with_channel("commentary"),
+        S(R.ASSISTANT, "Il fait 18 °C.").with_channel("final"),
+        S(R.USER, "Et demain ?")])
+    assert render_conversation(ours, tok) == enc.render_conversation_for_completion(theirs, R.ASSISTANT)
+    # no system message, no tools: no developer message at all
+    plain = conversation(from_chat([{"role": "user", "content": "hi"}]), "low")
+    assert [m.role for m in plain.messages] == ["system", "user"]
+
+
+def test_openai_responses_input_maps_to_the_same_harmony(tok):
+    from edgec.harmony.openai import conversation, from_chat, from_responses
+
+    chat = from_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+                      {"role": "assistant", "reasoning_content": "Call it.", "tool_calls": [
+                          {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]},
+                      {"role": "tool", "tool_call_id": "c1", "content": "pong"}],
+                     [{"type": "function", "function": {"name": "ping"}}])
+    resp = from_responses([{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                           {"type": "reasoning", "id": "rs_1", "summary": [],
+                            "content": [{"type": "reasoning_text", "text": "Call it."}]},
+                           {"type": "function_call", "call_id": "c1", "name": "ping", "arguments": "{}"},
+                           {"type": "function_call_output", "call_id": "c1", "output": "pong"}],
+                          instructions="Be brief.", tools=[{"type": "function", "name": "ping"}])
+    assert render_conversation(conversation(chat), tok) == render_conversation(conversation(resp), tok)
+
+
+@pytest.mark.parametrize("messages, tools, param, code", [
+    ([{"role": "wizard", "content": "hi"}], None, "messages[0].role", "invalid_value"),
+    ([{"content": "hi"}], None, "messages[0].role", "missing_required_parameter"),
+    ([{"role": "user"}], None, "messages[0].content", "missing_required_parameter"),
+    ([], None, "messages", "invalid_type"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], None,
+     "messages[0].content[0]", "invalid_value"),
+    ([{"role": "tool", "tool_call_id": "nope", "content": "x"}], None, "messages[0]", "invalid_value"),
+    ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "objekt"}}}], "tools[0].function.parameters", "invalid_function_parameters"),
+    ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "required": "x"}}}], "tools[0].function.parameters", "invalid_function_parameters"),
+    ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "bad name"}}],
+     "tools[0].function.name", "invalid_value"),
+    ([{"role": "user", "content": "hi"}], [{"type": "web_search"}], "tools[0].type", "invalid_value"),
+])
+def test_openai_bad_requests_name_the_field(messages, tools, param, code):
+    from edgec.harmony.openai import RequestError, from_chat
+
+    with pytest.raises(RequestError) as e:
+        from_chat(messages, tools)
+    assert (e.value.param, e.value.code, e.value.status) == (param, code, 400)
+    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_reply_keeps_reasoning_and_markup_out_of_content(tok):
+    """A completion with analysis, stray special tokens inside the final text, then (second case) a tool call."""
+    from edgec.harmony.openai import Reply
+
+    text = ("<|channel|>analysis<|message|>Think <|reserved_200013|>hard.<|end|><|start|>assistant<|channel|>final"
+            "<|message|>Bonjour<|constrain|> à tous<|return|>")
+    ids = tok.encode(text, allowed_special="all")
+    p, r = StreamParser(tok, role="assistant", special_text=False), Reply()
+    deltas = [(what, item.kind, d) for t in ids for ev in p.feed(t) for what, item, d in r.feed(ev)]
+    msg = r.chat_message()
+    assert msg == {"role": "assistant", "content": "Bonjour à tous", "reasoning_content": "Think hard."}
+    assert "".join(d for w, k, d in deltas if k == "text") == "Bonjour à tous"
+    assert [i["type"] for i in r.output_items()] == ["reasoning", "message"]
+    call = tok.encode('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}'
+                      "<|call|>", allowed_special="all")
+    p, r = StreamParser(tok, role="assistant", special_text=False), Reply()
+    for t in call:
+        for ev in p.feed(t):
+            r.feed(ev)
+    msg = r.chat_message()
+    assert msg["content"] is None and len(msg["tool_calls"]) == 1
+    tc = msg["tool_calls"][0]
+    assert tc["type"] == "function" and tc["id"].startswith("call_") and tc["function"]["name"] == "get_weather"
+    assert json.loads(tc["function"]["arguments"]) == {"city": "Paris"}
+    assert r.calls == {tc["id"]: "get_weather"}
+
+
+def test_conversation_files_in_either_format(enc, tok):
+    from edgec.harmony.openai import conversation_from_any, is_harmony_json
+
+    R = H.Role
+    harmony = H.Conversation.from_messages([H.Message.from_role_and_content(R.USER, "hi")])
+    assert is_harmony_json(json.loads(harmony.to_json()))
+    openai_list = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert not is_harmony_json(openai_list)
+    conv = conversation_from_any({"messages": openai_list, "reasoning_effort": "low"}, "high", "2025-01-01")
+    theirs = H.Conversation.from_messages([
+        H.Message.from_role_and_content(R.SYSTEM, H.SystemContent.new().with_reasoning_effort(H.ReasoningEffort.LOW)
+                                        .with_conversation_start_date("2025-01-01")),
+        H.Message.from_role_and_content(R.DEVELOPER, H.DeveloperContent.new().with_instructions("Be brief.")),
+        H.Message.from_role_and_content(R.USER, "hi")])
+    assert render_conversation(conv, tok) == enc.render_conversation_for_completion(theirs, R.ASSISTANT)

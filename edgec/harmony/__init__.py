@@ -21,13 +21,13 @@ Public API (stable; the chat loop builds on it):
   - A tool result goes back as `Message("tool", result, name="functions.get_weather", channel="commentary",
     recipient="assistant")`; the assistant's call is `Message("assistant", args, channel="commentary",
     recipient="functions.get_weather", content_type="<|constrain|>json")`.
+  - `edgec.harmony.openai` maps the OpenAI API (chat completions, responses, tools) to these messages and the
+    parser's events back to content, reasoning and tool calls (used by `edgec serve`, `generate` and chat).
   - `render_conversation` drops analysis messages before the first final-channel message once the last assistant
     message is final (openai-harmony's rule), so the next prompt is not an extension of the previous one.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from .conversation import (
     Conversation,
@@ -83,15 +83,10 @@ def builtin_parity_conversations() -> list[tuple[str, Conversation]]:
     return [("harmony-simple", simple), ("harmony-tool-call", tools), ("harmony-multi-turn", multi)]
 
 
-def message_dict(m: Message) -> dict[str, Any]:
-    """openai-harmony's dict form of one message."""
-    return m.to_dict()
-
-
 __all__ = [
     "END_TOKENS", "STOP_TOKENS", "Conversation", "DeveloperContent", "Event", "Message", "MessageDone",
     "MessageStart", "StreamParser", "SystemContent", "TextDelta", "ToolCall", "ToolDescription", "ToolNamespace",
     "Tokenizer", "builtin_parity_conversations", "conversation_from_json", "developer_message", "load_tools",
-    "message_dict", "parse_completion", "render_conversation", "render_message", "schema_to_typescript",
+    "parse_completion", "render_conversation", "render_message", "schema_to_typescript",
     "system_message", "write_tokenizer_files",
 ]

@@ -121,10 +121,13 @@ def parse_header(text: str, role: str | None) -> MessageStart:
 
 class StreamParser:
     """Incremental Harmony parser. `role` is the role already rendered in the prompt (`<|start|>assistant`);
-    pass role=None when the stream starts with `<|start|>` itself."""
+    pass role=None when the stream starts with `<|start|>` itself. A special token the model puts inside a message's
+    text is decoded to its name, as openai-harmony does; with special_text=False it is left out of the text (what
+    an API client reads must never hold Harmony markup)."""
 
-    def __init__(self, tokenizer: Tokenizer | None = None, role: str | None = "assistant"):
+    def __init__(self, tokenizer: Tokenizer | None = None, role: str | None = "assistant", special_text: bool = True):
         self.tok = tokenizer or Tokenizer.default()
+        self.special_text = special_text
         self.messages: list[Message] = []
         self.tokens: list[int] = []
         self.stopped_on: int | None = None  # the last <|return|> / <|call|> seen
@@ -148,10 +151,6 @@ class StreamParser:
     @property
     def current_recipient(self) -> str | None:
         return self._header.recipient if self._state == "content" and self._header else None
-
-    @property
-    def current_text(self) -> str:
-        return self.tok.decode(self._content) if self._state == "content" else ""
 
     # feeding --------------------------------------------------------------------------------------------------
     def feed(self, token: int) -> list[Event]:
@@ -236,6 +235,8 @@ class StreamParser:
         return events
 
     def _content_token(self, token: int) -> list[Event]:
+        if not self.special_text and self.tok.is_special(token):
+            return []
         self._content.append(token)
         try:
             data = self.tok.decode_bytes([token])

@@ -15,6 +15,7 @@ from ..errors import EdgecError
 from .conversation import Conversation, DeveloperContent, Message, SystemContent, ToolNamespace
 from .tokenizer import Tokenizer
 
+# the special tokens of o200k_harmony that carry Harmony's structure (the one definition edgec uses)
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = 200006, 200007, 200008, 200005, 200003, 200002, 200012
 STOP_TOKENS = (RETURN, CALL)  # sampling stops on these
 END_TOKENS = (END, RETURN, CALL)  # any of these ends a message when parsing

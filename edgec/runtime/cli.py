@@ -48,10 +48,10 @@ def open_session(model: Path, max_tokens: int, temperature: float, top_p: float,
     from ..harmony.tokenizer import Tokenizer
     from .base import load_backend, target_of
     from .generate import Sampling
-    from .session import ChatSession, load_tools, plan_memory
+    from .session import ChatSession, plan_memory, read_tools
 
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
-    tools = load_tools(tools_file) if tools_file else []
+    tools, mocks = read_tools(tools_file) if tools_file else ([], {})
     target = target_of(model)
     cfg = _config_of(model)
     context = max_context or cfg.max_position_embeddings
@@ -75,7 +75,7 @@ def open_session(model: Path, max_tokens: int, temperature: float, top_p: float,
                          f"cache in {held or 'the dtype of its graph'} (drop the option)")
     tok = Tokenizer.from_folder(model)
     return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
-                       sampling=sampling, max_context=context)
+                       sampling=sampling, max_context=context, mocks=mocks)
 
 
 def _config_of(model: Path):
@@ -144,8 +144,6 @@ def _read_line(prompt: str) -> str | None:
 
 def _run_turn(session, user: str | None, printer: Printer, stats: bool) -> None:
     """Ask (or continue after a tool result), answering tool calls from mocks or the user."""
-    from .session import mock_result
-
     turn = session.ask(user, printer) if user is not None else session.respond(printer)
     printer._newline()
     for _ in range(MAX_TOOL_ROUNDS):
@@ -158,8 +156,8 @@ def _run_turn(session, user: str | None, printer: Printer, stats: bool) -> None:
         call = turn.tool_call
         if call is None:
             return
-        recipient = call["recipient"]
-        result = mock_result(session.tools, recipient)
+        recipient = call.recipient
+        result = session.mocks.get(recipient.removeprefix("functions."))
         if result is None:
             result = _read_line(f"result of {recipient}> ")
             if result is None:
@@ -249,31 +247,30 @@ def _slash(session, line: str) -> bool:
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", help="the user message")
 @click.option("--conversation", type=click.Path(path_type=Path),
-              help="conversation JSON (openai-harmony to_json form, or a list of {role, content})")
+              help="conversation JSON: openai-harmony's to_json form, or OpenAI chat messages (a list, or a request "
+                   "body with messages, tools, reasoning_effort)")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="print the parsed messages and the statistics as JSON")
 def generate(model: Path, prompt: str | None, conversation: Path | None, show_analysis: bool, as_json: bool,
              **kw) -> None:
     """One completion of a prompt or a conversation."""
-    from .session import load_conversation
+    from ..harmony.conversation import Message
 
     if (prompt is None) == (conversation is None):
         raise EdgecError("give exactly one of --prompt or --conversation")
     session = open_session(model, **kw)
     if conversation is not None:
         session.load(conversation)
-        if not load_conversation(conversation):
-            raise EdgecError(f"{conversation}: no messages")
+        if click.get_current_context().get_parameter_source("reasoning") == click.core.ParameterSource.COMMANDLINE:
+            session.reasoning = kw["reasoning"]  # an explicit --reasoning wins over the file's system message
     else:
-        session.history.append({"role": "user", "name": None, "content": [{"type": "text", "text": prompt}]})
+        session.history.append(Message("user", prompt))
     printer = None if as_json else Printer(show_analysis)
     turn = session.respond(printer)
     if as_json:
-        from .session import message_text
-
         click.echo(json.dumps({
-            "messages": [{"role": m.get("role"), "channel": m.get("channel"), "recipient": m.get("recipient"),
-                          "content_type": m.get("content_type"), "text": message_text(m)} for m in turn.messages],
+            "messages": [{"role": m.role, "channel": m.channel, "recipient": m.recipient,
+                          "content_type": m.content_type, "text": m.text} for m in turn.messages],
             "tokens": turn.tokens,
             "stats": turn.stats.as_dict(),
         }, ensure_ascii=False, indent=2))

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import EdgecError
+from ..harmony.render import RETURN, STOP_TOKENS
 from .base import Backend
 
-RETURN, CALL = 200002, 200012
-STOP_TOKENS = (RETURN, CALL)
 NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first and sorts the whole vocabulary only if needed
 
 
@@ -175,32 +174,38 @@ class Generator:
         return np.asarray(logits, dtype=np.float32).reshape(-1)
 
     def stream(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        """Yield sampled token ids (the stop token last, when one ends the reply); `self.stats` is kept current."""
+        """Yield sampled token ids (the stop token last, when one ends the reply); `self.stats` is kept current.
+        Closing the iterator early (a consumer that stops reading) leaves the cache holding exactly `self.tokens`;
+        an error or Ctrl-C inside a forward rolls the cache back to them before it propagates."""
         self.stats = st = Stats()
         sample = Sampler(sampling)
         t0 = time.perf_counter()
-        logits = self.prefill(prompt)
-        t1 = None
-        while True:
-            tok = sample(logits)
-            st.decode += 1
-            if t1 is None:
-                t1 = time.perf_counter()
-                st.ttft_s = t1 - t0
-            st.decode_s = time.perf_counter() - t1
-            yield tok
-            if tok in self.stop_tokens:
-                st.stop = "return" if tok == RETURN else "call"
-                break
-            if st.decode >= sampling.max_tokens:
-                st.stop = "max_tokens"
-                break
-            if len(self.tokens) + 1 >= self.max_context:
-                st.stop = "context"
-                break
-            logits = np.asarray(self.backend.forward([tok]), dtype=np.float32).reshape(-1)
-            self.tokens.append(tok)
-            st.decode_s = time.perf_counter() - t1
+        try:
+            logits = self.prefill(prompt)
+            t1 = None
+            while True:
+                tok = sample(logits)
+                st.decode += 1
+                if t1 is None:
+                    t1 = time.perf_counter()
+                    st.ttft_s = t1 - t0
+                st.decode_s = time.perf_counter() - t1
+                yield tok
+                if tok in self.stop_tokens:
+                    st.stop = "return" if tok == RETURN else "call"
+                    break
+                if st.decode >= sampling.max_tokens:
+                    st.stop = "max_tokens"
+                    break
+                if len(self.tokens) + 1 >= self.max_context:
+                    st.stop = "context"
+                    break
+                logits = np.asarray(self.backend.forward([tok]), dtype=np.float32).reshape(-1)
+                self.tokens.append(tok)
+                st.decode_s = time.perf_counter() - t1
+        except (Exception, KeyboardInterrupt):
+            self._repair()
+            raise
         st.kv_bytes = self.backend.kv_bytes()
 
     def generate(self, prompt: list[int], sampling: Sampling,
@@ -213,9 +218,8 @@ class Generator:
                 out.tokens.append(tok)
                 if on_token is not None:
                     on_token(tok)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # `stream` has already rolled the cache back
             self.stats.stop = "interrupted"
-            self._repair()
         out.stats = self.stats
         return out
 

@@ -10,7 +10,6 @@ everything up to the next user message) are dropped; system and developer messag
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import os
@@ -20,12 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgecError
+from ..harmony.conversation import (
+    DEFAULT_IDENTITY,
+    Conversation,
+    Message,
+    SystemContent,
+    ToolDescription,
+    developer_message,
+    load_tools,
+    normalize_effort,
+    system_message,
+)
+from ..harmony.openai import conversation_from_any, tool_result
 from ..spec import GptOssConfig, read_json
 from .base import Backend
-from .generate import CALL, Generator, Sampling, Stats
-
-EFFORTS = ("low", "medium", "high")
-IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+from .generate import Generator, Sampling, Stats
 
 
 # ---- memory plan -------------------------------------------------------------------------------------------
@@ -109,129 +117,91 @@ def plan_memory(folder: Path, cfg: GptOssConfig, context: int, kv_bits: int = 16
 
 
 # ---- tools ---------------------------------------------------------------------------------------------------
-def load_tools(path: Path) -> list[dict[str, Any]]:
-    """Read a tools file: a JSON list of function definitions `{"name", "description", "parameters", "mock"}`
-    (or `{"tools": [...]}`). `mock`, when present, is the result returned for every call (a string as is,
-    anything else as JSON); without it the chat asks the user for the result."""
+def read_tools(path: Path) -> tuple[list[ToolDescription], dict[str, str]]:
+    """A tools file: a JSON list of function definitions `{"name", "description", "parameters", "mock"?}` (or
+    `{"tools": [...]}`, or OpenAI's `{"type": "function", "function": {...}}` entries). Returns the tools and the
+    mock results by name: `mock`, when present, is the result returned for every call (a string as is, anything
+    else as JSON); without it the chat asks the user for the result."""
     data = read_json(path)
-    if isinstance(data, dict):
-        data = data.get("tools")
-    if not isinstance(data, list):
-        raise EdgecError(f"{path}: expected a JSON list of function definitions")
-    for i, t in enumerate(data):
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
-            raise EdgecError(f"{path}: tool {i}: needs a string 'name'")
-        if "parameters" in t and not isinstance(t["parameters"], dict):
-            raise EdgecError(f"{path}: tool {t['name']}: 'parameters' must be a JSON schema object")
-    return data
-
-
-def mock_result(tools: list[dict[str, Any]], recipient: str) -> str | None:
-    name = recipient.removeprefix("functions.")
-    for t in tools:
-        if t["name"] == name and "mock" in t:
-            m = t["mock"]
-            return m if isinstance(m, str) else json.dumps(m)
-    return None
-
-
-# ---- conversation messages in openai-harmony's to_json form ----------------------------------------------------
-def text_message(role: str, text: str, channel: str | None = None, recipient: str | None = None,
-                 content_type: str | None = None, name: str | None = None) -> dict[str, Any]:
-    m: dict[str, Any] = {"role": role, "name": name, "content": [{"type": "text", "text": text}]}
-    if channel:
-        m["channel"] = channel
-    if recipient:
-        m["recipient"] = recipient
-    if content_type:
-        m["content_type"] = content_type
-    return m
-
-
-def message_text(m: dict[str, Any]) -> str:
-    c = m.get("content")
-    if isinstance(c, str):
-        return c
-    return "".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+    try:
+        tools = load_tools(data)
+    except EdgecError as e:
+        raise EdgecError(f"{path}: {e}") from None
+    raw = data.get("tools") if isinstance(data, dict) else data
+    mocks = {t.name: (r["mock"] if isinstance(r["mock"], str) else json.dumps(r["mock"]))
+             for t, r in zip(tools, raw, strict=True) if isinstance(r, dict) and "mock" in r}
+    return tools, mocks
 
 
 @dataclass
 class Turn:
     """What one assistant turn produced."""
 
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
     dropped_turns: int = 0
 
     @property
-    def tool_call(self) -> dict[str, Any] | None:
+    def tool_call(self) -> Message | None:
         """The assistant message addressed to a tool when the turn ended with `<|call|>`."""
         if self.stats.stop == "call":
             for m in reversed(self.messages):
-                if m.get("recipient") and m.get("role") == "assistant":
+                if m.recipient and m.role == "assistant":
                     return m
         return None
 
 
 class ChatSession:
-    """Harmony chat over one backend. `ask(text)` adds a user message and generates the assistant's reply."""
+    """Harmony chat over one backend: a system message, an optional developer message and the turns, all Harmony
+    `Message`s. `ask(text)` adds a user message and generates the assistant's reply."""
 
     def __init__(self, backend: Backend, tokenizer: Any, *, reasoning: str = "medium", system: str | None = None,
-                 developer: str | None = None, tools: list[dict[str, Any]] | None = None,
-                 sampling: Sampling | None = None, max_context: int | None = None, date: str | None = None):
+                 developer: str | None = None, tools: list[ToolDescription] | None = None,
+                 sampling: Sampling | None = None, max_context: int | None = None, date: str | None = None,
+                 mocks: dict[str, str] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.gen = Generator(backend, max_context=max_context)
         self.max_context = self.gen.max_context
         self.sampling = sampling or Sampling()
-        self.reasoning = reasoning
-        self.identity = system or IDENTITY
-        self.developer = developer
-        self.tools = tools or []
         self.date = date if date is not None else _dt.date.today().isoformat()
-        self.history: list[dict[str, Any]] = []  # user / assistant / tool messages
+        self.identity = system or DEFAULT_IDENTITY
+        self.system = system_message(reasoning, self.date or None, model_identity=self.identity)
+        self.developer = developer_message(developer, tools)
+        self.mocks = mocks or {}  # tool name -> the result the chat answers every call with
+        self.history: list[Message] = []  # user / assistant / tool messages
         self.last: Turn | None = None
-        self.loaded: dict[str, dict[str, Any]] = {}  # system / developer messages of a loaded conversation
 
     # ---- conversation ----------------------------------------------------------------------------------------
-    def header(self) -> list[dict[str, Any]]:
-        """System message (identity, effort, date) and, with instructions or tools, the developer message."""
-        sys_content: dict[str, Any] = {
-            "model_identity": self.identity, "reasoning_effort": self.reasoning.capitalize(),
-            "conversation_start_date": self.date, "knowledge_cutoff": "2024-06",
-            "channel_config": {"valid_channels": ["analysis", "commentary", "final"], "channel_required": True},
-            "type": "system_content"}
-        if not self.date:
-            del sys_content["conversation_start_date"]
-        out = [{"role": "system", "name": None, "content": [sys_content]}]
-        if "system" in self.loaded:
-            m = copy.deepcopy(self.loaded["system"])
-            c = m.get("content")
-            if isinstance(c, list) and c and isinstance(c[0], dict) and c[0].get("type") == "system_content":
-                c[0]["reasoning_effort"] = self.reasoning.capitalize()
-            out = [m]
-        if "developer" in self.loaded:
-            out.append(copy.deepcopy(self.loaded["developer"]))
-        elif self.developer or self.tools:
-            dev: dict[str, Any] = {"instructions": self.developer}
-            if self.tools:
-                fns = [{k: t[k] for k in ("name", "description", "parameters") if k in t} for t in self.tools]
-                for f in fns:
-                    f.setdefault("description", "")
-                dev["tools"] = {"functions": {"name": "functions", "tools": fns}}
-            dev["type"] = "developer_content"
-            out.append({"role": "developer", "name": None, "content": [dev]})
-        return out
+    @property
+    def reasoning(self) -> str | None:
+        sc = next((c for c in self.system.content if isinstance(c, SystemContent)), None)
+        return sc.reasoning_effort if sc else None
 
-    def conversation(self) -> dict[str, Any]:
-        return {"messages": self.header() + self.history}
+    @reasoning.setter
+    def reasoning(self, effort: str) -> None:
+        for c in self.system.content:
+            if isinstance(c, SystemContent):
+                c.reasoning_effort = normalize_effort(effort)
 
-    def render(self, messages: list[dict[str, Any]]) -> list[int]:
-        from ..harmony.conversation import Conversation
+    @property
+    def tools(self) -> list[ToolDescription]:
+        dev = self.developer.content[0] if self.developer else None
+        fns = getattr(dev, "tools", None) or {}
+        return list(fns["functions"].tools) if "functions" in fns else []
+
+    def header(self) -> list[Message]:
+        """The system message and, with instructions or tools, the developer message."""
+        return [self.system] + ([self.developer] if self.developer else [])
+
+    def conversation(self) -> Conversation:
+        return Conversation(self.header() + self.history)
+
+    def render(self, messages: list[Message]) -> list[int]:
         from ..harmony.render import render_conversation
 
-        return render_conversation(Conversation.from_obj(messages), self.tokenizer, next_role="assistant")
+        return render_conversation(messages, self.tokenizer, next_role="assistant")
 
     def fit_prompt(self) -> tuple[list[int], int]:
         """Render the conversation; drop the oldest turns while prompt + max_tokens exceeds the context."""
@@ -240,7 +210,7 @@ class ChatSession:
             prompt = self.render(head + self.history)
             if len(prompt) + self.sampling.max_tokens <= self.max_context:
                 return prompt, dropped
-            starts = [i for i, m in enumerate(self.history) if m.get("role") == "user"]
+            starts = [i for i, m in enumerate(self.history) if m.role == "user"]
             if len(starts) < 2:  # only the current turn is left
                 if len(prompt) < self.max_context:
                     return prompt, dropped  # fits, with less room than max_tokens: the reply may stop at 'context'
@@ -251,13 +221,12 @@ class ChatSession:
 
     # ---- turns -------------------------------------------------------------------------------------------------
     def ask(self, text: str, on_event: Callable[[Any], None] | None = None) -> Turn:
-        self.history.append(text_message("user", text))
+        self.history.append(Message("user", text))
         return self.respond(on_event)
 
     def tool_result(self, recipient: str, result: str, on_event: Callable[[Any], None] | None = None) -> Turn:
         """Answer the tool call to `recipient` (e.g. functions.get_weather) and let the assistant go on."""
-        self.history.append(text_message("tool", result, channel="commentary", recipient="assistant",
-                                         name=recipient))
+        self.history.append(tool_result(recipient, result))
         return self.respond(on_event)
 
     def respond(self, on_event: Callable[[Any], None] | None = None) -> Turn:
@@ -277,7 +246,7 @@ class ChatSession:
         for e in parser.finish():  # a message cut off by max-tokens, the context end or Ctrl-C
             if on_event is not None:
                 on_event(e)
-        turn = Turn([m.to_dict() for m in parser.messages], res.tokens, res.stats, dropped)
+        turn = Turn(list(parser.messages), res.tokens, res.stats, dropped)
         self.history.extend(turn.messages)
         self.last = turn
         return turn
@@ -288,33 +257,18 @@ class ChatSession:
         self.gen.reset()
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.conversation(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        self.conversation().save(path)
 
     def load(self, path: Path) -> None:
-        """Load a conversation JSON (openai-harmony to_json form or a plain list of {role, content}). Its system
-        and developer messages are kept verbatim (only /effort edits the system's reasoning effort)."""
-        conv = load_conversation(path)
-        self.loaded = {m["role"]: m for m in conv if m.get("role") in ("system", "developer")}
-        self.history = [m for m in conv if m.get("role") not in ("system", "developer")]
-        sys_msg = self.loaded.get("system")
-        c = (sys_msg or {}).get("content")
-        if isinstance(c, list) and c and isinstance(c[0], dict) and c[0].get("reasoning_effort"):
-            self.reasoning = str(c[0]["reasoning_effort"]).lower()
+        """Load a conversation JSON: openai-harmony's to_json form, whose system and developer messages are kept
+        verbatim (only /effort edits the system's reasoning effort), or the OpenAI chat format (a list of messages
+        or a request body), mapped as `edgec serve` maps it (its system messages become developer instructions)."""
+        conv = conversation_from_any(read_json(path), self.reasoning, self.date or None, self.identity)
+        if not conv.messages:
+            raise EdgecError(f"{path}: no messages")
+        self.system = next((m for m in conv.messages if m.role == "system"), self.system)
+        self.developer = next((m for m in conv.messages if m.role == "developer"), self.developer)
+        self.history = [m for m in conv.messages if m.role not in ("system", "developer")]
 
 
-def load_conversation(path: Path) -> list[dict[str, Any]]:
-    """Messages of a conversation JSON file: `{"messages": [...]}` (openai-harmony) or a list of {role, content}."""
-    data = read_json(path)
-    msgs = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
-        raise EdgecError(f"{path}: expected {{\"messages\": [...]}} or a list of {{role, content}} objects")
-    out = []
-    for m in msgs:
-        if isinstance(m.get("content"), str):
-            m = dict(m, content=[{"type": "text", "text": m["content"]}])
-        out.append(m)
-    return out
-
-
-__all__ = ["CALL", "ChatSession", "MemoryPlan", "Turn", "kv_plan_bytes", "load_conversation", "load_tools",
-           "mock_result", "plan_memory"]
+__all__ = ["ChatSession", "MemoryPlan", "Turn", "kv_plan_bytes", "plan_memory", "read_tools"]
