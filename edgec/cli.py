@@ -188,8 +188,9 @@ def _register_commands() -> None:
     from . import bench, parity
     from .harmony import cli as harmony_cli
     from .runtime import cli as runtime_cli
+    from .serve import cli as serve_cli
 
-    for m in (harmony_cli, runtime_cli, parity, bench):
+    for m in (harmony_cli, runtime_cli, serve_cli, parity, bench):
         for cmd in m.COMMANDS:
             main.add_command(cmd)
 

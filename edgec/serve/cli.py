@@ -1,0 +1,58 @@
+"""`edgec serve MODEL`: the OpenAI-compatible server and the web chat page, on 127.0.0.1:8000 by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import EdgecError, require
+from ..progress import stderr
+from ..runtime.cli import sampling_options
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 exposes it)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGEC_API_KEY", help="require `Authorization: Bearer KEY` on /v1 (or EDGEC_API_KEY)")
+@click.option("--model-id", help="the model name clients send (default: the folder's name)")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="requests waiting at most; more are answered 429")
+@click.option("--max-body", type=click.IntRange(1024), default=4 << 20, show_default=True,
+              help="largest request body in bytes (413 above)")
+@sampling_options
+def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int,
+          max_body: int, show_analysis: bool, **kw) -> None:
+    """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) with a chat page at /.
+
+    One model is loaded; requests queue and generate one at a time, each reusing the KV cache of the longest prefix
+    it shares with the one before (usage.prompt_tokens_details.cached_tokens). The sampling options are the defaults
+    a request can override; --reasoning is the default effort, --system the model identity."""
+    require("uvicorn", "serve")
+    require("starlette", "serve")
+    if kw.get("developer") or kw.get("tools_file") or show_analysis:
+        raise EdgecError("--developer, --tools and --show-analysis are chat options: a request carries its own "
+                         "instructions and tools, and reasoning always comes back apart from the content")
+    import uvicorn
+
+    from ..runtime.cli import open_session
+    from .app import Settings, create_app
+    from .engine import Engine
+
+    engine = Engine(lambda: open_session(model, **kw), max_queue=max_queue)
+    engine.start()
+    s = engine.session
+    settings = Settings(model_id or model.resolve().name, api_key, max_body)
+    app = create_app(engine, settings)
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    stderr.print(f"edgec serve: {where}  model {settings.model_id!r} ({s.backend.name}, context {s.max_context})"
+                 f"{'  API key required' if api_key else ''}", highlight=False)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                                      access_log=False)).run()
+    finally:
+        engine.stop()
+
+
+COMMANDS = [serve]

@@ -1,0 +1,434 @@
+"""`edgec serve` through the official `openai` client: a live server process on the converted tiny models (mlx and
+onnx-cpu), and an in-process server (real uvicorn, real HTTP) over a scripted backend that speaks Harmony, for what
+random weights never produce (reasoning, tool calls) and for a queue that must fill up. Prompts are checked token
+for token against openai-harmony's rendering of the conversation the request means."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import openai_harmony as oh
+import pytest
+
+from edgec.harmony.tokenizer import Tokenizer
+from edgec.runtime.base import Backend
+from edgec.runtime.generate import Sampling
+from edgec.spec import preset
+
+KEY = "test-key"
+ENC = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    t = time.time()
+    while time.time() - t < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"edgec serve exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up")
+
+
+def harmony_prompt(messages: list, effort=oh.ReasoningEffort.MEDIUM) -> list[int]:
+    """openai-harmony's prompt for a system message (today's date) followed by `messages`."""
+    sc = oh.SystemContent.new().with_reasoning_effort(effort).with_conversation_start_date(
+        datetime.date.today().isoformat())
+    conv = oh.Conversation.from_messages([oh.Message.from_role_and_content(oh.Role.SYSTEM, sc), *messages])
+    return list(ENC.render_conversation_for_completion(conv, oh.Role.ASSISTANT))
+
+
+def user(text: str):
+    return oh.Message.from_role_and_content(oh.Role.USER, text)
+
+
+# ---- a live `edgec serve` on the converted tiny models --------------------------------------------------------------
+@pytest.fixture(scope="module", params=["mlx", "onnx-cpu"])
+def live(request, tiny_mlx, tiny_onnx):
+    folder = {"mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(folder), "--port", str(port), "--api-key",
+                             KEY, "--max-context", "1024", "--temperature", "0", "--max-tokens", "16"],
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url, folder.name
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode in (0, -15, 143), proc.stderr.read()
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_models(live):
+    url, name = live
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == [name]
+    assert client(url).models.retrieve(name).id == name
+
+
+def test_chat_plain_and_streamed_agree_and_prompt_is_harmony(live):
+    url, name = live
+    c = client(url)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, reasoning_effort="low")
+    ch = r.choices[0]
+    assert ch.finish_reason == "length" and r.usage.completion_tokens == 8
+    dev = oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Be brief."))
+    assert r.usage.prompt_tokens == len(harmony_prompt([dev, user("Hello there")], oh.ReasoningEffort.LOW))
+    assert isinstance(ch.message.content, str) and "<|" not in ch.message.content
+    chunks = list(c.chat.completions.create(model=name, messages=msgs, max_tokens=8, reasoning_effort="low",
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(k.choices[0].delta.content or "" for k in chunks if k.choices)
+    assert text == ch.message.content  # greedy: the same tokens, the second time from the cache
+    assert [k.choices[0].finish_reason for k in chunks if k.choices][-1] == "length"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.prompt_tokens == r.usage.prompt_tokens
+    assert last.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1  # all but the last token
+
+
+def test_second_turn_prefills_only_the_new_tokens(live):
+    url, name = live
+    c = client(url)
+    first = [{"role": "user", "content": "Tell me about the sea, in a few words."}]
+    r1 = c.chat.completions.create(model=name, messages=first, max_tokens=6)
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content or "ok"},
+                      {"role": "user", "content": "And the mountains?"}]
+    r2 = c.chat.completions.create(model=name, messages=second, max_tokens=4)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= r1.usage.prompt_tokens  # the whole first prompt came from the cache
+    assert r2.model_extra["timings"]["prefill"] == r2.usage.prompt_tokens - cached
+
+
+def test_responses_plain_streamed_and_previous_response_id(live):
+    url, name = live
+    c = client(url)
+    r = c.responses.create(model=name, input="Hi!", instructions="Answer briefly.", max_output_tokens=6,
+                           reasoning={"effort": "high"})
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 6 and r.output and all(i.type in ("message", "reasoning") for i in r.output)
+    dev = oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions(
+        "Answer briefly."))
+    assert r.usage.input_tokens == len(harmony_prompt([dev, user("Hi!")], oh.ReasoningEffort.HIGH))
+    events = list(c.responses.create(model=name, input="Hi!", max_output_tokens=4, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "".join(p.text for i in final.output if i.type == "message" for p in i.content)
+    r2 = c.responses.create(model=name, previous_response_id=r.id, input="More?", max_output_tokens=3,
+                            reasoning={"effort": "high"})
+    assert r2.previous_response_id == r.id and r2.usage.input_tokens > r.usage.input_tokens
+    assert r2.usage.input_tokens_details.cached_tokens > 0
+    assert c.responses.retrieve(r2.id).id == r2.id
+
+
+def test_bad_input_gets_openai_errors_and_the_server_goes_on(live):
+    url, name = live
+    c = client(url)
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    ok = [{"role": "user", "content": "hi"}]
+
+    def status(exc_type, **kw) -> openai.APIStatusError:
+        with pytest.raises(exc_type) as e:
+            c.chat.completions.create(**{"model": name, "messages": ok, "max_tokens": 2, **kw})
+        return e.value
+
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers=h)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["code"] == "invalid_json"
+    e = status(openai.BadRequestError, messages=[{"role": "wizard", "content": "hi"}])
+    assert (e.code, e.param) == ("invalid_value", "messages[0].role")
+    e = status(openai.BadRequestError, messages=[{"role": "user"}])
+    assert (e.code, e.param) == ("missing_required_parameter", "messages[0].content")
+    r = httpx.post(url + "/v1/chat/completions", json={"model": name}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    e = status(openai.BadRequestError, tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}}])
+    assert e.code == "invalid_function_parameters"
+    e = status(openai.BadRequestError, messages=[{"role": "user", "content": "word " * 1200}])
+    assert e.code == "context_length_exceeded" and "1024" in e.message
+    e = status(openai.NotFoundError, model="gpt-4o")
+    assert e.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong").chat.completions.create(model=name, messages=ok)
+    assert httpx.get(url + "/v1/models").status_code == 401
+    r = httpx.post(url + "/v1/chat/completions", content=b" " * (5 << 20), headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert c.chat.completions.create(model=name, messages=ok, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_dropped_stream_leaves_the_cache_consistent(live):
+    """Greedy: the same request before and after a stream its client dropped gives the same tokens."""
+    url, name = live
+    c = client(url)
+    ask = [{"role": "user", "content": "Count from one to ten."}]
+    before = c.chat.completions.create(model=name, messages=ask, max_tokens=10).choices[0].message.content
+    with httpx.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": name, "messages": ask + [{"role": "assistant", "content": "one two"},
+                                                              {"role": "user", "content": "go on for long"}],
+                            "max_tokens": 400, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    assert any(x.startswith("data: ") for x in got)
+    time.sleep(0.5)
+    health = httpx.get(url + "/health").json()
+    assert not health["busy"] and health["cached_tokens"] < 250  # stopped early: prompt ~100 + a few of the 400
+    after = c.chat.completions.create(model=name, messages=ask, max_tokens=10)
+    assert after.choices[0].message.content == before
+    assert after.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_four_concurrent_clients(live):
+    url, name = live
+
+    def one(i: int) -> list:
+        c = client(url)
+        out = []
+        for j in range(2):
+            text = f"Client {i} asks question {j}."
+            r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": text}], max_tokens=5)
+            out.append((r.usage.prompt_tokens, len(harmony_prompt([user(text)])), r.usage.completion_tokens))
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [x for rs in pool.map(one, range(4)) for x in rs]
+    assert len(results) == 8 and all(p == want and n == 5 for p, want, n in results)
+
+
+# ---- in-process server over a scripted backend ----------------------------------------------------------------------
+class Scripted(Backend):
+    """Speaks Harmony from a script: each prefill starts the next reply (a completion text with special tokens), each
+    decode step emits its next token; a real KV length so the Generator's reuse and rollback run as for a model."""
+
+    name = "scripted"
+
+    def __init__(self, replies: list[str], delay: float = 0.0):
+        self.config = preset("tiny")
+        tok = Tokenizer.default()
+        self.replies = [tok.encode(r, allowed_special="all") for r in replies]
+        self.ids: list[int] = []
+        self.prefills: list[tuple[int, list[int]]] = []  # (position, tokens) of each prefill
+        self.script: list[int] = []
+        self.last: int | None = None
+        self.delay = delay
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def forward(self, ids, all_logits=False):
+        ids = [int(t) for t in ids]
+        if not (len(ids) == 1 and ids[0] == self.last):  # a prefill (not the token just emitted): the next reply
+            self.prefills.append((len(self.ids), ids))
+            self.script = list(self.replies.pop(0)) if self.replies else []
+        self.ids += ids
+        time.sleep(self.delay)
+        self.last = self.script.pop(0) if self.script else 1000 + len(self.ids) % 50
+        out = np.zeros((1, self.config.vocab_size), np.float32)
+        out[0, self.last] = 100.0
+        return out
+
+    def truncate(self, n):
+        del self.ids[n:]
+
+
+class InProcess:
+    def __init__(self, backend: Backend, **settings):
+        import uvicorn
+
+        from edgec.runtime.session import ChatSession
+        from edgec.serve.app import Settings, create_app
+        from edgec.serve.engine import Engine
+
+        self.backend = backend
+        max_queue = settings.pop("max_queue", 8)
+        self.engine = Engine(lambda: ChatSession(backend, Tokenizer.default(), max_context=4096,
+                                                 sampling=Sampling(temperature=0, max_tokens=64)), max_queue)
+        self.engine.start()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(self.engine, Settings("scripted", **settings))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_ready(self.url)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.stop()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def make(replies: list[str], **kw) -> InProcess:
+        servers.append(InProcess(Scripted(replies, kw.pop("delay", 0.0)), **kw))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+CALL = ('<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary'
+        ' to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>')
+FINAL = ("<|channel|>analysis<|message|>It is sunny.<|end|><|start|>assistant<|channel|>final<|message|>Sunny, 21 C."
+         "<|return|>")
+
+
+def _tool_messages():
+    dev = oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_function_tools(
+        [oh.ToolDescription.new("get_weather", "Weather now", parameters=WEATHER_TOOL["function"]["parameters"])]))
+    think = oh.Message.from_role_and_content(oh.Role.ASSISTANT, "Need the weather.").with_channel("analysis")
+    call = (oh.Message.from_role_and_content(oh.Role.ASSISTANT, '{"city":"Paris"}').with_channel("commentary")
+            .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"))
+    result = (oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "functions.get_weather"), '{"temp_c": 21}')
+              .with_recipient("assistant").with_channel("commentary"))
+    return dev, think, call, result
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_tool_call_round_trip(scripted, stream):
+    srv = scripted([CALL, FINAL])
+    c = client(srv.url, "unused")
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    if stream:
+        chunks = list(c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL], stream=True))
+        deltas = [k.choices[0].delta for k in chunks if k.choices]
+        reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        tc = [t for d in deltas for t in d.tool_calls or []]
+        call_id, fname = tc[0].id, tc[0].function.name
+        args = "".join(t.function.arguments or "" for t in tc)
+        finish = [k.choices[0].finish_reason for k in chunks if k.choices][-1]
+    else:
+        r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+        m = r.choices[0].message
+        reasoning, content, finish = m.model_extra["reasoning_content"], m.content or "", r.choices[0].finish_reason
+        assert len(m.tool_calls) == 1
+        call_id, fname, args = m.tool_calls[0].id, m.tool_calls[0].function.name, m.tool_calls[0].function.arguments
+    assert (finish, fname, json.loads(args), reasoning, content) == ("tool_calls", "get_weather", {"city": "Paris"},
+                                                                     "Need the weather.", "")
+    dev, think, call, result = _tool_messages()
+    assert srv.backend.prefills[0] == (0, harmony_prompt([dev, user("Weather in Paris?")]))
+    msgs += [{"role": "assistant", "content": None, "reasoning_content": reasoning, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": fname, "arguments": args}}]},
+             {"role": "tool", "tool_call_id": call_id, "content": '{"temp_c": 21}'}]
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+    want = harmony_prompt([dev, user("Weather in Paris?"), think, call, result])
+    start, fed = srv.backend.prefills[1]
+    assert want[start:] == fed and r.usage.prompt_tokens_details.cached_tokens == start
+    assert start > len(srv.backend.prefills[0][1])  # the reasoning and the call came from the cache
+    m = r.choices[0].message
+    assert (m.content, m.model_extra["reasoning_content"], r.choices[0].finish_reason) == (
+        "Sunny, 21 C.", "It is sunny.", "stop")
+
+
+def test_responses_function_call_with_previous_response_id(scripted):
+    srv = scripted([CALL, FINAL, FINAL])
+    c = client(srv.url, "unused")
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    r = c.responses.create(model="scripted", input="Weather in Paris?", tools=[tool])
+    assert [i.type for i in r.output] == ["reasoning", "function_call"] and r.status == "completed"
+    assert r.output[0].content[0].text == "Need the weather."
+    fc = r.output[1]
+    assert (fc.name, json.loads(fc.arguments)) == ("get_weather", {"city": "Paris"})
+    r2 = c.responses.create(model="scripted", previous_response_id=r.id, tools=[tool], input=[
+        {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp_c": 21}'}])
+    dev, think, call, result = _tool_messages()
+    want = harmony_prompt([dev, user("Weather in Paris?"), think, call, result])
+    start, fed = srv.backend.prefills[1]
+    assert want[start:] == fed and r2.usage.input_tokens_details.cached_tokens == start > 0
+    assert r2.output_text == "Sunny, 21 C." and [i.type for i in r2.output] == ["reasoning", "message"]
+    events = list(c.responses.create(model="scripted", previous_response_id=r.id, tools=[tool], stream=True, input=[
+        {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp_c": 21}'}]))
+    kinds = [e.type for e in events]
+    assert "response.reasoning_text.delta" in kinds and "response.output_text.delta" in kinds
+    assert kinds[-1] == "response.completed" and events[-1].response.output_text == "Sunny, 21 C."
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="scripted", previous_response_id="resp_nope", input="x")
+    assert e.value.code == "previous_response_not_found"
+
+
+def test_reasoning_and_markup_never_reach_content(scripted):
+    """Analysis goes to reasoning_content; special tokens the model puts inside the final text are dropped."""
+    final = ("<|channel|>analysis<|message|>Secret plan.<|end|><|start|>assistant<|channel|>final<|message|>Hello"
+             "<|channel|> <|reserved_200013|>world<|return|>")
+    srv = scripted([final, final])
+    c = client(srv.url, "unused")
+    r = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+    m = r.choices[0].message
+    assert (m.content, m.model_extra["reasoning_content"]) == ("Hello world", "Secret plan.")
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    chunks = list(c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True))
+    assert "".join(k.choices[0].delta.content or "" for k in chunks if k.choices) == "Hello world"
+
+
+def test_full_queue_is_429_and_a_waiting_client_that_leaves_is_skipped(scripted):
+    srv = scripted([], delay=0.02, max_queue=1)
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100}
+    pool = ThreadPoolExecutor(2)
+    running = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=60)
+    while not srv.engine.busy:
+        time.sleep(0.01)
+    waiting = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=60)
+    while srv.engine.waiting < 1:
+        time.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as e:
+        client(srv.url, "unused").chat.completions.create(**body)
+    assert e.value.status_code == 429 and e.value.code == "rate_limit_exceeded"
+    assert running.result().status_code == waiting.result().status_code == 200
+    assert client(srv.url, "unused").chat.completions.create(**{**body, "max_tokens": 2}).choices[0].finish_reason == \
+        "length"
+    pool.shutdown()
+
+
+def test_serve_cli_refuses_chat_only_options_and_missing_folders(tiny_mlx, tmp_path):
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+
+    r = CliRunner().invoke(main, ["serve", str(tiny_mlx), "--tools", str(tmp_path / "t.json")])
+    assert r.exit_code == 2 and "chat options" in r.output
+    r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
+    assert r.exit_code == 2
+
+
+def test_web_page_is_served(live):
+    url, _ = live
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "<select id=\"effort\">" in page.text  # the page itself needs no key
+    assert httpx.get(url + "/static/app.js").status_code == 200
+    assert Path(__file__).parents[1].joinpath("edgec/serve/static/app.js").is_file()
