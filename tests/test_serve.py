@@ -18,6 +18,7 @@ import openai_harmony as oh
 import pytest
 from serving import (
     CALL,
+    ENC,
     FINAL,
     KEY,
     WEATHER_TOOL,
@@ -238,6 +239,29 @@ def test_chat_tool_call_round_trip(scripted, stream):
         "Sunny, 21 C.", "It is sunny.", "stop")
 
 
+def test_tool_choice_forces_the_call_or_removes_the_tools(scripted):
+    srv = scripted(['{"city":"Rome"}<|call|>', "<|channel|>final<|message|>No tools.<|return|>"])
+    c = client(srv.url, "unused")
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    tc = r.choices[0].message.tool_calls
+    assert (r.choices[0].finish_reason, tc[0].function.name, tc[0].function.arguments) == (
+        "tool_calls", "get_weather", '{"city":"Rome"}')
+    dev = _tool_messages()[0]
+    forced = ENC.encode("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>",
+                        allowed_special="all")
+    assert srv.backend.prefills[0] == (0, harmony_prompt([dev, user("Weather in Rome?")]) + forced)
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL], tool_choice="none")
+    assert r.choices[0].message.content == "No tools." and r.choices[0].finish_reason == "stop"
+    start, fed = srv.backend.prefills[1]
+    assert harmony_prompt([user("Weather in Rome?")])[start:] == fed  # no developer message: no tools
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.param == "tool_choice"
+
+
 def test_responses_function_call_with_previous_response_id(scripted):
     srv = scripted([CALL, FINAL, FINAL])
     c = client(srv.url, "unused")
@@ -296,6 +320,18 @@ def test_full_queue_is_429_and_a_waiting_client_that_leaves_is_skipped(scripted)
     assert client(srv.url, "unused").chat.completions.create(**{**body, "max_tokens": 2}).choices[0].finish_reason == \
         "length"
     pool.shutdown()
+
+
+def test_a_client_that_leaves_a_whole_reply_request_stops_the_generation(scripted):
+    srv = scripted([], delay=0.02)
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "long"}], "max_tokens": 500}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=1.0)
+    t = time.time()
+    while srv.engine.busy and time.time() - t < 5:
+        time.sleep(0.05)
+    assert not srv.engine.busy and len(srv.backend.ids) < 250  # 500 tokens would take 10 s
+    assert client(srv.url, "x").chat.completions.create(**{**body, "max_tokens": 3}).usage.completion_tokens == 3
 
 
 def test_serve_cli_refuses_chat_only_options_and_missing_folders(tiny_mlx, tmp_path):

@@ -114,6 +114,37 @@ def parse_tools(tools: Any, param: str = "tools", flat: bool = False) -> list[To
     return out
 
 
+def tool_choice(choice: Any, tools: list[ToolDescription]) -> str | None:
+    """`tool_choice` -> None (the model decides), "none", "required", or the name of the function it must call.
+    Both the chat form `{"type": "function", "function": {"name"}}` and the Responses form `{"type": "function",
+    "name"}` are read."""
+    if choice in (None, "auto"):
+        return None
+    if choice in ("none", "required"):
+        if choice == "required" and not tools:
+            raise RequestError("tool_choice 'required' needs tools", "tool_choice", "invalid_value")
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+        if name not in {t.name for t in tools}:
+            raise RequestError(f"tool_choice names the function {name!r}, which is not among the tools",
+                               "tool_choice", "invalid_value")
+        return name
+    raise RequestError(f"tool_choice must be 'auto', 'none', 'required' or a function (got {choice!r})",
+                       "tool_choice", "invalid_value")
+
+
+def forced_start(choice: str | None) -> str:
+    """What the assistant's reply must start with (after `<|start|>assistant`) for a tool_choice: the header the
+    model itself writes for a call, with the function's name when one is named."""
+    if choice in (None, "none"):
+        return ""
+    if choice == "required":
+        return "<|channel|>commentary to=functions."
+    return f"<|channel|>commentary to=functions.{choice} <|constrain|>json<|message|>"
+
+
 # ---- requests -> Harmony ----------------------------------------------------------------------------------------
 def _text(content: Any, param: str, required: bool = True) -> str | None:
     """The text of an OpenAI content field: a string or a list of text parts."""

@@ -33,11 +33,14 @@ from ..harmony.openai import (
     RequestError,
     conversation,
     effort_of,
+    forced_start,
     from_chat,
     from_responses,
     new_id,
     output_item,
+    parse_tools,
     tool_call,
+    tool_choice,
 )
 from ..harmony.render import render_conversation
 from ..runtime.generate import Sampling
@@ -140,9 +143,9 @@ def timings(done: Done) -> dict:
 
 
 def finish_reason(reply: Reply, done: Done) -> str:
-    if any(i.kind == "call" for i in reply.items):
-        return "tool_calls"
-    return "length" if done.stats.stop in ("max_tokens", "context") else "stop"
+    if done.stats.stop in ("max_tokens", "context"):
+        return "length"
+    return "tool_calls" if any(i.kind == "call" for i in reply.items) else "stop"
 
 
 def sse(data: Any, event: str | None = None) -> str:
@@ -169,11 +172,12 @@ class Server:
             raise RequestError(f"The model {model!r} does not exist; this server serves "
                                f"{self.settings.model_id!r}", "model", "model_not_found", status=404)
 
-    async def prompt_of(self, messages: list[Message], effort: str | None, param: str) -> list[int]:
+    async def prompt_of(self, messages: list[Message], effort: str | None, param: str, forced: list[int]
+                        ) -> list[int]:
         s = self.session
         conv = conversation(messages, effort or s.reasoning, _dt.date.today().isoformat(), s.identity)
         try:
-            prompt = await run_in_threadpool(render_conversation, conv, s.tokenizer)
+            prompt = await run_in_threadpool(render_conversation, conv, s.tokenizer) + forced
         except RequestError:
             raise
         except EdgecError as e:
@@ -183,16 +187,25 @@ class Server:
                                f"messages resulted in {len(prompt)} tokens.", param, "context_length_exceeded")
         return prompt
 
+    def forced(self, choice: str | None) -> list[int]:
+        text = forced_start(choice)
+        return self.session.tokenizer.encode(text, allowed_special="all") if text else []
+
     async def events(self, job: Job, request: Request, watch: bool) -> AsyncIterator[list | Done]:
         """The job's parser-event lists, then its Done. Cancels the job if this is cancelled (the client left a
         stream) or, with watch=True, when the client disconnects while waiting for a whole reply."""
+        check = time.monotonic() + 0.5
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(job.out.get(), 0.5) if watch else await job.out.get()
                 except TimeoutError:
+                    item = None
+                if watch and time.monotonic() >= check:
                     if await request.is_disconnected():
                         return
+                    check = time.monotonic() + 0.5
+                if item is None:
                     continue
                 yield item
                 if isinstance(item, Done):
@@ -235,13 +248,14 @@ class Server:
         effort = effort_of(body.get("reasoning_effort"), "reasoning_effort") or effort_of(
             (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None,
             "reasoning.effort")
-        tools = None if body.get("tool_choice") == "none" else body.get("tools")
-        messages = from_chat(body.get("messages"), tools)
+        choice = tool_choice(body.get("tool_choice"), parse_tools(body.get("tools")))
+        messages = from_chat(body.get("messages"), None if choice == "none" else body.get("tools"))
         sampling = sampling_of(body, self.session.sampling, ("max_completion_tokens", "max_tokens"))
-        prompt = await self.prompt_of(messages, effort, "messages")
+        forced = self.forced(choice)
+        prompt = await self.prompt_of(messages, effort, "messages", forced)
         stream = bool(body.get("stream"))
         opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-        job = self.engine.submit(prompt, sampling)
+        job = self.engine.submit(prompt, sampling, forced)
         head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": self.settings.model_id,
                 "system_fingerprint": f"edgec-{self.session.backend.name}"}
         if stream:
@@ -307,12 +321,14 @@ class Server:
                                    "previous_response_not_found")
         reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
         effort = effort_of(reasoning.get("effort"), "reasoning.effort")
-        tools = None if body.get("tool_choice") == "none" else body.get("tools")
-        messages = from_responses(body.get("input"), body.get("instructions"), tools,
+        choice = tool_choice(body.get("tool_choice"), parse_tools(body.get("tools"), flat=True))
+        messages = from_responses(body.get("input"), body.get("instructions"),
+                                  None if choice == "none" else body.get("tools"),
                                   prev.messages if prev else None, prev.calls if prev else None)
         sampling = sampling_of(body, self.session.sampling, ("max_output_tokens",))
-        prompt = await self.prompt_of(messages, effort, "input")
-        job = self.engine.submit(prompt, sampling)
+        forced = self.forced(choice)
+        prompt = await self.prompt_of(messages, effort, "input", forced)
+        job = self.engine.submit(prompt, sampling, forced)
         resp = {"id": new_id("resp"), "object": "response", "created_at": int(time.time()), "status": "in_progress",
                 "model": self.settings.model_id, "output": [], "error": None, "incomplete_details": None,
                 "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),

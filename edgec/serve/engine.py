@@ -39,6 +39,7 @@ class Job:
     prompt: list[int]
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
+    forced: list[int] = field(default_factory=list)  # the end of the prompt that starts the reply (tool_choice)
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of parser events, then one Done
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -74,9 +75,10 @@ class Engine:
     def stop(self) -> None:
         self._jobs.put(None)
 
-    def submit(self, prompt: list[int], sampling: Sampling) -> Job:
-        """Queue a job; a full queue is a 429."""
-        job = Job(prompt, sampling, asyncio.get_running_loop())
+    def submit(self, prompt: list[int], sampling: Sampling, forced: list[int] | None = None) -> Job:
+        """Queue a job (`forced`: tokens already at the end of `prompt` that open the reply); a full queue is a
+        429."""
+        job = Job(prompt, sampling, asyncio.get_running_loop(), list(forced or []))
         with self._lock:
             if self.waiting >= self.max_queue:
                 raise RequestError(f"the server's queue is full ({self.max_queue} requests waiting); retry later",
@@ -111,6 +113,8 @@ class Engine:
             return Done(Stats(stop="cancelled"))
         parser = StreamParser(self.session.tokenizer, role="assistant", special_text=False)
         reasoning = 0
+        if events := parser.feed_many(job.forced):
+            job.put(events)
         tokens = gen.stream(job.prompt, job.sampling)
         for tok in tokens:
             if job.cancel.is_set():
