@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -303,6 +302,22 @@ def test_reasoning_and_markup_never_reach_content(scripted):
     assert "".join(k.choices[0].delta.content or "" for k in chunks if k.choices) == "Hello world"
 
 
+def test_stop_strings_cut_the_content_and_end_the_generation(scripted):
+    long_final = "<|channel|>final<|message|>Sunny, 21 C. Then rain, rain and more rain all week long.<|return|>"
+    srv = scripted([long_final] * 3)
+    c = client(srv.url, "unused")
+    kw = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "stop": ["rain", " C."]}
+    r = c.chat.completions.create(**kw)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Sunny, 21", "stop")
+    assert r.usage.completion_tokens < 12  # generation stopped soon after the stop string
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    assert "".join(k.choices[0].delta.content or "" for k in chunks if k.choices) == "Sunny, 21"
+    r = c.chat.completions.create(**{**kw, "stop": "nowhere"})
+    assert r.choices[0].message.content.endswith("all week long.")
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(**{**kw, "stop": ["a", "b", "c", "d", "e"]})
+
+
 def test_full_queue_is_429_and_a_waiting_client_that_leaves_is_skipped(scripted):
     srv = scripted([], delay=0.02, max_queue=1)
     body = {"model": "scripted", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100}
@@ -350,4 +365,3 @@ def test_web_page_is_served(live):
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "<select id=\"effort\">" in page.text  # the page itself needs no key
     assert httpx.get(url + "/static/app.js").status_code == 200
-    assert Path(__file__).parents[1].joinpath("edgec/serve/static/app.js").is_file()

@@ -1,0 +1,144 @@
+"""POST /v1/chat/completions, plain and streamed: content, reasoning_content and tool_calls apart, stop strings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..harmony.openai import Reply, RequestError, effort_of, from_chat, new_id, parse_tools, tool_call, tool_choice
+from .common import read_body, refuse, sampling_of, sse, timings
+from .engine import Done, Job
+
+
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
+    if stop is not None and (stops is None or len(stops) > 4 or not all(isinstance(x, str) for x in stops)):
+        raise RequestError("stop must be a string or a list of at most 4 strings", "stop", "invalid_value")
+    return [x for x in stops or [] if x]
+
+
+class StopText:
+    """Cuts the answer's text at the first stop string, holding back a tail that could begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.keep = stops, max((len(x) for x in stops), default=1) - 1
+        self.pending, self.hit = "", False
+
+    def feed(self, text: str) -> str:
+        """The text that can go out now."""
+        if self.hit:
+            return ""
+        self.pending += text
+        cuts = [i for i in (self.pending.find(x) for x in self.stops) if i >= 0]
+        if cuts:
+            out, self.pending, self.hit = self.pending[:min(cuts)], "", True
+            return out
+        n = len(self.pending) - self.keep
+        out, self.pending = (self.pending[:n], self.pending[n:]) if n > 0 else ("", self.pending)
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out
+
+
+def usage_chat(done: Done) -> dict:
+    st = done.stats
+    return {"prompt_tokens": st.prompt, "completion_tokens": st.decode, "total_tokens": st.prompt + st.decode,
+            "prompt_tokens_details": {"cached_tokens": st.reused},
+            "completion_tokens_details": {"reasoning_tokens": done.reasoning_tokens}}
+
+
+def finish_reason(reply: Reply, done: Done) -> str:
+    if done.stats.stop in ("max_tokens", "context"):
+        return "length"
+    return "tool_calls" if any(i.kind == "call" for i in reply.items) else "stop"
+
+
+class ChatCompletions:
+    """The chat completions route of `Server`."""
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await read_body(request, self.settings.max_body)
+        self.check_model(body)
+        refuse(body, "n", (None, 1))
+        refuse(body, "logprobs", (None, False))
+        refuse(body, "response_format", (None, {"type": "text"}))
+        effort = effort_of(body.get("reasoning_effort"), "reasoning_effort") or effort_of(
+            (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None,
+            "reasoning.effort")
+        choice = tool_choice(body.get("tool_choice"), parse_tools(body.get("tools")))
+        messages = from_chat(body.get("messages"), None if choice == "none" else body.get("tools"))
+        sampling = sampling_of(body, self.session.sampling, ("max_completion_tokens", "max_tokens"))
+        forced = self.forced(choice)
+        prompt = await self.prompt_of(messages, effort, "messages", forced)
+        stream = bool(body.get("stream"))
+        opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        stops = stop_strings(body)
+        job = self.engine.submit(prompt, sampling, forced)
+        head = {"id": new_id("chatcmpl").replace("_", "-", 1), "created": int(time.time()),
+                "model": self.settings.model_id, "system_fingerprint": f"edgec-{self.session.backend.name}"}
+        if stream:
+            return StreamingResponse(self.chat_stream(job, request, head, bool(opts.get("include_usage")), stops),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        reply, done, cut, content = Reply(), None, StopText(stops), ""
+        async for item in self.events(job, request, watch=True):
+            if isinstance(item, Done):
+                done = item
+                continue
+            for ev in item:
+                for what, it, delta in reply.feed(ev):
+                    if it.kind == "text":
+                        content += cut.feed(delta) + (cut.flush() if what == "done" else "")
+                        if cut.hit:
+                            job.cancel.set()
+        if done is None:  # the client left
+            return Response(status_code=499)
+        message = {**reply.chat_message(), "content": (content + cut.flush()) or None}
+        return JSONResponse({**head, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "finish_reason": finish_reason(reply, done), "logprobs": None}],
+            "usage": usage_chat(done), "timings": timings(done)})
+
+    async def chat_stream(self, job: Job, request: Request, head: dict, include_usage: bool, stops: list[str]
+                          ) -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            c = {**head, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            return sse({**c, "usage": None} if include_usage else c)
+
+        reply, cut = Reply(), StopText(stops)
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for item in self.events(job, request, watch=False):
+                if isinstance(item, Done):
+                    if rest := cut.flush():
+                        yield chunk({"content": rest})
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [
+                        {"index": 0, "delta": {}, "finish_reason": finish_reason(reply, item), "logprobs": None}],
+                        "timings": timings(item), **({"usage": None} if include_usage else {})})
+                    if include_usage:
+                        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                                   "usage": usage_chat(item)})
+                    break
+                for ev in item:
+                    for what, it, delta in reply.feed(ev):
+                        if it.kind == "call":
+                            k = sum(1 for i in reply.items if i.kind == "call") - 1
+                            if what == "start":
+                                yield chunk({"tool_calls": [tool_call(it, k, "")]})
+                            elif what == "delta":
+                                yield chunk({"tool_calls": [{"index": k, "function": {"arguments": delta}}]})
+                        elif it.kind == "reasoning":
+                            if delta:
+                                yield chunk({"reasoning_content": delta})
+                        elif text := cut.feed(delta) + (cut.flush() if what == "done" else ""):
+                            yield chunk({"content": text})
+                        if cut.hit:
+                            job.cancel.set()
+        except Exception as e:  # noqa: BLE001 - the stream has started: report the error in it
+            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield sse("[DONE]")

@@ -1,0 +1,88 @@
+"""What the API routes share: settings, reading and checking a request body, sampling, SSE framing, timings."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from ..harmony.openai import RequestError
+from ..runtime.generate import Sampling
+from .engine import Done
+
+
+@dataclass
+class Settings:
+    model_id: str
+    api_key: str | None = None
+    max_body: int = 4 << 20
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# ---- request helpers ----------------------------------------------------------------------------------------------
+async def read_body(request: Request, limit: int) -> dict:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise RequestError(f"request body is {size} bytes; the limit is {limit}", code="request_too_large", status=413)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise RequestError(f"request body exceeds {limit} bytes", code="request_too_large", status=413)
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise RequestError(f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _number(body: dict, key: str, kind: type, lo: float, hi: float | None = None) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not isinstance(v, int)):
+        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}", key, "invalid_type")
+    if v < lo or (hi is not None and v > hi):
+        raise RequestError(f"{key} must be between {lo} and {hi if hi is not None else 'the context'} (got {v})", key,
+                           "invalid_value")
+    return v
+
+
+def sampling_of(body: dict, default: Sampling, max_keys: tuple[str, ...]) -> Sampling:
+    max_tokens = next((_number(body, k, int, 1) for k in max_keys if body.get(k) is not None), None)
+    temperature = _number(body, "temperature", float, 0, 2)
+    top_p = _number(body, "top_p", float, 0, 1)
+    if top_p == 0:
+        raise RequestError("top_p must be greater than 0", "top_p", "invalid_value")
+    top_k = _number(body, "top_k", int, 0)
+    seed = _number(body, "seed", int, -(2**63))
+    return Sampling(temperature=default.temperature if temperature is None else float(temperature),
+                    top_p=default.top_p if top_p is None else float(top_p),
+                    top_k=default.top_k if top_k is None else top_k,
+                    seed=default.seed if seed is None else seed % 2**63,
+                    max_tokens=default.max_tokens if max_tokens is None else max_tokens)
+
+
+def refuse(body: dict, key: str, allowed: tuple = (None,)) -> None:
+    """A parameter this server does not implement must not be silently ignored."""
+    if body.get(key) not in allowed:
+        raise RequestError(f"{key}={json.dumps(body.get(key))[:80]} is not supported by this server", key,
+                           "unsupported_value")
+
+
+def timings(done: Done) -> dict:
+    """edgec's own figures (beside `usage`), for the web page and the benchmark."""
+    st = done.stats
+    return {"prompt": st.prompt, "reused": st.reused, "prefill": st.prefill, "prefill_s": round(st.prefill_s, 4),
+            "ttft_s": round(st.ttft_s, 4), "decode": st.decode, "decode_s": round(st.decode_s, 4),
+            "tok_s": round(st.tok_s, 2), "stop": st.stop}
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return head + "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
