@@ -6,8 +6,10 @@ from __future__ import annotations
 import datetime
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -44,6 +46,23 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not come up")
+
+
+def live_server(folder: Path, *args: str):
+    """For a fixture: `edgec serve FOLDER` (API key KEY, context 1024, greedy) in its own process on a free port;
+    yields (url, model id) and stops it after."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(folder), "--port", str(port), "--api-key",
+                             KEY, "--max-context", "1024", "--temperature", "0", *args],
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url, folder.name
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode in (0, -15, 143), proc.stderr.read()  # uvicorn re-raises SIGTERM after its shutdown
 
 
 def harmony_prompt(messages: list, effort=oh.ReasoningEffort.MEDIUM) -> list[int]:

@@ -6,8 +6,6 @@ for token against openai-harmony's rendering of the conversation the request mea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,11 +20,10 @@ from serving import (
     KEY,
     WEATHER_TOOL,
     client,
-    free_port,
     harmony_prompt,
+    live_server,
     scripted_servers,
     user,
-    wait_ready,
 )
 
 
@@ -38,19 +35,7 @@ def scripted():
 # ---- a live `edgec serve` on the converted tiny models --------------------------------------------------------------
 @pytest.fixture(scope="module", params=["mlx", "onnx-cpu"])
 def live(request, tiny_mlx, tiny_onnx):
-    folder = {"mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param]
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(folder), "--port", str(port), "--api-key",
-                             KEY, "--max-context", "1024", "--temperature", "0", "--max-tokens", "16"],
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, folder.name
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert proc.returncode in (0, -15, 143), proc.stderr.read()
+    yield from live_server({"mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param], "--max-tokens", "16")
 
 
 def test_models(live):

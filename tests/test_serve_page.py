@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import openai_harmony as oh
@@ -15,7 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
-from serving import FINAL, KEY, free_port, harmony_prompt, scripted_servers, user, wait_ready
+from serving import FINAL, KEY, harmony_prompt, live_server, scripted_servers, user
 
 
 @pytest.fixture
@@ -43,16 +41,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live_mlx(tiny_mlx):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(tiny_mlx), "--port", str(port), "--api-key",
-                             KEY, "--max-context", "1024", "--temperature", "0"], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, tiny_mlx.name
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    yield from live_server(tiny_mlx)
 
 
 def ask(driver, text: str, n: int):
