@@ -150,7 +150,9 @@ def test_dropped_stream_leaves_the_cache_consistent(live):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
     assert any(x.startswith("data: ") for x in got)
-    time.sleep(0.5)
+    t = time.time()
+    while httpx.get(url + "/health").json()["busy"] and time.time() - t < 10:
+        time.sleep(0.1)
     health = httpx.get(url + "/health").json()
     assert not health["busy"] and health["cached_tokens"] < 250  # stopped early: prompt ~100 + a few of the 400
     after = c.chat.completions.create(model=name, messages=ask, max_tokens=10)
@@ -308,10 +310,11 @@ def test_full_queue_is_429_and_a_waiting_client_that_leaves_is_skipped(scripted)
     body = {"model": "scripted", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100}
     pool = ThreadPoolExecutor(2)
     running = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=60)
-    while not srv.engine.busy:
+    t = time.time()
+    while not srv.engine.busy and time.time() - t < 30:
         time.sleep(0.01)
     waiting = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=60)
-    while srv.engine.waiting < 1:
+    while srv.engine.waiting < 1 and time.time() - t < 30:
         time.sleep(0.01)
     with pytest.raises(openai.RateLimitError) as e:
         client(srv.url, "unused").chat.completions.create(**body)
@@ -332,6 +335,25 @@ def test_a_client_that_leaves_a_whole_reply_request_stops_the_generation(scripte
         time.sleep(0.05)
     assert not srv.engine.busy and len(srv.backend.ids) < 250  # 500 tokens would take 10 s
     assert client(srv.url, "x").chat.completions.create(**{**body, "max_tokens": 3}).usage.completion_tokens == 3
+
+
+def test_a_backend_failure_is_a_500_and_the_next_request_is_served(scripted):
+    srv = scripted([FINAL, FINAL])
+    forward, calls = srv.backend.forward, []
+
+    def failing(ids, all_logits=False):
+        calls.append(1)
+        if len(calls) == 3:  # in the first reply's decode
+            raise RuntimeError("device lost")
+        return forward(ids, all_logits)
+
+    srv.backend.forward = failing
+    c = client(srv.url, "x")
+    with pytest.raises(openai.InternalServerError) as e:
+        c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+    assert "device lost" in e.value.message and e.value.type == "server_error"
+    r = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Sunny, 21 C." and r.usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_serve_cli_refuses_chat_only_options_and_missing_folders(tiny_mlx, tmp_path):

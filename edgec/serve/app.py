@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import hmac
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -93,8 +94,10 @@ class Server(ChatCompletions, Responses):
                     continue
                 yield item
                 if isinstance(item, Done):
-                    if item.error is not None:
-                        raise item.error
+                    if item.error is not None:  # the worker logged it; the client gets a 500 in OpenAI's shape
+                        e = item.error
+                        raise RequestError(f"generation failed: {type(e).__name__}: {e}", code="server_error",
+                                           status=500, type="server_error")
                     return
         finally:
             job.cancel.set()  # a no-op once the job is done
@@ -162,7 +165,7 @@ class ApiKey:
     async def __call__(self, scope, receive, send):
         if self.key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if auth != f"Bearer {self.key}":
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.key}".encode()):
                 given = "no API key" if not auth else "an incorrect API key"
                 resp = error_response(401, f"You provided {given}; pass the server's key as 'Authorization: Bearer "
                                       "KEY'.", "invalid_request_error", "invalid_api_key")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -103,6 +104,7 @@ class Engine:
             try:
                 job.put(self._generate(job))
             except Exception as e:  # noqa: BLE001 - a backend failure ends this job, the server goes on
+                traceback.print_exc()
                 job.put(Done(self.session.gen.stats, error=e))
             finally:
                 self.busy = False
