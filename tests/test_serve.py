@@ -305,7 +305,7 @@ def test_stop_strings_cut_the_content_and_end_the_generation(scripted):
         c.chat.completions.create(**{**kw, "stop": ["a", "b", "c", "d", "e"]})
 
 
-def test_full_queue_is_429_and_a_waiting_client_that_leaves_is_skipped(scripted):
+def test_full_queue_is_429_and_a_waiting_client_that_leaves_gives_its_place_back(scripted):
     srv = scripted([], delay=0.02, max_queue=1)
     body = {"model": "scripted", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100}
     pool = ThreadPoolExecutor(2)
@@ -320,8 +320,18 @@ def test_full_queue_is_429_and_a_waiting_client_that_leaves_is_skipped(scripted)
         client(srv.url, "unused").chat.completions.create(**body)
     assert e.value.status_code == 429 and e.value.code == "rate_limit_exceeded"
     assert running.result().status_code == waiting.result().status_code == 200
-    assert client(srv.url, "unused").chat.completions.create(**{**body, "max_tokens": 2}).choices[0].finish_reason == \
-        "length"
+    assert len(srv.backend.prefills) == 2
+    # a client that gives up while its request waits: its place is free at once, its request never runs
+    running = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=60)
+    while not srv.engine.busy and time.time() - t < 60:
+        time.sleep(0.01)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/chat/completions", json={**body, "max_tokens": 7}, timeout=0.5)
+    while srv.engine.waiting and time.time() - t < 60:
+        time.sleep(0.05)
+    later = pool.submit(client(srv.url, "unused").chat.completions.create, **{**body, "max_tokens": 3})
+    assert later.result().usage.completion_tokens == 3 and running.result().status_code == 200
+    assert len(srv.backend.prefills) == 4  # the one that left was skipped
     pool.shutdown()
 
 

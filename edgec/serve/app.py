@@ -100,7 +100,7 @@ class Server(ChatCompletions, Responses):
                                            status=500, type="server_error")
                     return
         finally:
-            job.cancel.set()  # a no-op once the job is done
+            self.engine.cancel(job)  # a no-op once the job is done
 
     # ---- routes ----
     async def index(self, request: Request) -> Response:

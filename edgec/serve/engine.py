@@ -43,6 +43,7 @@ class Job:
     forced: list[int] = field(default_factory=list)  # the end of the prompt that starts the reply (tool_choice)
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of parser events, then one Done
     cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # taken by the worker (until then it holds a place in the queue)
 
     def put(self, item: Any) -> None:
         try:
@@ -76,6 +77,14 @@ class Engine:
     def stop(self) -> None:
         self._jobs.put(None)
 
+    def cancel(self, job: Job) -> None:
+        """The job's client is gone: a waiting job gives its place in the queue back at once, a running one stops
+        before its next token."""
+        with self._lock:
+            if not job.started and not job.cancel.is_set():
+                self.waiting -= 1
+            job.cancel.set()
+
     def submit(self, prompt: list[int], sampling: Sampling, forced: list[int] | None = None) -> Job:
         """Queue a job (`forced`: tokens already at the end of `prompt` that open the reply); a full queue is a
         429."""
@@ -99,8 +108,10 @@ class Engine:
         self._ready.set()
         while (job := self._jobs.get()) is not None:
             with self._lock:
+                if job.cancel.is_set():  # its client left while it waited (its place is already given back)
+                    continue
                 self.waiting -= 1
-                self.busy = True
+                job.started = self.busy = True
             try:
                 job.put(self._generate(job))
             except Exception as e:  # noqa: BLE001 - a backend failure ends this job, the server goes on
@@ -111,8 +122,6 @@ class Engine:
 
     def _generate(self, job: Job) -> Done:
         gen = self.session.gen
-        if job.cancel.is_set():  # its client left while it waited
-            return Done(Stats(stop="cancelled"))
         parser = StreamParser(self.session.tokenizer, role="assistant", special_text=False)
         reasoning = 0
         if events := parser.feed_many(job.forced):
