@@ -219,8 +219,11 @@ def test_tool_call_answered_from_the_mock(tiny, tmp_path, monkeypatch, show_anal
     backend = Replay(call + final)
     monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
     tools = tmp_path / "tools.json"
-    tools.write_text(json.dumps([{"name": "get_weather", "description": "Weather now", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}, "mock": {"temp_c": 21}}]))
+    fn = {"name": "get_weather", "description": "Weather now",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    # edgec's form, or OpenAI's form of a tool (plus edgec's mock)
+    tool = {"type": "function", "function": fn} if show_analysis else dict(fn)
+    tools.write_text(json.dumps([{**tool, "mock": {"temp_c": 21}}]))
     out = run(["chat", tiny, "--tools", tools, "--stats", "--max-context", 4096]
               + (["--show-analysis"] if show_analysis else []), input=f"weather?\n/save {tmp_path / 'c.json'}\n")
     assert "→ functions.get_weather" in out and "Sunny, 21 C." in out

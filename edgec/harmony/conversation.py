@@ -38,10 +38,10 @@ class ToolDescription:
 
     @classmethod
     def from_dict(cls, d: dict) -> ToolDescription:
+        if isinstance(d, dict) and d.get("type") == "function" and isinstance(d.get("function"), dict):
+            return cls.from_dict(d["function"])  # OpenAI API style wrapper
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise EdgecError(f"tool definition needs a string 'name': {str(d)[:80]}")
-        if d.get("type") == "function" and isinstance(d.get("function"), dict):  # OpenAI API style wrapper
-            return cls.from_dict(d["function"])
         params = d.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise EdgecError(f"tool {d['name']}: 'parameters' must be a JSON schema object")
