@@ -13,10 +13,12 @@ from typing import Any
 
 from ..errors import EdgecError
 from .conversation import Conversation, DeveloperContent, Message, SystemContent, ToolNamespace
-from .tokenizer import Tokenizer
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
-# the special tokens of o200k_harmony that carry Harmony's structure (the one definition edgec uses)
-START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = 200006, 200007, 200008, 200005, 200003, 200002, 200012
+# the ids of the special tokens that carry Harmony's structure, named once by the tokenizer's table
+_ID = {name: i for i, name in SPECIAL_TOKENS.items()}
+START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
+    _ID[f"<|{n}|>"] for n in ("start", "end", "message", "channel", "constrain", "return", "call"))
 STOP_TOKENS = (RETURN, CALL)  # sampling stops on these
 END_TOKENS = (END, RETURN, CALL)  # any of these ends a message when parsing
 
