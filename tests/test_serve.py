@@ -6,6 +6,9 @@ for token against openai-harmony's rendering of the conversation the request mea
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,10 +23,12 @@ from serving import (
     KEY,
     WEATHER_TOOL,
     client,
+    free_port,
     harmony_prompt,
     live_server,
     scripted_servers,
     user,
+    wait_ready,
 )
 
 
@@ -375,6 +380,16 @@ def test_serve_cli_refuses_chat_only_options_and_missing_folders(tiny_mlx, tmp_p
     assert r.exit_code == 2 and "chat options" in r.output
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
     assert r.exit_code == 2
+
+
+def test_ctrl_c_stops_the_server_with_exit_130(tiny_mlx):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(tiny_mlx), "--port", str(port),
+                             "--max-context", "512"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_ready(f"http://127.0.0.1:{port}", proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130 and "interrupted" in proc.stderr.read()
 
 
 def test_web_page_is_served(live):
