@@ -279,6 +279,22 @@ def test_responses_function_call_with_previous_response_id(scripted):
     assert e.value.code == "previous_response_not_found"
 
 
+def test_the_clients_stream_helpers_assemble_our_events(scripted):
+    """openai's `responses.stream` and `chat.completions.stream` rebuild the reply from the events, in order."""
+    srv = scripted([CALL, CALL])
+    c = client(srv.url, "unused")
+    with c.responses.stream(model="scripted", input="Weather?",
+                            tools=[{"type": "function", **WEATHER_TOOL["function"]}]) as s:
+        r = s.get_final_response()
+    assert [i.type for i in r.output] == ["reasoning", "function_call"] and r.output[1].arguments == '{"city":"Paris"}'
+    with c.chat.completions.stream(model="scripted", messages=[{"role": "user", "content": "Weather?"}],
+                                   tools=[WEATHER_TOOL]) as s:
+        f = s.get_final_completion()
+    call = f.choices[0].message.tool_calls[0]
+    assert (f.choices[0].finish_reason, call.function.name, call.function.arguments) == (
+        "tool_calls", "get_weather", '{"city":"Paris"}')
+
+
 def test_reasoning_and_markup_never_reach_content(scripted):
     """Analysis goes to reasoning_content; special tokens the model puts inside the final text are dropped."""
     final = ("<|channel|>analysis<|message|>Secret plan.<|end|><|start|>assistant<|channel|>final<|message|>Hello"
