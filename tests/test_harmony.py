@@ -575,3 +575,20 @@ def test_conversation_files_in_either_format(enc, tok):
         H.Message.from_role_and_content(R.DEVELOPER, H.DeveloperContent.new().with_instructions("Be brief.")),
         H.Message.from_role_and_content(R.USER, "hi")])
     assert render_conversation(conv, tok) == enc.render_conversation_for_completion(theirs, R.ASSISTANT)
+
+
+def test_openai_mapping_agrees_with_edgecs_chat_template(tok):
+    """The chat template edgec writes into ONNX folders (for onnxruntime-genai) and this mapping read OpenAI messages
+    the same way: the same Harmony text for a conversation without tools."""
+    import jinja2
+
+    from edgec.harmony.openai import conversation, from_chat
+
+    template = (__import__("pathlib").Path(__file__).parents[1] / "edgec/data/chat_template.jinja").read_text()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Weather?"}]
+    for effort in ("low", "high"):
+        theirs = jinja2.Environment().from_string(template).render(messages=msgs, add_generation_prompt=True,
+                                                                    reasoning_effort=effort)
+        ours = tok.decode(render_conversation(conversation(from_chat(msgs), effort, date=None), tok))
+        assert ours == theirs
