@@ -175,12 +175,20 @@ def targets(as_json: bool) -> None:
     if as_json:
         emit_json(profs)
         return
-    t = Table("target", "runtime", "provider", "experts", "dense", "notes")
+    t = Table("target", "runtime", "provider", "--experts", "--dense", "--lm-head", "notes",
+              caption="the formats each target accepts, its default first")
     for p in profs:
         t.add_row(p["name"], p.get("runtime", ""), p.get("execution_provider", ""),
-                  str(p.get("experts", {}).get("default", "")), str(p.get("dense", {}).get("default", "")),
-                  p.get("summary", ""))
+                  *(_formats(p.get(cls)) for cls in ("experts", "dense", "lm_head")), p.get("summary", ""))
     stderr.print(t)
+
+
+def _formats(spec: dict | None) -> str:
+    """The formats a tensor class accepts, the default first and in bold ('-': the class has no option here)."""
+    if not spec:
+        return "-"
+    default, others = spec.get("default"), [f for f in spec.get("supported", []) if f != spec.get("default")]
+    return ", ".join([f"[bold]{default}[/]"] * bool(default) + others)
 
 
 def _register_commands() -> None:

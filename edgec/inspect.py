@@ -269,7 +269,8 @@ def render_report(report: dict[str, Any]) -> None:
     t.add_column()
     if report["kind"] == "edgec output":
         t.add_row("target", f"{report.get('target')} ({report.get('runtime') or '?'})")
-        t.add_row("recipe", ", ".join(f"{k}={v}" for k, v in (report.get("recipe") or {}).items()) or "-")
+        t.add_row("recipe", ", ".join(f"{k}={v}" for k, v in (report.get("recipe") or {}).items()
+                                      if v is not None) or "-")
         src = report.get("source") or {}
         t.add_row("converted from", f"{src.get('path', '?')} ({src.get('layout', '?')} layout), "
                                     f"edgec {report.get('edgec_version')}")

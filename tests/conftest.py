@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,6 +15,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(SHARED / "data"))
+# Tests (and the commands they run in subprocesses) write no cache into the user's home: edgec's cache and the
+# Hugging Face cache live in a temporary folder removed at exit, and nothing is downloaded.
+_CACHES = Path(tempfile.mkdtemp(prefix="edgec-tests-"))
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+os.environ["EDGEC_CACHE_DIR"] = str(_CACHES / "edgec")
+os.environ["HF_HOME"] = str(_CACHES / "huggingface")
+os.environ["HF_HUB_CACHE"] = str(_CACHES / "huggingface" / "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def make_ckpt(root: Path, preset: str = "tiny", layout: str = "both", seed: int = 0, scale_spread: int | None = None,

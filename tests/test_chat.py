@@ -31,10 +31,16 @@ def kv_model(request, tiny_mlx, tiny_onnx):
     return {"mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param]
 
 
-def run(args, input=None):
+def invoke(args, input=None, code=0):
     r = CliRunner().invoke(main, [str(a) for a in args], input=input)
-    assert r.exit_code == 0, (r.output, r.exception)
-    return r.output
+    assert r.exit_code == code, (r.output, r.exception)
+    assert "Traceback" not in r.output
+    return r
+
+
+def run(args, input=None):
+    """stdout of a successful command (warnings and notes go to stderr)."""
+    return invoke(args, input).stdout
 
 
 def tokenizer():
@@ -342,3 +348,208 @@ def test_generate_reads_an_openai_conversation_with_the_reasoning_flag(tiny, tmp
     enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
     assert backend.prompts[0] == (0, list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT)))
     assert [(m["channel"], m["text"]) for m in out["messages"]] == [("final", "Hi!")]
+
+
+# ---- issue 14: a chat that tells the truth ---------------------------------------------------------------------------
+def _replay(monkeypatch, text: str = "", times: int = 1) -> Replay:
+    """Make every command run on a Replay backend speaking `text` (Harmony, after `<|start|>assistant`) `times`
+    times in a row (one reply each)."""
+    import edgec.runtime.base as base
+
+    backend = Replay(tokenizer().encode(text, allowed_special="all") * times if text else [])
+    monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
+    return backend
+
+
+THINK_THEN_ANSWER = "<|channel|>analysis<|message|>Let me think about it.<|end|><|start|>assistant<|channel|>final" \
+                    "<|message|>Hello there.<|return|>"
+
+
+def test_hidden_reasoning_shows_a_live_token_count_on_the_terminal_only():
+    """The indicator is drawn on stderr when it is a terminal, erased when the answer starts, and never written to
+    stdout; with stderr not a terminal nothing at all is written for the hidden analysis."""
+    import io
+
+    from rich.console import Console
+
+    from edgec.harmony.parser import StreamParser
+    from edgec.runtime.cli import Printer
+
+    ids = tokenizer().encode(THINK_THEN_ANSWER, allowed_special="all")
+    for terminal in (True, False):
+        out, err = io.StringIO(), io.StringIO()
+        fed = []
+        p = Printer(False, tokens=fed.__len__, out=Console(file=out, force_terminal=False),
+                    err=Console(file=err, force_terminal=terminal, width=80))
+        parser = StreamParser(tokenizer(), role="assistant")
+        for t in ids:
+            fed.append(t)
+            for e in parser.feed(t):
+                p(e)
+                if e.kind == "start" and e.channel == "final":
+                    assert p.live is None  # erased before the answer is printed
+        p.end()
+        assert out.getvalue() == "Hello there.\n"
+        counts = [int(n) for n in re.findall(r"thinking… (\d+) tokens", err.getvalue())]
+        if terminal:
+            assert counts and counts == sorted(counts) and counts[-1] > counts[0] == 3  # from the header on
+            assert counts[-1] < ids.index(200006)  # the count moves while the analysis streams
+        else:
+            assert err.getvalue() == ""
+
+
+def test_chat_stdout_carries_the_answer_only(tiny, monkeypatch):
+    _replay(monkeypatch, THINK_THEN_ANSWER)
+    r = invoke(["chat", tiny, "--max-context", 4096], input="hi\n")
+    assert r.stdout == "Hello there.\n"
+    assert "thinking" not in r.output and "Let me think" not in r.output
+
+
+def test_a_reply_cut_off_inside_the_analysis_says_so_and_names_the_option(tiny, monkeypatch):
+    _replay(monkeypatch, "<|channel|>analysis<|message|>" + "step by step " * 40)
+    r = invoke(["chat", tiny, "--max-tokens", 12, "--max-context", 4096, "--reasoning", "high"], input="hi\n")
+    assert r.stdout == ""
+    line = next(x for x in r.stderr.splitlines() if "thinking" in x)
+    assert "before any answer (12 tokens)" in line and "raise --max-tokens (now 12)" in line
+    assert "/effort low" in line
+    _replay(monkeypatch, "<|channel|>analysis<|message|>" + "step by step " * 40)
+    r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 12, "--max-context", 4096, "--json"])
+    assert json.loads(r.stdout)["stats"]["stop"] == "max_tokens"  # stdout stays JSON
+    assert "raise --max-tokens (now 12) or lower the effort (--reasoning low)" in r.stderr
+    # an answer cut off is named as such; a complete one draws no note
+    _replay(monkeypatch, "<|channel|>final<|message|>" + "word " * 40)
+    r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 8, "--max-context", 4096])
+    assert "the answer was cut off after 8 tokens: raise --max-tokens (now 8)" in r.stderr
+    _replay(monkeypatch, THINK_THEN_ANSWER)
+    assert "raise" not in invoke(["generate", tiny, "--prompt", "hi", "--max-context", 4096]).stderr
+
+
+def test_default_max_tokens_follows_the_effort_within_half_the_context(tiny, monkeypatch):
+    from edgec.runtime.session import DEFAULT_MAX_TOKENS
+
+    _replay(monkeypatch)
+    script = "/effort\n/effort high\n/effort low\n"
+    r = invoke(["chat", tiny, "--max-context", 131072], input=script)
+    shown = [int(n) for n in re.findall(r"reasoning effort \w+ \(max tokens (\d+)\)", r.stderr)]
+    assert shown == [DEFAULT_MAX_TOKENS["medium"], DEFAULT_MAX_TOKENS["high"], DEFAULT_MAX_TOKENS["low"]]
+    assert DEFAULT_MAX_TOKENS["low"] < DEFAULT_MAX_TOKENS["medium"] < DEFAULT_MAX_TOKENS["high"]
+    assert re.findall(r"reasoning effort (\w+)", r.stderr) == ["medium", "high", "low"]
+    r = invoke(["chat", tiny, "--max-context", 1000], input=script)
+    assert re.findall(r"max tokens (\d+)", r.stderr) == ["500"] * 3  # at most half the context
+    r = invoke(["chat", tiny, "--max-context", 131072, "--max-tokens", 100], input=script)
+    assert re.findall(r"max tokens (\d+)", r.stderr) == ["100"] * 3  # an explicit --max-tokens stays
+
+
+def test_an_error_in_any_slash_command_is_one_line_and_the_session_goes_on(tiny, tmp_path, monkeypatch):
+    import edgec.runtime.session as session
+
+    _replay(monkeypatch, "<|channel|>final<|message|>Sure.<|return|>", times=2)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "keep.json").write_text("precious")
+    monkeypatch.setattr(session.ChatSession, "stats_text", lambda self: 1 / 0)
+    bad = ["/save /nonexistdir/x.json", f"/save {tmp_path}", f"/load {tmp_path / 'nope.json'}",
+           f"/load {tmp_path / 'bad.json'}", f"/load {tmp_path}", "/effort extreme", "/save", "/stats"]
+    r = invoke(["chat", tiny, "--max-context", 4096],
+               input="\n".join(["first question", *bad, "second question", f"/save {tmp_path / 'keep.json'}"]) + "\n")
+    errors = r.stderr.splitlines()
+    for cmd, want in zip(bad, ["/nonexistdir/x.json: cannot write (No such file or directory)",
+                               f"{tmp_path}: is a folder", "nope.json: file not found", "bad.json",
+                               f"{tmp_path}: cannot read", "/effort takes low, medium or high",
+                               "/save needs a file name", "/stats failed: ZeroDivisionError"], strict=True):
+        assert sum(want in e for e in errors) == 1, (cmd, want, errors)
+    assert r.stdout == "Sure.\nSure.\n"  # both questions answered
+    saved = json.loads((tmp_path / "keep.json").read_text())  # replaced whole, through a temporary file
+    assert [m["content"][0].get("text") for m in saved["messages"][1:]] == ["first question", "Sure.",
+                                                                            "second question", "Sure."]
+    assert not list(tmp_path.glob(".*edgec-tmp*"))
+
+
+def test_load_counts_what_the_file_holds_and_says_what_it_replaced(tiny, tmp_path, monkeypatch):
+    import openai_harmony as oh
+
+    backend = _replay(monkeypatch)
+    conv = oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(
+            oh.ReasoningEffort.HIGH).with_conversation_start_date("2024-12-24")),
+        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Be terse.")),
+        oh.Message.from_role_and_content(oh.Role.USER, "Q1"),
+        oh.Message.from_role_and_content(oh.Role.ASSISTANT, "A1").with_channel("final"),
+        oh.Message.from_role_and_content(oh.Role.USER, "Q2"),
+        oh.Message.from_role_and_content(oh.Role.ASSISTANT, "A2").with_channel("final")])
+    (tmp_path / "six.json").write_text(conv.to_json())
+    openai_chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q1"},
+                   {"role": "assistant", "content": "A1", "reasoning_content": "think"},
+                   {"role": "user", "content": "Q2"}]
+    (tmp_path / "openai.json").write_text(json.dumps(openai_chat))
+    r = invoke(["chat", tiny, "--max-context", 4096, "--developer", "Answer in French.", "--identity", "You are Bob."],
+               input=f"/load {tmp_path / 'six.json'}\nQ3\n/load {tmp_path / 'openai.json'}\n")
+    first, second = [x for x in r.stderr.splitlines() if x.startswith("loaded")]
+    assert "6 messages (system, developer, 4 in the conversation)" in first
+    assert "replaced the system message's identity (--identity), reasoning effort high (was medium), date" in first
+    assert "replaced the developer message" in first
+    # 4 OpenAI messages: a developer message from the system one, the reasoning as an analysis message, and a
+    # system message made from the command line's identity and today's date (which six.json's had replaced)
+    assert "4 messages in the file as 6 messages (system, developer, 4 in the conversation) in Harmony" in second
+    assert second.endswith("; replaced the system message's identity (--identity), date; replaced the developer "
+                           "message (--developer/--system, --tools)")
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    want = enc.render_conversation_for_completion(oh.Conversation.from_messages(
+        [*conv.messages, oh.Message.from_role_and_content(oh.Role.USER, "Q3")]), oh.Role.ASSISTANT)
+    assert backend.prompts[0] == (0, list(want))  # the file's system and developer messages, verbatim
+
+
+def test_stats_is_for_people_and_reset_clears_it(kv_model):
+    out = run(["chat", kv_model, "--max-tokens", 4, "--temperature", 0, "--max-context", 1024],
+              input="hi\n/stats\n/reset\n/stats\n")
+    assert "{" not in out
+    first, after = out.split("cache ")[1:]
+    m = re.match(r"(\d+) of 1024 tokens, KV ([\d.]+ [KMG]iB) · reasoning medium · max tokens 4\n"
+                 r"last turn: prompt (\d+) tokens \(0 reused, (\d+) prefilled in [\d.]+ s\), 4 generated at "
+                 r"[\d.]+ tok/s, first token after [\d.]+ s, stopped by --max-tokens\n", first)
+    assert m and int(m[1]) == int(m[3]) + 3 and m[3] == m[4], first  # prompt + 3 fed tokens (the 4th is not)
+    assert after.startswith("0 of 1024 tokens") and "last turn: none yet" in after
+
+
+def test_eof_ends_the_last_line_of_a_piped_chat(tiny, monkeypatch):
+    _replay(monkeypatch, "<|channel|>final<|message|>no newline at the end<|return|>")
+    r = invoke(["chat", tiny, "--max-context", 4096], input="hi")  # no newline before EOF either
+    assert r.stdout == "no newline at the end\n"
+
+
+def test_source_checkpoint_warns_and_names_the_convert_command(tiny, tiny_mlx, monkeypatch):
+    r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 1, "--max-context", 256])
+    [line] = [x for x in r.stderr.splitlines() if "numpy reference" in x]
+    assert f"edgec convert {tiny} --target mlx -o {tiny.name}-mlx" in line
+    r = invoke(["generate", tiny_mlx, "--prompt", "hi", "--max-tokens", 1, "--max-context", 256])
+    assert "numpy reference" not in r.stderr
+
+
+def test_system_is_the_developer_instructions_and_identity_the_identity_line(tiny, monkeypatch):
+    """--system means what a system prompt means in gpt-oss's chat template (developer instructions); --identity
+    sets the system message's identity line. openai-harmony renders the same prompt."""
+    import openai_harmony as oh
+
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    backend = _replay(monkeypatch)
+    run(["generate", tiny, "--prompt", "hi", "--max-context", 4096, "--system", "Be brief.", "--identity", "I am X."])
+    run(["generate", tiny, "--prompt", "hi", "--max-context", 4096, "--developer", "Be brief."])
+    for (_, got), identity in zip(backend.prompts, ["I am X.", None], strict=True):
+        sc = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.MEDIUM).with_conversation_start_date(
+            datetime.date.today().isoformat())
+        conv = oh.Conversation.from_messages([
+            oh.Message.from_role_and_content(oh.Role.SYSTEM, sc.with_model_identity(identity) if identity else sc),
+            oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions(
+                "Be brief.")),
+            oh.Message.from_role_and_content(oh.Role.USER, "hi")])
+        assert got == list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT))
+
+
+def test_temp_and_max_kv_size_are_aliases(tiny):
+    def tokens(*flags):
+        return json.loads(run(["generate", tiny, "--prompt", "hi", "--json", "--max-tokens", 3, "--seed", 5,
+                               *flags]))["tokens"]
+
+    assert tokens("--temp", 0.7, "--max-kv-size", 256) == tokens("--temperature", 0.7, "--max-context", 256)
+    assert tokens("--temp", 0, "--max-kv-size", 256) != tokens("--temp", 5, "--max-kv-size", 256)
+    r = invoke(["generate", tiny, "--prompt", "word " * 300, "--max-kv-size", 256], code=2)
+    assert "the context holds 256" in r.stderr

@@ -179,6 +179,6 @@ def test_generate_cli_is_reproducible_with_a_seed(tiny):
         r = CliRunner().invoke(main, ["generate", str(tiny), "--prompt", "hi", "--json", "--max-tokens", "3",
                                       "--seed", str(seed), "--max-context", "256"])
         assert r.exit_code == 0, r.output
-        return json.loads(r.output)["tokens"]
+        return json.loads(r.stdout)["tokens"]
 
     assert tokens(11) == tokens(11) != tokens(12)

@@ -44,27 +44,37 @@ def render_cmd(conversation: Path, as_tokens: bool, model: Path | None, next_rol
         click.echo(tok.decode(ids))
 
 
-def _read_tokens(path: Path) -> list[int]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
+def _token_ids(text: str) -> list[int] | None:
+    """Token ids written as a JSON list, `{"tokens": [...]}` (generate --json's output) or whitespace/comma-separated
+    integers; None when the text is not that."""
     try:
         data = json.loads(text)
     except ValueError:
         data = text.replace(",", " ").split()
     if isinstance(data, dict):
         data = data.get("tokens") or data.get("ids")
+    if not isinstance(data, list) or not data:
+        return None
     try:
-        ids = [int(t) for t in data]  # type: ignore[union-attr]
+        return [int(t) for t in data]
     except (TypeError, ValueError):
-        raise EdgecError(f"{path}: expected a JSON list (or whitespace-separated list) of token ids") from None
+        return None
+
+
+def _read_tokens(path: Path) -> list[int]:
+    try:
+        text = click.get_text_stream("stdin").read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
+    ids = _token_ids(text)
+    if ids is None:
+        raise EdgecError(f"{path}: expected a JSON list (or whitespace-separated list) of token ids")
     return ids
 
 
 @harmony.command("parse")
-@click.option("--tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="token ids (JSON list or whitespace-separated)")
+@click.option("--tokens-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+              help="token ids (JSON list or whitespace-separated; '-' reads stdin)")
 @click.option("--text", help="completion text; special tokens like <|channel|> are written as their names")
 @click.option("--role", default="auto", show_default=True,
               help="role already in the prompt (e.g. assistant); 'auto': none when the stream starts with "
@@ -73,14 +83,27 @@ def _read_tokens(path: Path) -> list[int]:
               help="model folder whose tokenizer.json to use")
 @click.option("--json", "as_json", is_flag=True, help="print the messages as JSON")
 def parse_cmd(tokens_file: Path | None, text: str | None, role: str, model: Path | None, as_json: bool) -> None:
-    """Parse a completion into Harmony messages (role, channel, recipient, content type, text)."""
+    """Parse a completion into Harmony messages (role, channel, recipient, content type, text).
+
+    With neither --tokens-file nor --text it reads stdin: token ids (as --tokens-file takes them, e.g. the output of
+    `edgec generate --json`) or else completion text."""
     from .parser import parse_completion
     from .render import START
 
-    if (tokens_file is None) == (text is None):
-        raise EdgecError("give exactly one of --tokens-file or --text")
+    if tokens_file is not None and text is not None:
+        raise EdgecError("give one of --tokens-file or --text (or pipe the completion on stdin)")
+    ids: list[int] | None = None
+    if tokens_file is None and text is None:
+        stdin = click.get_text_stream("stdin")
+        if stdin.isatty():
+            raise EdgecError("give --tokens-file or --text, or pipe a completion (token ids or text) on stdin")
+        text = stdin.read().removesuffix("\n")
+        ids = _token_ids(text)
+        if ids is None and not text.strip():
+            raise EdgecError("stdin was empty: nothing to parse")
     tok = _tokenizer(model)
-    ids = _read_tokens(tokens_file) if tokens_file else tok.encode(text or "", allowed_special="all")
+    if ids is None:
+        ids = _read_tokens(tokens_file) if tokens_file else tok.encode(text or "", allowed_special="all")
     bad = [t for t in ids if not 0 <= t < tok.vocab_size]
     if bad:
         raise EdgecError(f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")

@@ -9,7 +9,9 @@ constructors below use openai-harmony's defaults instead (identity, cutoff 2024-
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,7 +257,19 @@ class Conversation:
             raise EdgecError(f"{p}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        """Write the JSON form: to a temporary file beside `path`, renamed over it (an error never leaves half a
+        file); an unwritable path is a one-line EdgecError."""
+        p = Path(path)
+        if p.is_dir():
+            raise EdgecError(f"{p}: is a folder; give a file name")
+        tmp = p.with_name(f".{p.name}.edgec-tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, p)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise EdgecError(f"{p}: cannot write ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

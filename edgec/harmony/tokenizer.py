@@ -7,7 +7,8 @@ has the lowest rank (leftmost on ties).
 
 `write_tokenizer_files(out)` writes the Hugging Face files a published gpt-oss folder holds (`tokenizer.json`,
 `tokenizer_config.json`, `special_tokens_map.json`); the tokenizer.json is generated once from the ranks and cached
-under `~/.cache/edgec/` (or `$EDGEC_CACHE_DIR`), keyed by the vocabulary hash.
+in edgec's cache folder (`edgec.hub.cache_dir`: `$EDGEC_CACHE_DIR` or the user cache folder), keyed by the
+vocabulary hash.
 """
 
 from __future__ import annotations
@@ -351,16 +352,11 @@ def build_tokenizer_json() -> dict:
     }
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("EDGEC_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec"
-
-
 def _cache_path() -> Path | None:
+    from ..hub import cache_dir
+
     try:
-        return _cache_dir() / f"o200k_harmony-{O200K_SHA256[:16]}-v{_GENERATOR_VERSION}.tokenizer.json"
+        return cache_dir() / f"o200k_harmony-{O200K_SHA256[:16]}-v{_GENERATOR_VERSION}.tokenizer.json"
     except RuntimeError:  # no home directory
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ MAX_TOOL_ROUNDS = 8  # tool calls answered in a row before the turn is handed ba
 
 def sampling_options(f):
     for opt in reversed([
-        click.option("--max-tokens", type=int, default=512, show_default=True, help="tokens to generate at most"),
-        click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy"),
+        click.option("--max-tokens", type=int, default=None,
+                     help="tokens to generate at most, reasoning included (default: 2048 at low effort, 8192 at "
+                          "medium, 32768 at high; at most half the context)"),
+        click.option("--temperature", "--temp", type=float, default=1.0, show_default=True, help="0 = greedy"),
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
         click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
-        click.option("--max-context", type=int, default=None,
+        click.option("--max-context", "--max-kv-size", type=int, default=None,
                      help="context length to plan the KV cache for (default: the model's, 131072)"),
         click.option("--kv-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
                      help="8 = 8-bit K/V in the full-attention layers (mlx target); 16 = unquantized (--kv-dtype)"),
@@ -31,8 +34,11 @@ def sampling_options(f):
                      help="KV cache dtype (mlx target; default: the target profile's, float32)"),
         click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
                      show_default=True),
-        click.option("--system", "system", help="model identity line of the system message"),
-        click.option("--developer", help="developer instructions"),
+        click.option("--developer", "--system", "developer",
+                     help="instructions for the model: the developer message, which is where gpt-oss's chat template "
+                          "puts a system prompt"),
+        click.option("--identity", "system", help="the model identity line of Harmony's system message (default: "
+                                                  "You are ChatGPT, a large language model trained by OpenAI.)"),
         click.option("--tools", "tools_file", type=click.Path(path_type=Path),
                      help='JSON list of functions [{"name", "description", "parameters", "mock"?}]'),
         click.option("--show-analysis", is_flag=True, help="show the model's reasoning (dimmed)"),
@@ -41,7 +47,7 @@ def sampling_options(f):
     return f
 
 
-def open_session(model: Path, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+def open_session(model: Path, max_tokens: int | None, temperature: float, top_p: float, top_k: int, seed: int | None,
                  max_context: int | None, kv_bits: str, reasoning: str, system: str | None, developer: str | None,
                  tools_file: Path | None, kv_dtype: str | None = None):
     """Plan memory, load the backend and the tokenizer, and start a ChatSession."""
@@ -50,7 +56,8 @@ def open_session(model: Path, max_tokens: int, temperature: float, top_p: float,
     from .generate import Sampling
     from .session import ChatSession, plan_memory, read_tools
 
-    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                        max_tokens=1 if max_tokens is None else max_tokens)  # None: the session sets it by effort
     tools, mocks = read_tools(tools_file) if tools_file else ([], {})
     target = target_of(model)
     cfg = _config_of(model)
@@ -75,7 +82,7 @@ def open_session(model: Path, max_tokens: int, temperature: float, top_p: float,
                          f"cache in {held or 'the dtype of its graph'} (drop the option)")
     tok = Tokenizer.from_folder(model)
     return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
-                       sampling=sampling, max_context=context, mocks=mocks)
+                       sampling=sampling, max_context=context, mocks=mocks, auto_max_tokens=max_tokens is None)
 
 
 def _config_of(model: Path):
@@ -93,37 +100,77 @@ def _config_of(model: Path):
 
 
 class Printer:
-    """Streams Harmony events to the terminal: analysis dimmed (or hidden), final answer plain, tool calls shown."""
+    """Streams Harmony events to the terminal: the final answer plain, tool calls cyan, the analysis dimmed with
+    --show-analysis and otherwise hidden behind a live "thinking… N tokens" line on stderr (terminals only: it is
+    erased when the answer starts, and never reaches a pipe or stdout)."""
 
-    def __init__(self, show_analysis: bool):
+    def __init__(self, show_analysis: bool, tokens: Callable[[], int] | None = None, out: Any = None,
+                 err: Any = None):
         from rich.console import Console
 
-        self.out = Console(highlight=False, soft_wrap=True)
+        self.out = out or Console(highlight=False, soft_wrap=True)
+        self.err = err or stderr
         self.show_analysis = show_analysis
+        self.tokens = tokens  # tokens generated so far in this reply (default: hidden analysis deltas seen)
         self.channel: str | None = None
         self.recipient: str | None = None
         self.open = False
+        self.hidden = 0
+        self.live: Any = None
 
     def __call__(self, e: Any) -> None:
         """Handle one event of `edgec.harmony.parser.StreamParser`."""
         if e.kind == "start":
             self._newline()
             self.channel, self.recipient = e.channel, e.recipient
+            if self._hidden():
+                self._thinking()
+                return
+            self._stop_thinking()
             if self.recipient:
                 self.out.print(f"→ {self.recipient} ", style="cyan", end="", markup=False)
                 self.open = True
         elif e.kind == "delta":
-            if self.recipient:
-                self.out.print(e.text, style="cyan", end="", markup=False)
-            elif self.channel == "analysis":
-                if not self.show_analysis:
-                    return
-                self.out.print(e.text, style="dim", end="", markup=False)
-            else:
-                self.out.print(e.text, end="", markup=False)
+            if self._hidden():
+                self.hidden += 1
+                self._thinking()
+                return
+            style = "cyan" if self.recipient else "dim" if self.channel == "analysis" else None
+            self.out.print(e.text, style=style, end="", markup=False)
             self.open = True
         elif e.kind == "done":
             self._newline()
+
+    def end(self) -> None:
+        """The reply is over (or was stopped): erase the thinking line, end the answer's line."""
+        self._stop_thinking()
+        self._newline()
+        self.hidden = 0
+
+    def _hidden(self) -> bool:
+        return self.channel == "analysis" and not self.recipient and not self.show_analysis
+
+    def _thinking(self) -> None:
+        if not self.err.is_terminal:
+            return
+        from rich.text import Text
+
+        text = Text(f"thinking… {self.tokens() if self.tokens else self.hidden} tokens", style="dim")
+        if self.live is None:
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self.spinner = Spinner("dots", text, style="dim")
+            self.live = Live(self.spinner, console=self.err, transient=True, refresh_per_second=8,
+                             redirect_stdout=False, redirect_stderr=False)
+            self.live.start()
+        self.spinner.update(text=text)
+        self.live.refresh()
+
+    def _stop_thinking(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
     def _newline(self) -> None:
         if self.open:
@@ -131,26 +178,91 @@ class Printer:
             self.open = False
 
 
-def _read_line(prompt: str) -> str | None:
-    """One line from stdin (prompted on a terminal), None at EOF."""
-    if sys.stdin.isatty():
+def cut_off(turn, session, lower_effort: str) -> str | None:
+    """One line when a reply stopped at --max-tokens or the context's end, naming what to raise; None otherwise."""
+    st = turn.stats
+    if st.stop not in ("max_tokens", "context"):
+        return None
+    if st.stop == "max_tokens":
+        raise_ = f"raise --max-tokens (now {session.sampling.max_tokens})"
+    else:
+        raise_ = f"the context is full: raise --max-context (now {session.max_context})"
+    if all(m.channel == "analysis" for m in turn.messages):
+        hint = f" or lower the effort ({lower_effort})" if session.reasoning != "low" else ""
+        return f"the reply stopped while thinking, before any answer ({st.decode} tokens): {raise_}{hint}"
+    return f"the answer was cut off after {st.decode} tokens: {raise_}"
+
+
+class PipeReader:
+    """Lines from a pipe or a file, as they are (scripted chats)."""
+
+    interactive = False
+
+    def __call__(self, prompt: str) -> str | None:
+        line = sys.stdin.readline()
+        return None if line == "" else line.rstrip("\n")
+
+
+class TerminalReader:
+    """Terminal input through prompt_toolkit (Windows consoles too): line editing, history (up/down), and multi-line
+    input by pasting (bracketed paste), Esc+Enter (or Meta+Enter), or a line ending in a backslash."""
+
+    interactive = True
+
+    def __init__(self, input: Any = None, output: Any = None):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        kb = KeyBindings()
+
+        @kb.add("enter")
+        def _enter(event) -> None:  # noqa: ANN001
+            buf = event.current_buffer
+            if buf.document.is_cursor_at_the_end and buf.text.endswith("\\"):
+                buf.delete_before_cursor(1)
+                buf.insert_text("\n")
+            else:
+                buf.validate_and_handle()
+
+        @kb.add("escape", "enter")
+        def _newline(event) -> None:  # noqa: ANN001
+            event.current_buffer.insert_text("\n")
+
+        if output is None and input is None and not sys.stdout.isatty():  # stdout redirected: prompt on stderr
+            from prompt_toolkit.output import create_output
+
+            output = create_output(stdout=sys.stderr)
+        self.session = PromptSession(history=InMemoryHistory(), key_bindings=kb, input=input, output=output,
+                                     prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ")
+
+    def __call__(self, prompt: str) -> str | None:
         try:
-            return input(prompt)
-        except EOFError:
+            return self.session.prompt(prompt)
+        except EOFError:  # Ctrl-D (prompt_toolkit ends the prompt's line itself)
             return None
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\n")
 
 
-def _run_turn(session, user: str | None, printer: Printer, stats: bool) -> None:
+def line_reader() -> PipeReader | TerminalReader:
+    return TerminalReader() if sys.stdin.isatty() else PipeReader()
+
+
+def say(text: str, style: str = "dim") -> None:
+    """One line on stderr, never wrapped (logs and tests read it whole)."""
+    stderr.print(f"[{style}]{escape(text)}[/]", highlight=False, soft_wrap=True)
+
+
+def _run_turn(session, user: str | None, printer: Printer, stats: bool, read) -> None:
     """Ask (or continue after a tool result), answering tool calls from mocks or the user."""
     turn = session.ask(user, printer) if user is not None else session.respond(printer)
-    printer._newline()
     for _ in range(MAX_TOOL_ROUNDS):
+        printer.end()
         if turn.dropped_turns:
             stderr.print(f"[yellow]context full: dropped the {turn.dropped_turns} oldest turn(s)[/]")
         if turn.stats.stop == "interrupted":
             stderr.print("[yellow]stopped[/]")
+        if note := cut_off(turn, session, "/effort low"):
+            say(note, "yellow")
         if stats:
             click.echo(turn.stats.line())
         call = turn.tool_call
@@ -159,32 +271,60 @@ def _run_turn(session, user: str | None, printer: Printer, stats: bool) -> None:
         recipient = call.recipient
         result = session.mocks.get(recipient.removeprefix("functions."))
         if result is None:
-            result = _read_line(f"result of {recipient}> ")
+            result = read(f"result of {recipient}> ")
             if result is None:
                 return
         else:
             stderr.print(f"[cyan]← {escape(recipient)}[/] {escape(str(result))}", highlight=False)
         turn = session.tool_result(recipient, result, printer)
-        printer._newline()
 
 
-HELP = "commands: /reset  /effort low|medium|high  /save FILE  /load FILE  /stats  /exit"
+HELP = "commands: /reset  /effort [low|medium|high]  /save FILE  /load FILE  /stats  /exit"
+MULTILINE = "multi-line: paste, Esc+Enter, or end a line with \\"
+
+
+def model_argument(f):
+    """MODEL (a folder or a Hugging Face id) and --target, for chat and generate."""
+    f = click.option("--target", "-t", help="with a Hugging Face id: convert it once for this target (e.g. mlx) into "
+                                            "edgec's cache, and run that")(f)
+    return click.argument("model")(f)
+
+
+def resolve(model: str, target: str | None) -> Path:
+    """The folder to open for MODEL, with a warning when it is a source checkpoint (the slow numpy reference)."""
+    from ..hub import is_hub_id, resolve_model
+    from .base import target_of
+
+    folder = resolve_model(model, target, announce=lambda m: say(m, "cyan"))
+    if target_of(folder) == "source":
+        suggest = "onnx-cpu" if sys.platform == "win32" else "mlx"
+        if is_hub_id(model):
+            fast = f"edgec chat {model} --target {suggest}"
+        else:
+            fast = f"edgec convert {model} --target {suggest} -o {Path(model).name}-{suggest}"
+        say(f"warning: {model} is a source checkpoint: it runs on the numpy reference, which recomputes the whole "
+            f"sequence for every token (about 1 token/s on the small preset, slower for bigger models). For a fast "
+            f"runtime: {fast}", "yellow")
+    return folder
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@model_argument
 @sampling_options
 @click.option("--stats", "show_stats", is_flag=True,
               help="after each turn print `prefill=N reused=M decode=K tok/s=X`")
-def chat(model: Path, show_analysis: bool, show_stats: bool, **kw) -> None:
-    """Chat with MODEL in Harmony format (an edgec output folder or a source checkpoint)."""
-    session = open_session(model, **kw)
-    printer = Printer(show_analysis)
-    if sys.stdin.isatty():
-        stderr.print(f"[dim]{session.backend.name} · context {session.max_context} · {HELP}[/]")
+def chat(model: str, target: str | None, show_analysis: bool, show_stats: bool, **kw) -> None:
+    """Chat with MODEL in Harmony format: an edgec output folder, a source checkpoint (the numpy reference: slow),
+    or a Hugging Face id in the local cache (e.g. openai/gpt-oss-20b; --target converts it once)."""
+    session = open_session(resolve(model, target), **kw)
+    printer = Printer(show_analysis, tokens=lambda: session.gen.stats.decode)
+    read = line_reader()
+    if read.interactive:
+        say(f"{session.backend.name} · context {session.max_context} · reasoning {session.reasoning} · {HELP} · "
+            f"{MULTILINE}")
     while True:
         try:
-            line = _read_line("> ")
+            line = read("> ")
         except KeyboardInterrupt:
             stderr.print()
             continue
@@ -198,17 +338,17 @@ def chat(model: Path, show_analysis: bool, show_stats: bool, **kw) -> None:
                 return
             continue
         try:
-            _run_turn(session, line, printer, show_stats)
+            _run_turn(session, line, printer, show_stats, read)
         except KeyboardInterrupt:  # outside the sampling loop (rendering, a tool prompt): the session goes on
-            printer._newline()
+            printer.end()
             stderr.print("[yellow]stopped[/]")
         except EdgecError as e:  # e.g. a turn too long for the context: say so, keep the session
-            printer._newline()
-            stderr.print(f"[red]{escape(str(e))}[/]", highlight=False)
+            printer.end()
+            say(str(e), "red")
 
 
 def _slash(session, line: str) -> bool:
-    """Run a slash command; True means exit."""
+    """Run a slash command; True means exit. Any error is one line, and the session goes on."""
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
     try:
@@ -218,55 +358,65 @@ def _slash(session, line: str) -> bool:
             session.reset()
             stderr.print("[dim]conversation cleared[/]")
         elif cmd == "/effort":
-            if arg not in ("low", "medium", "high"):
-                raise EdgecError("/effort takes low, medium or high")
-            session.reasoning = arg
-            stderr.print(f"[dim]reasoning effort {arg}[/]")
+            if arg:
+                if arg not in ("low", "medium", "high"):
+                    raise EdgecError("/effort takes low, medium or high")
+                session.reasoning = arg
+            stderr.print(f"[dim]reasoning effort {session.reasoning} (max tokens {session.sampling.max_tokens})[/]")
         elif cmd == "/save":
             if not arg:
                 raise EdgecError("/save needs a file name")
-            session.save(Path(arg))
-            stderr.print(f"[dim]saved {escape(arg)}[/]")
+            session.save(Path(arg).expanduser())
+            stderr.print(f"[dim]saved {escape(arg)} ({len(session.conversation().messages)} messages)[/]")
         elif cmd == "/load":
             if not arg:
                 raise EdgecError("/load needs a file name")
-            session.load(Path(arg))
-            stderr.print(f"[dim]loaded {escape(arg)} ({len(session.history)} messages)[/]")
+            say(session.load(Path(arg).expanduser()))
         elif cmd == "/stats":
-            st = session.last.stats if session.last else None
-            click.echo(json.dumps({"cached_tokens": len(session.gen.tokens), "kv_bytes": session.backend.kv_bytes(),
-                                   "last_turn": st.as_dict() if st else None}))
+            click.echo(session.stats_text())
         else:
-            stderr.print(HELP)
+            say(HELP, "default")
     except EdgecError as e:
-        stderr.print(f"[red]{escape(str(e))}[/]", highlight=False)
+        say(str(e), "red")
+    except KeyboardInterrupt:
+        say("stopped", "yellow")
+    except Exception as e:  # noqa: BLE001 - a slash command never ends the chat
+        say(f"{cmd} failed: {type(e).__name__}: {e}", "red")
     return False
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--prompt", help="the user message")
+@model_argument
+@click.option("--prompt", help="the user message ('-' reads it from stdin)")
 @click.option("--conversation", type=click.Path(path_type=Path),
               help="conversation JSON: openai-harmony's to_json form, or OpenAI chat messages (a list, or a request "
                    "body with messages, tools, reasoning_effort)")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="print the parsed messages and the statistics as JSON")
-def generate(model: Path, prompt: str | None, conversation: Path | None, show_analysis: bool, as_json: bool,
-             **kw) -> None:
-    """One completion of a prompt or a conversation."""
+def generate(model: str, target: str | None, prompt: str | None, conversation: Path | None, show_analysis: bool,
+             as_json: bool, **kw) -> None:
+    """One completion of a prompt or a conversation (MODEL as for chat)."""
     from ..harmony.conversation import Message
 
     if (prompt is None) == (conversation is None):
         raise EdgecError("give exactly one of --prompt or --conversation")
-    session = open_session(model, **kw)
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read().rstrip("\n")
+        if not prompt.strip():
+            raise EdgecError("--prompt -: stdin was empty")
+    session = open_session(resolve(model, target), **kw)
     if conversation is not None:
         session.load(conversation)
         if click.get_current_context().get_parameter_source("reasoning") == click.core.ParameterSource.COMMANDLINE:
             session.reasoning = kw["reasoning"]  # an explicit --reasoning wins over the file's system message
     else:
         session.history.append(Message("user", prompt))
-    printer = None if as_json else Printer(show_analysis)
+    printer = Printer(show_analysis, tokens=lambda: session.gen.stats.decode) if not as_json else None
     turn = session.respond(printer)
+    if printer is not None:
+        printer.end()
+    if note := cut_off(turn, session, "--reasoning low"):
+        say(note, "yellow")
     if as_json:
         click.echo(json.dumps({
             "messages": [{"role": m.role, "channel": m.channel, "recipient": m.recipient,
@@ -275,7 +425,6 @@ def generate(model: Path, prompt: str | None, conversation: Path | None, show_an
             "stats": turn.stats.as_dict(),
         }, ensure_ascii=False, indent=2))
     else:
-        printer._newline()
         stderr.print(f"[dim]{turn.stats.line()} stop={turn.stats.stop}[/]")
 
 

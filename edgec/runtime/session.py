@@ -116,6 +116,17 @@ def plan_memory(folder: Path, cfg: GptOssConfig, context: int, kv_bits: int = 16
     return MemoryPlan(context, kv_bits, kv, weights, available_memory(), label)
 
 
+# ---- reply length ---------------------------------------------------------------------------------------------
+# The default --max-tokens follows the reasoning effort: gpt-oss's analysis alone often runs past 512 tokens at
+# high effort, and a reply cut off inside it has no answer at all. At most half the context, so that a long reply
+# does not push the whole history out.
+DEFAULT_MAX_TOKENS = {"low": 2048, "medium": 8192, "high": 32768}
+
+
+def default_max_tokens(effort: str | None, context: int) -> int:
+    return max(1, min(DEFAULT_MAX_TOKENS[effort or "medium"], context // 2))
+
+
 # ---- tools ---------------------------------------------------------------------------------------------------
 def read_tools(path: Path) -> tuple[list[ToolDescription], dict[str, str]]:
     """A tools file: a JSON list of function definitions `{"name", "description", "parameters", "mock"?}` (or
@@ -159,7 +170,7 @@ class ChatSession:
     def __init__(self, backend: Backend, tokenizer: Any, *, reasoning: str = "medium", system: str | None = None,
                  developer: str | None = None, tools: list[ToolDescription] | None = None,
                  sampling: Sampling | None = None, max_context: int | None = None, date: str | None = None,
-                 mocks: dict[str, str] | None = None):
+                 mocks: dict[str, str] | None = None, auto_max_tokens: bool = False):
         self.backend = backend
         self.tokenizer = tokenizer
         self.gen = Generator(backend, max_context=max_context)
@@ -172,6 +183,8 @@ class ChatSession:
         self.mocks = mocks or {}  # tool name -> the result the chat answers every call with
         self.history: list[Message] = []  # user / assistant / tool messages
         self.last: Turn | None = None
+        self.auto_max_tokens = auto_max_tokens  # sampling.max_tokens follows the effort (no --max-tokens given)
+        self._follow_effort()
 
     # ---- conversation ----------------------------------------------------------------------------------------
     @property
@@ -184,6 +197,11 @@ class ChatSession:
         for c in self.system.content:
             if isinstance(c, SystemContent):
                 c.reasoning_effort = normalize_effort(effort)
+        self._follow_effort()
+
+    def _follow_effort(self) -> None:
+        if self.auto_max_tokens:
+            self.sampling.max_tokens = default_max_tokens(self.reasoning, self.max_context)
 
     @property
     def tools(self) -> list[ToolDescription]:
@@ -254,21 +272,83 @@ class ChatSession:
     # ---- slash-command helpers ---------------------------------------------------------------------------------
     def reset(self) -> None:
         self.history = []
+        self.last = None
         self.gen.reset()
 
     def save(self, path: Path) -> None:
         self.conversation().save(path)
 
-    def load(self, path: Path) -> None:
-        """Load a conversation JSON: openai-harmony's to_json form, whose system and developer messages are kept
-        verbatim (only /effort edits the system's reasoning effort), or the OpenAI chat format (a list of messages
-        or a request body), mapped as `edgec serve` maps it (its system messages become developer instructions)."""
-        conv = conversation_from_any(read_json(path), self.reasoning, self.date or None, self.identity)
+    def load(self, path: Path) -> str:
+        """Load a conversation JSON and say what happened: openai-harmony's to_json form, taken verbatim (its leading
+        system and developer messages replace the session's; only /effort edits the system's reasoning effort), or
+        the OpenAI chat format (a list of messages or a request body), mapped as `edgec serve` maps it (its system
+        messages become developer instructions). Every message is loaded; system or developer messages after the
+        first turn stay in place."""
+        data = read_json(path)
+        conv = conversation_from_any(data, self.reasoning, self.date or None, self.identity)
         if not conv.messages:
             raise EdgecError(f"{path}: no messages")
-        self.system = next((m for m in conv.messages if m.role == "system"), self.system)
-        self.developer = next((m for m in conv.messages if m.role == "developer"), self.developer)
-        self.history = [m for m in conv.messages if m.role not in ("system", "developer")]
+        raw = data.get("messages") if isinstance(data, dict) else data
+        in_file = len(raw) if isinstance(raw, list) else len(conv.messages)
+        head = 0
+        while head < len(conv.messages) and conv.messages[head].role in ("system", "developer"):
+            head += 1
+        system = next((m for m in conv.messages[:head] if m.role == "system"), None)
+        developer = next((m for m in conv.messages[:head] if m.role == "developer"), None)
+        extra = [m for m in conv.messages[:head] if m is not system and m is not developer]
+        notes = []
+        if system is not None and system != self.system:
+            notes.append(f"replaced the system message's {_differences(self.system, system)}")
+        if developer is not None and developer != self.developer:
+            notes.append("replaced the developer message (--developer/--system, --tools)" if self.developer else
+                         "added the file's developer message")
+        elif developer is None and self.developer is not None:
+            notes.append("kept the developer message of the command line (the file has none)")
+        self.system = system or self.system
+        self.developer = developer or self.developer
+        self.history = extra + conv.messages[head:]
+        self._follow_effort()
+        kinds = [k for k, n in (("system", system is not None), ("developer", developer is not None)) if n]
+        parts = kinds + [f"{len(self.history)} in the conversation"]
+        what = f"{len(conv.messages)} messages ({', '.join(parts)})"
+        if in_file != len(conv.messages):
+            what = f"{in_file} messages in the file as {what} in Harmony"
+        return f"loaded {path}: {what}" + "".join(f"; {n}" for n in notes)
+
+    def stats_text(self) -> str:
+        """What /stats prints: the cache, the settings and the last turn, for people."""
+        from ..inspect import human_bytes
+
+        lines = [f"cache {len(self.gen.tokens)} of {self.max_context} tokens, KV {human_bytes(self.backend.kv_bytes())}"
+                 f" · reasoning {self.reasoning} · max tokens {self.sampling.max_tokens}"]
+        st = self.last.stats if self.last else None
+        if st is None:
+            lines.append("last turn: none yet")
+        else:
+            lines.append(f"last turn: prompt {st.prompt} tokens ({st.reused} reused, {st.prefill} prefilled in "
+                         f"{st.prefill_s:.2f} s), {st.decode} generated at {st.tok_s:.1f} tok/s, first token after "
+                         f"{st.ttft_s:.2f} s, stopped by {STOPS.get(st.stop, st.stop)}")
+        return "\n".join(lines)
 
 
-__all__ = ["ChatSession", "MemoryPlan", "Turn", "kv_plan_bytes", "plan_memory", "read_tools"]
+STOPS = {"return": "the end of the answer", "call": "a tool call", "max_tokens": "--max-tokens",
+         "context": "the end of the context", "interrupted": "Ctrl-C"}
+
+
+def _differences(old: Message, new: Message) -> str:
+    """What differs between two system messages, for people: 'identity, reasoning effort high (was medium)'."""
+    a = next((c for c in old.content if isinstance(c, SystemContent)), None)
+    b = next((c for c in new.content if isinstance(c, SystemContent)), None)
+    if a is None or b is None:
+        return "content"
+    names = {"model_identity": "identity (--identity)", "reasoning_effort": "reasoning effort",
+             "conversation_start_date": "date", "knowledge_cutoff": "knowledge cutoff", "valid_channels": "channels",
+             "channel_required": "channels", "tools": "built-in tools"}
+    out: list[str] = []
+    for k, name in names.items():
+        if getattr(a, k) != getattr(b, k) and not any(o.startswith(name) for o in out):
+            out.append(f"{name} {b.reasoning_effort} (was {a.reasoning_effort})" if k == "reasoning_effort" else name)
+    return ", ".join(out) or "content"
+
+
+__all__ = ["ChatSession", "MemoryPlan", "Turn", "default_max_tokens", "kv_plan_bytes", "plan_memory", "read_tools"]

@@ -1,0 +1,123 @@
+"""Hugging Face ids as model arguments (`edgec chat openai/gpt-oss-20b`), and edgec's own cache folder.
+
+An id is looked up in the local Hugging Face cache, as `huggingface_hub` lays it out: `$HF_HUB_CACHE`, else
+`$HF_HOME/hub`, else `~/.cache/huggingface/hub`, holding `models--ORG--NAME/refs/main` (a commit hash) and
+`models--ORG--NAME/snapshots/COMMIT/` (the files). edgec never downloads: when the id is not there, the error names the
+one command that does. With a target, the snapshot is converted once into
+`CACHE/models/ORG--NAME/COMMIT/TARGET` (CACHE: `$EDGEC_CACHE_DIR`, else the platform's user cache folder) and later
+runs open that folder directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from .errors import EdgecError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$")
+TARGET_PREFERENCE = ("mlx", "onnx-cpu")  # which earlier conversion a run without --target opens first
+
+
+def cache_dir() -> Path:
+    """edgec's cache: `$EDGEC_CACHE_DIR`, else `%LOCALAPPDATA%\\edgec\\Cache` (Windows), `~/Library/Caches/edgec`
+    (macOS), `$XDG_CACHE_HOME/edgec` or `~/.cache/edgec` (elsewhere)."""
+    if env := os.environ.get("EDGEC_CACHE_DIR"):
+        return Path(env).expanduser()
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "edgec" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "edgec"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec"
+
+
+def hf_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded repositories (its own resolution order)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env := os.environ.get(var):
+            return Path(env).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def is_hub_id(arg: str) -> bool:
+    return bool(HUB_ID.match(arg)) and not Path(arg).exists()
+
+
+def download_command(repo: str) -> str:
+    """The command that puts `repo` into the Hugging Face cache (the HF layout only: not original/ nor metal/)."""
+    return f'hf download {repo} --exclude "original/*" --exclude "metal/*"'
+
+
+def snapshot(hub_id: str) -> tuple[Path, str]:
+    """(snapshot folder, commit) of `ORG/NAME[@REVISION]` in the local Hugging Face cache, or a one-line EdgecError
+    naming the download command."""
+    repo, _, revision = hub_id.partition("@")
+    root = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+    missing = EdgecError(f"{repo} is not in the Hugging Face cache ({hf_cache_dir()}); download it with: "
+                         f"{download_command(repo)}" + (f" --revision {revision}" if revision else ""))
+    snaps = root / "snapshots"
+    ref = root / "refs" / (revision or "main")
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+    elif revision:
+        commit = revision  # a commit hash
+    else:  # downloaded at a pinned revision only: one snapshot is unambiguous
+        found = sorted(p.name for p in snaps.iterdir()) if snaps.is_dir() else []
+        if len(found) != 1:
+            if found:
+                raise EdgecError(f"{repo}: the Hugging Face cache holds {len(found)} snapshots and no refs/main; "
+                                 f"name one: {repo}@{found[0]}")
+            raise missing
+        commit = found[0]
+    folder = snaps / commit
+    if not (folder / "config.json").is_file():
+        raise missing
+    return folder, commit
+
+
+def converted_folder(repo: str, commit: str, target: str) -> Path:
+    return cache_dir() / "models" / repo.replace("/", "--") / commit / target
+
+
+def resolve_model(arg: str, target: str | None = None, announce=None) -> Path:
+    """MODEL as chat and generate take it: a folder (a checkpoint or an edgec output), or a Hugging Face id.
+
+    For an id: with `target`, its conversion in edgec's cache, made on the first run (`announce(text)` says so);
+    without, an earlier conversion if there is one, else the snapshot itself (the source checkpoint)."""
+    from .runtime.base import target_of
+
+    path = Path(arg).expanduser()
+    if path.exists() or not HUB_ID.match(arg):
+        if not path.is_dir():
+            raise EdgecError(f"{arg}: no such folder (a gpt-oss checkpoint, an edgec output, or a Hugging Face id "
+                             f"such as openai/gpt-oss-20b)")
+        have = target_of(path)
+        if target and have != target:
+            if have == "source":
+                raise EdgecError(f"--target {target} converts a Hugging Face id; for the folder {arg} run "
+                                 f"`edgec convert {arg} --target {target} -o OUT` and chat with OUT")
+            raise EdgecError(f"--target {target}: {arg} is an edgec output for {have}")
+        return path
+    snap, commit = snapshot(arg)
+    repo = arg.partition("@")[0]
+    if target is None:
+        done = [t for t in TARGET_PREFERENCE if (converted_folder(repo, commit, t) / "edgec.json").is_file()]
+        return converted_folder(repo, commit, done[0]) if done else snap
+    out = converted_folder(repo, commit, target)
+    if not (out / "edgec.json").is_file():
+        from .convert import run_convert
+        from .targets import load_profile
+
+        load_profile(target)  # an unknown target is refused before anything is said or written
+        if announce:
+            announce(f"first run of {arg} for {target}: converting the Hugging Face snapshot {commit[:12]} into "
+                     f"{out} (once; later runs open it directly)")
+        run_convert(snap, target, out)
+    return out
+
+
+__all__ = ["cache_dir", "converted_folder", "download_command", "hf_cache_dir", "is_hub_id", "resolve_model",
+           "snapshot"]
