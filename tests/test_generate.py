@@ -182,3 +182,23 @@ def test_generate_cli_is_reproducible_with_a_seed(tiny):
         return json.loads(r.stdout)["tokens"]
 
     assert tokens(11) == tokens(11) != tokens(12)
+
+
+def test_prompt_dash_reads_stdin(tiny):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+
+    def out(prompt: str, stdin: str | None = None) -> tuple:
+        r = CliRunner().invoke(main, ["generate", str(tiny), "--prompt", prompt, "--json", "--max-tokens", "2",
+                                      "--temperature", "0", "--max-context", "512"], input=stdin)
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout)
+        return res["stats"]["prompt"], res["tokens"]
+
+    text = "line one\nline two"
+    assert out("-", text + "\n") == out(text) != out("line one")
+    r = CliRunner().invoke(main, ["generate", str(tiny), "--prompt", "-"], input="\n")
+    assert r.exit_code == 2 and "stdin was empty" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -63,7 +64,7 @@ def _token_ids(text: str) -> list[int] | None:
 
 def _read_tokens(path: Path) -> list[int]:
     try:
-        text = click.get_text_stream("stdin").read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except OSError as e:
         raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
     ids = _token_ids(text)
@@ -94,7 +95,7 @@ def parse_cmd(tokens_file: Path | None, text: str | None, role: str, model: Path
         raise EdgecError("give one of --tokens-file or --text (or pipe the completion on stdin)")
     ids: list[int] | None = None
     if tokens_file is None and text is None:
-        stdin = click.get_text_stream("stdin")
+        stdin = sys.stdin
         if stdin.isatty():
             raise EdgecError("give --tokens-file or --text, or pipe a completion (token ids or text) on stdin")
         text = stdin.read().removesuffix("\n")

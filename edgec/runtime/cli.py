@@ -401,7 +401,7 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
     if (prompt is None) == (conversation is None):
         raise EdgecError("give exactly one of --prompt or --conversation")
     if prompt == "-":
-        prompt = click.get_text_stream("stdin").read().rstrip("\n")
+        prompt = sys.stdin.read().rstrip("\n")
         if not prompt.strip():
             raise EdgecError("--prompt -: stdin was empty")
     session = open_session(resolve(model, target), **kw)
