@@ -413,9 +413,13 @@ def test_a_reply_cut_off_inside_the_analysis_says_so_and_names_the_option(tiny, 
     assert "before any answer (12 tokens)" in line and "raise --max-tokens (now 12)" in line
     assert "/effort low" in line
     _replay(monkeypatch, "<|channel|>analysis<|message|>" + "step by step " * 40)
-    r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 12, "--max-context", 4096, "--json"])
-    assert json.loads(r.stdout)["stats"]["stop"] == "max_tokens"  # stdout stays JSON
+    r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 12, "--max-context", 4096])
     assert "raise --max-tokens (now 12) or lower the effort (--reasoning low)" in r.stderr
+    _replay(monkeypatch, "<|channel|>analysis<|message|>" + "step by step " * 40)
+    r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 12, "--max-context", 4096, "--json"])
+    out = json.loads(r.stdout)  # with --json the statistics say it, and stderr has no note
+    assert out["stats"]["stop"] == "max_tokens" and [m["channel"] for m in out["messages"]] == ["analysis"]
+    assert "raise" not in r.stderr
     # an answer cut off is named as such; a complete one draws no note
     _replay(monkeypatch, "<|channel|>final<|message|>" + "word " * 40)
     r = invoke(["generate", tiny, "--prompt", "hi", "--max-tokens", 8, "--max-context", 4096])

@@ -415,7 +415,7 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
     turn = session.respond(printer)
     if printer is not None:
         printer.end()
-    if note := cut_off(turn, session, "--reasoning low"):
+    if not as_json and (note := cut_off(turn, session, "--reasoning low")):  # JSON: stats.stop says it
         say(note, "yellow")
     if as_json:
         click.echo(json.dumps({
