@@ -28,12 +28,12 @@ def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str 
 
     One model is loaded; requests queue and generate one at a time, each reusing the KV cache of the longest prefix
     it shares with the one before (usage.prompt_tokens_details.cached_tokens). The sampling options are the defaults
-    a request can override; --reasoning is the default effort, --system the model identity."""
+    a request can override; --reasoning is the default effort, --identity the model identity."""
     require("uvicorn", "serve")
     require("starlette", "serve")
     if kw.get("developer") or kw.get("tools_file") or show_analysis:
-        raise EdgecError("--developer, --tools and --show-analysis are chat options: a request carries its own "
-                         "instructions and tools, and reasoning always comes back apart from the content")
+        raise EdgecError("--developer/--system, --tools and --show-analysis are chat options: a request carries its "
+                         "own instructions and tools, and reasoning always comes back apart from the content")
     import uvicorn
 
     from ..runtime.cli import open_session
