@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/bench.py [--work out/bench] [--skip-onnx] [--skip-mlx]
 
-1. KV-cache memory at 4k / 32k / 128k for the 20b and 120b shapes: the arithmetic of the facts file (bf16, 8-bit)
-   and what each edgec runtime allocates (from the target profiles, the same numbers `edgec inspect` prints).
+1. Memory per target for the 20b shape at 8k / 32k / 128k against 16 GB: weights as each runtime holds them + its KV
+   cache + a step's temporaries, from the one memory model (`edgec.memory.plan_recipe`: the numbers `edgec inspect`
+   and chat's start-up plan print), beside the facts file's textbook KV figure.
 2. Memory bandwidth (numpy copy) and, for each measured decode speed, the ratio to the bandwidth bound
    (bytes of weights read per token / copy bandwidth).
 3. `bench_mlx.py` (edgec convert/runtime vs `mlx_lm convert` / mlx-lm generation) and `bench_onnx.py` (edgec
@@ -27,25 +28,27 @@ PY = sys.executable
 GIB = 2**30
 
 
-def kv_table() -> list[dict]:
-    """KV GiB per (model, context): the facts-file arithmetic and what edgec's runtimes allocate."""
-    from edgec.inspect import kv_bytes, kv_settings
-    from edgec.runtime.mlx_backend import kv_cache_bytes as mlx_kv
-    from edgec.spec import preset
-    from edgec.targets import load_profile
+def memory_table(model: str = "20b", contexts: tuple[int, ...] = (8192, 32768, 131072)) -> list[dict]:
+    """GiB per target (default recipe, its runtime's defaults on the target's device) and context: weights + KV +
+    per-step temporaries, and whether the total fits 16 GB."""
+    from edgec.memory import facts_kv_bytes, plan_recipe
+    from edgec.spec import hf_tensors, preset
+    from edgec.targets import list_targets, load_profile
 
-    per, keep, _ = kv_settings(load_profile("onnx-cpu"))
-    rows = []
-    for name in ("20b", "120b"):
-        cfg = preset(name)
-        for ctx in (4096, 32768, 131072):
-            rows.append({"model": name, "context": ctx,
-                         "bf16 (sliding 128)": cfg.kv_cache_bytes(ctx, 2) / GIB,
-                         "bf16, every layer full": 2 * cfg.kv_dim * 2 * ctx * cfg.num_hidden_layers / GIB,
-                         "edgec mlx fp32 (default)": mlx_kv(cfg, ctx) / GIB,
-                         "edgec mlx bf16": mlx_kv(cfg, ctx, kv_dtype="bfloat16") / GIB,
-                         "edgec mlx 8-bit full + bf16": mlx_kv(cfg, ctx, kv_bits=8, kv_dtype="bfloat16") / GIB,
-                         "edgec onnx-cpu loop (fp32)": kv_bytes(cfg, ctx, per, keep) / GIB})
+    cfg = preset(model)
+    rows = [{"target": "textbook (bf16 weights as published, bf16 KV, sliding = window)", "context": c,
+             "weights": sum(t.nbytes for t in hf_tensors(cfg)) / GIB,
+             "kv": facts_kv_bytes(cfg, c) / GIB, "per_step": 0.0} for c in contexts]
+    for name in list_targets():
+        prof = load_profile(name)
+        for c in contexts:
+            p = plan_recipe(prof, cfg, c)
+            rows.append({"target": f"{name} ({prof['dense']['default']} dense, {prof['experts']['default']} experts, "
+                                   f"{p.kv_label} KV)", "context": c, "weights": p.weights / GIB, "kv": p.kv / GIB,
+                         "per_step": p.transient / GIB})
+    for r in rows:
+        r["total"] = r["weights"] + r["kv"] + r["per_step"]
+        r["fits_16GB"] = r["total"] * GIB <= 16e9
     return rows
 
 
@@ -103,21 +106,20 @@ def main() -> None:
     src = a.work / "s20-2layers"
     if not (src / "config.json").is_file():
         subprocess.run([PY, "-m", "edgec", "synth", str(src), "--preset", "20b", "--layers", "2"], check=True)
-    res: dict = {"kv_gib": kv_table(), "copy_bandwidth_gb_s": copy_bandwidth() / 1e9}
+    res: dict = {"memory_20b_gib": memory_table(), "copy_bandwidth_gb_s": copy_bandwidth() / 1e9}
 
-    t = Table(title="KV cache (GiB): facts-file arithmetic vs what edgec's runtimes allocate")
-    cols = [k for k in res["kv_gib"][0] if k not in ("model", "context")]
-    t.add_column("model")
-    t.add_column("context", justify="right")
-    for c in cols:
-        t.add_column(c, justify="right")
-    for row in res["kv_gib"]:
-        t.add_row(row["model"], str(row["context"]), *[f"{row[c]:.2f}" for c in cols])
+    t = Table(title="gpt-oss-20b: weights + KV + per-step temporaries (GiB) per target, against 16 GB")
+    for c in ("target", "context", "weights", "KV", "per step", "total", "fits 16 GB"):
+        t.add_column(c, justify="left" if c == "target" else "right")
+    for row in res["memory_20b_gib"]:
+        t.add_row(row["target"], str(row["context"]), f"{row['weights']:.2f}", f"{row['kv']:.2f}",
+                  f"{row['per_step']:.2f}", f"{row['total']:.2f}", "yes" if row["fits_16GB"] else "no")
     con.print(t)
 
     if not a.skip_mlx:
         out = a.work / "mlx.json"
-        if run_json([PY, str(HERE / "bench_mlx.py"), "--src", str(src), "--json", str(out)], a.work / "mlx.log"):
+        if run_json([PY, str(HERE / "bench_mlx.py"), "--src", str(src), "--rounds", "1", "--json", str(out)],
+                    a.work / "mlx.log"):
             res["mlx"] = json.loads(out.read_text())
             print((a.work / "mlx.log").read_text())
         else:
@@ -138,8 +140,9 @@ def main() -> None:
         t.add_column(c, justify="right" if c != "runtime" else "left")
     measured = []
     if isinstance(res.get("mlx"), dict):
-        measured += [("edgec mlx (fp32 dense in memory)", 4, res["mlx"]["run_edgec"]["decode_tok_s"]),
-                     ("mlx-lm (bf16)", 2, res["mlx"]["run_mlx_lm"]["decode_tok_s"])]
+        med = res["mlx"]["median"]
+        measured += [(f"{k} (bf16 weights read)" if k != "edgec float32-upcast" else f"{k} (fp32 dense read)",
+                      4 if k == "edgec float32-upcast" else 2, v["decode_tok_s"]) for k, v in med.items()]
     if isinstance(res.get("onnx"), dict):
         for name, r in res["onnx"].items():
             tps = r.get("genai_decode_tok_s")

@@ -21,17 +21,20 @@ GIB = 2**30
 
 
 def kv_figures() -> dict:
-    from edgec.inspect import memory_plan
-    from edgec.runtime.session import kv_plan_bytes
+    """KV GiB at 128k: the textbook figure and what edgec's runtimes allocate (their own plans)."""
+    from edgec.memory import facts_kv_bytes, recipe_weights
+    from edgec.runtime.mlx_backend import MlxBackend
+    from edgec.runtime.onnx_backend import OnnxBackend
     from edgec.spec import preset
 
     out = {}
     for name in ("20b", "120b"):
         cfg = preset(name)
-        plan = {r["target"]: r for r in memory_plan(cfg, 131072)["targets"]}
-        out[name] = {"bf16_GiB": cfg.kv_cache_bytes(131072, 2) / GIB, "kv8_GiB": kv_plan_bytes(cfg, 131072, 8) / GIB,
-                     "fp32_GiB": cfg.kv_cache_bytes(131072, 4) / GIB,
-                     "onnx_cpu_loop_GiB": plan["onnx-cpu"]["kv_bytes"] / GIB,  # edgec's ONNX loop, as allocated
+        w = recipe_weights(cfg, "bf16", "mxfp4")
+        mlx = lambda cfg=cfg, w=w, **kw: MlxBackend.plan(cfg, 131072, w, **kw).kv / GIB  # noqa: E731
+        out[name] = {"bf16_textbook_GiB": facts_kv_bytes(cfg, 131072) / GIB, "mlx_fp16_GiB": mlx(kv_dtype="float16"),
+                     "mlx_kv8_GiB": mlx(kv_bits=8, kv_dtype="float16"), "mlx_fp32_GiB": mlx(kv_dtype="float32"),
+                     "onnx_cpu_loop_GiB": OnnxBackend.plan(cfg, 131072, w, recipe={"dense": "fp32"}).kv / GIB,
                      "all_layers_full_bf16_GiB": 2 * cfg.kv_dim * 2 * 131072 * cfg.num_hidden_layers / GIB}
     return out
 

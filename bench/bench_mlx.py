@@ -1,10 +1,15 @@
 """MLX target benchmark: edgec vs mlx-lm, each measured in its own subprocess in the same run.
 
 Conversion: wall time and peak RSS (/usr/bin/time -v) of `edgec convert -t mlx` and `python -m mlx_lm convert`.
-Runtime: prefill tok/s, time to first token, decode tok/s (greedy) and peak RSS of edgec's MLX runtime and of
-mlx-lm's own generation loop (`mlx_lm.generate.generate_step`, what `mlx_lm generate` runs) on the same folder.
+Runtime: for each of edgec's compute policies (`--compute`, the MLX runtime's precision choices) and for mlx-lm's own
+generation loop (`mlx_lm.generate.generate_step`, what `mlx_lm generate` runs) on the same folder: prefill tok/s,
+time to first token, decode tok/s (greedy), the weights each holds after loading (MLX's active memory) and peak RSS,
+in interleaved rounds (round 1 runs every candidate once, round 2 again, ...; medians reported), so each sees the
+same machine load. This is how the CPU default of targets/mlx.toml was chosen: the fastest policy whose held weights
+do not exceed the folder's bytes.
 
-    .venv/bin/python bench/bench_mlx.py [--src /tmp/s20] [--prompt 128] [--tokens 16] [--json out.json]
+    .venv/bin/python bench/bench_mlx.py [--src /tmp/s20] [--prompt 128] [--tokens 16] [--rounds 3]
+        [--compute float32,float32-upcast,float16,bfloat16] [--skip-convert] [--json out.json]
 
 The source defaults to a 2-layer slice of the 20b shape (`edgec synth /tmp/s20 --preset 20b --layers 2`), made
 if missing. The machine may be shared: figures are wall-clock and include other jobs' contention.
@@ -16,6 +21,7 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,14 +31,17 @@ PY = sys.executable
 EDGEC = str(Path(PY).with_name("edgec"))
 
 RUNTIME = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
-kind, folder, prompt, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+kind, folder, prompt, tokens, compute = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ids = [int(t) for t in np.random.default_rng(0).integers(0, 199998, size=prompt)]
+import mlx.core as mx
+from edgec.memory import peak_rss_bytes
 t0 = time.perf_counter()
 if kind == "edgec":
     from edgec.runtime.base import load_backend
-    b = load_backend(folder)
+    b = load_backend(folder, max_context=prompt + tokens, compute=compute)
+    held = b.held_bytes()
     t1 = time.perf_counter()
     nxt = int(b.forward(ids)[0].argmax())
     t2 = time.perf_counter()
@@ -41,26 +50,30 @@ if kind == "edgec":
         nxt = int(b.forward([nxt])[0].argmax())
         out.append(nxt)
     t3 = time.perf_counter()
+    plan = b.memory_plan().as_dict()
 else:
-    import mlx.core as mx
     from pathlib import Path
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model
     from mlx_lm.generate import generate_step
     model = load_model(Path(folder))[0]
+    mx.eval(model.parameters())
+    held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     t1 = time.perf_counter()
     gen = generate_step(mx.array(ids), model, max_tokens=tokens)
     out = [int(next(gen)[0])]
     t2 = time.perf_counter()
     out += [int(t) for t, _ in gen]
     t3 = time.perf_counter()
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    plan = None
 print(json.dumps({"load_s": t1 - t0, "ttft_s": t2 - t1, "prefill_tok_s": prompt / (t2 - t1),
-                  "decode_tok_s": (len(out) - 1) / (t3 - t2), "peak_rss_bytes": rss, "tokens": out}))
+                  "decode_tok_s": (len(out) - 1) / (t3 - t2), "held_weights_bytes": held,
+                  "peak_rss_bytes": peak_rss_bytes(), "plan": plan, "tokens": out}))
 """
 
 
 def warm(src: Path) -> None:
-    """Read the source once so each tool starts from the page cache: this VM pages out idle file pages, and the
+    """Read the files once so each tool starts from the page cache: this VM pages out idle file pages, and the
     tool measured first would otherwise pay the disk reads that the second one then gets for free."""
     for p in src.glob("*.safetensors"):
         with open(p, "rb") as f:
@@ -79,11 +92,11 @@ def timed(cmd: list[str]) -> dict:
     return {"wall_s": wall, "peak_rss_bytes": rss}
 
 
-def runtime(kind: str, folder: Path, prompt: int, tokens: int) -> dict:
-    r = subprocess.run([PY, "-c", RUNTIME, kind, str(folder), str(prompt), str(tokens)], capture_output=True,
-                       text=True)
+def runtime(kind: str, folder: Path, prompt: int, tokens: int, compute: str = "-") -> dict:
+    r = subprocess.run([PY, "-c", RUNTIME, kind, str(folder), str(prompt), str(tokens), compute],
+                       capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"{kind} runtime failed:\n{r.stderr[-2000:]}")
+        raise SystemExit(f"{kind} {compute} runtime failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -93,55 +106,76 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder beside --src)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--skip-mlx-lm-convert", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compute", default="float32,float32-upcast,float16,bfloat16",
+                    help="edgec compute policies to measure (the first is reported against mlx-lm)")
+    ap.add_argument("--skip-convert", action="store_true", help="skip the conversion comparison")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     if not a.src.exists():
         subprocess.run([EDGEC, "synth", str(a.src), "--preset", "20b", "--layers", "2"], check=True)
     work = Path(tempfile.mkdtemp(prefix="bench-mlx-", dir=a.work or a.src.parent))
     res: dict = {"src": str(a.src), "src_bytes": sum(p.stat().st_size for p in a.src.glob("*.safetensors"))}
+    policies = a.compute.split(",")
     try:
         ours, theirs = work / "edgec", work / "mlx_lm"
         warm(a.src)
         res["convert_edgec"] = timed([EDGEC, "convert", str(a.src), "-t", "mlx", "-o", str(ours)])
-        if not a.skip_mlx_lm_convert:
+        res["folder_bytes"] = sum(p.stat().st_size for p in ours.glob("*.safetensors"))
+        if not a.skip_convert:
             warm(a.src)
             res["convert_mlx_lm"] = timed([PY, "-m", "mlx_lm", "convert", "--hf-path", str(a.src),
                                            "--mlx-path", str(theirs)])
             shutil.rmtree(theirs, ignore_errors=True)
-        res["run_edgec"] = runtime("edgec", ours, a.prompt, a.tokens)
-        res["run_mlx_lm"] = runtime("mlx_lm", ours, a.prompt, a.tokens)
-        res["same_greedy_tokens"] = res["run_edgec"].pop("tokens") == res["run_mlx_lm"].pop("tokens")
+        rounds: dict[str, list[dict]] = {}
+        for _ in range(a.rounds):
+            warm(ours)
+            for c in policies:
+                rounds.setdefault(f"edgec {c}", []).append(runtime("edgec", ours, a.prompt, a.tokens, c))
+            rounds.setdefault("mlx-lm", []).append(runtime("mlx_lm", ours, a.prompt, a.tokens))
+        res["runs"] = rounds
+        res["median"] = {k: {m: statistics.median(r[m] for r in v) for m in
+                             ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
+                              "held_weights_bytes")} for k, v in rounds.items()}
+        first = rounds[f"edgec {policies[0]}"][0]
+        res["same_greedy_tokens"] = first["tokens"] == rounds["mlx-lm"][0]["tokens"]
+        res["plan"] = {c: rounds[f"edgec {c}"][0]["plan"] for c in policies}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    show(res, a.prompt, a.tokens)
+    show(res, a.prompt, a.tokens, policies[0])
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
 
 
-def show(res: dict, prompt: int, tokens: int) -> None:
+def show(res: dict, prompt: int, tokens: int, default: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    t = Table(title=f"MLX target, {res['src']} ({gb(res['src_bytes'])}); shared machine, wall-clock figures")
-    for c in ("measure", "edgec", "mlx-lm", "edgec / mlx-lm"):
-        t.add_column(c)
-    ce, cm = res["convert_edgec"], res.get("convert_mlx_lm")
-    t.add_row("convert wall", f"{ce['wall_s']:.1f} s", f"{cm['wall_s']:.1f} s" if cm else "-",
-              f"{ce['wall_s'] / cm['wall_s']:.2f}x" if cm else "-")
-    t.add_row("convert peak RSS", gb(ce["peak_rss_bytes"]), gb(cm["peak_rss_bytes"]) if cm else "-",
-              f"{ce['peak_rss_bytes'] / cm['peak_rss_bytes']:.2f}x" if cm else "-")
-    re_, rm = res["run_edgec"], res["run_mlx_lm"]
-    for key, label, fmt in (("prefill_tok_s", f"prefill tok/s ({prompt})", "{:.1f}"),
-                            ("ttft_s", "time to first token", "{:.2f} s"),
-                            ("decode_tok_s", f"decode tok/s ({tokens})", "{:.2f}"),
-                            ("load_s", "load", "{:.2f} s")):
-        t.add_row(label, fmt.format(re_[key]), fmt.format(rm[key]), f"{re_[key] / rm[key]:.2f}x")
-    t.add_row("runtime peak RSS", gb(re_["peak_rss_bytes"]), gb(rm["peak_rss_bytes"]),
-              f"{re_['peak_rss_bytes'] / rm['peak_rss_bytes']:.2f}x")
-    Console().print(t)
-    print(f"same greedy tokens: {res['same_greedy_tokens']}")
+    con = Console(width=160)
+    if "convert_mlx_lm" in res:
+        t = Table(title=f"MLX conversion, {res['src']} ({gb(res['src_bytes'])})")
+        for c in ("measure", "edgec", "mlx-lm", "edgec / mlx-lm"):
+            t.add_column(c)
+        ce, cm = res["convert_edgec"], res["convert_mlx_lm"]
+        t.add_row("wall", f"{ce['wall_s']:.1f} s", f"{cm['wall_s']:.1f} s", f"{ce['wall_s'] / cm['wall_s']:.2f}x")
+        t.add_row("peak RSS", gb(ce["peak_rss_bytes"]), gb(cm["peak_rss_bytes"]),
+                  f"{ce['peak_rss_bytes'] / cm['peak_rss_bytes']:.2f}x")
+        con.print(t)
+    med = res["median"]
+    peer = med["mlx-lm"]
+    t = Table(title=f"MLX runtime on the CPU, prompt {prompt}, decode {tokens}; medians of "
+                    f"{len(res['runs']['mlx-lm'])} interleaved rounds; folder {gb(res['folder_bytes'])} of weights")
+    for c in ("runtime", "held weights", "vs folder", "peak RSS", "prefill tok/s", "decode tok/s",
+              "decode vs mlx-lm", "load"):
+        t.add_column(c, justify="left" if c == "runtime" else "right")
+    for k, m in med.items():
+        label = k + (" (default)" if k == f"edgec {default}" else "")
+        t.add_row(label, gb(m["held_weights_bytes"]), f"{m['held_weights_bytes'] / res['folder_bytes']:.2f}x",
+                  gb(m["peak_rss_bytes"]), f"{m['prefill_tok_s']:.1f}", f"{m['decode_tok_s']:.2f}",
+                  f"{m['decode_tok_s'] / peer['decode_tok_s']:.2f}x", f"{m['load_s']:.1f} s")
+    con.print(t)
+    print(f"same greedy tokens (edgec {default} vs mlx-lm): {res['same_greedy_tokens']}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from rich.markup import escape
 from . import __version__
 from .errors import EdgecError
 from .progress import stderr
+from .runtime.cli import backend_flags, backend_options, with_options
 
 
 class EdgecGroup(click.Group):
@@ -84,7 +85,7 @@ def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads,
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def inspect(src: Path, context: int | None, as_json: bool) -> None:
     """Architecture, parameters, tensor inventory check and a memory plan per target."""
-    from .inspect import inspect_report, render_report
+    from .report import inspect_report, render_report
 
     report = inspect_report(src, context)
     if as_json:
@@ -191,14 +192,52 @@ def _formats(spec: dict | None) -> str:
     return ", ".join([f"[bold]{default}[/]"] * bool(default) + others)
 
 
+@main.command()
+@click.argument("out", type=click.Path(exists=True, path_type=Path))
+@click.option("--prompt", type=int, default=128, show_default=True, help="prompt tokens")
+@click.option("--tokens", type=int, default=16, show_default=True, help="decoded tokens")
+@click.option("--no-peers", is_flag=True, help="skip mlx-lm")
+@with_options(backend_flags())
+@click.option("--json", "as_json", is_flag=True)
+def bench(out: Path, prompt: int, tokens: int, no_peers: bool, as_json: bool, **runtime) -> None:
+    """Prefill/decode tok/s, time to first token, memory (measured and planned) on OUT, and mlx-lm's on the same
+    folder."""
+    from rich.table import Table
+
+    from .bench import run_bench
+
+    res = run_bench(out, prompt, tokens, peers=not no_peers, options=backend_options(**runtime))
+    if as_json:
+        emit_json(res)
+        return
+    runs = {k: v for k, v in res.items() if k in ("edgec", "mlx_lm")}
+    t = Table(title=f"{out} ({res['target']}): prompt {prompt}, decode {tokens}")
+    t.add_column("measure")
+    for k in runs:
+        t.add_column(k.replace("_", "-"), justify="right")
+    mib = lambda v: f"{v / 2**20:.0f} MiB"  # noqa: E731
+    for key, label, fmt in (("load_s", "load", "{:.2f} s"), ("ttft_s", "time to first token", "{:.2f} s"),
+                            ("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.2f}"),
+                            ("rss_after_load_bytes", "RSS after load", None), ("peak_rss_bytes", "peak RSS", None)):
+        cells = []
+        for r in runs.values():
+            v = r.get(key)
+            cells.append(r.get("error", "-") if v is None else mib(v) if fmt is None else fmt.format(v))
+        t.add_row(label, *cells)
+    plan = res["edgec"].get("plan")
+    if plan:
+        t.add_row("plan (weights + KV + per step)", mib(plan["total_bytes"]), *[""] * (len(runs) - 1))
+    stderr.print(t)
+
+
 def _register_commands() -> None:
     """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
-    from . import bench, parity
+    from . import parity
     from .harmony import cli as harmony_cli
     from .runtime import cli as runtime_cli
     from .serve import cli as serve_cli
 
-    for m in (harmony_cli, runtime_cli, serve_cli, parity, bench):
+    for m in (harmony_cli, runtime_cli, serve_cli, parity):
         for cmd in m.COMMANDS:
             main.add_command(cmd)
 

@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from .errors import EdgecError, ParityFailure
+from .runtime.cli import backend_flags, backend_options, with_options
 from .spec import load_json
 
 METRICS = ("max_abs", "mean_abs", "min_cosine", "top1", "max_kl", "greedy")
@@ -117,19 +118,22 @@ def load_prompts(path: Path, folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any]) -> dict[str, float]:
+def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any], precision: str | None = None) -> dict[str, float]:
     """Profile thresholds: [parity.default], then [parity.<experts>], then [parity."<dense>+<experts>"], then, for
-    an lm_head quantized apart from the dense weights, [parity."<dense>+<experts>+lm_head-<lm_head>"]."""
+    an lm_head quantized apart from the dense weights, [parity."<dense>+<experts>+lm_head-<lm_head>"], then for the
+    runtime's precision (e.g. mlx's compute and KV dtype) [parity."<dense>+<experts>+<precision>"]."""
     p = profile.get("parity", {})
     t = dict(DEFAULT_THRESHOLDS)
     pair = f"{recipe.get('dense')}+{recipe.get('experts')}"
-    for key in ("default", str(recipe.get("experts")), pair, f"{pair}+lm_head-{recipe.get('lm_head')}"):
+    for key in ("default", str(recipe.get("experts")), pair, f"{pair}+lm_head-{recipe.get('lm_head')}",
+                f"{pair}+{precision}"):
         t.update({k: float(v) for k, v in p.get(key, {}).items() if k in METRICS})
     return t
 
 
 def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions: int | None = None,
-               tokens: int = 8, overrides: dict[str, float] | None = None) -> dict[str, Any]:
+               tokens: int = 8, overrides: dict[str, float] | None = None,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
     from .runtime.base import load_backend, target_of
     from .runtime.reference_backend import ReferenceBackend
     from .targets import load_profile
@@ -139,14 +143,15 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
         raise EdgecError(f"{out}: not an edgec output (no edgec.json); convert it first with `edgec convert`")
     manifest = load_json(out / "edgec.json")
     recipe = manifest.get("recipe", {})
-    thresholds = thresholds_for(load_profile(target), recipe)
-    thresholds.update({k: v for k, v in (overrides or {}).items() if v is not None})
     ref = ReferenceBackend(src)
     if ref.ckpt.config_hash() != manifest.get("source", {}).get("config_sha256"):
         raise EdgecError(f"{out}: was converted from a different config than {src / 'config.json'}")
     prompts = load_prompts(prompts_file, src) if prompts_file else builtin_prompts(src, positions)
     longest = max(len(p["ids"]) for p in prompts) + tokens
-    backend = load_backend(out, max_context=max(longest, 256))
+    backend = load_backend(out, max_context=max(longest, 256), **(options or {}))
+    precision = getattr(backend, "precision", None)
+    thresholds = thresholds_for(load_profile(target), recipe, precision)
+    thresholds.update({k: v for k, v in (overrides or {}).items() if v is not None})
     results = []
     t0 = time.perf_counter()
     for p in prompts:
@@ -165,6 +170,7 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
     failures = [f"{k} {worst[k]:.6g} {'>' if DIRECTION[k] == 'max' else '<'} {thresholds[k]:.6g}"
                 for k in METRICS if (worst[k] > thresholds[k] if DIRECTION[k] == "max" else worst[k] < thresholds[k])]
     return {"source": str(src), "out": str(out), "target": target, "backend": backend.name, "recipe": recipe,
+            "precision": precision,
             "thresholds": thresholds, "worst": worst, "passed": not failures, "failures": failures,
             "seconds": time.perf_counter() - t0, "prompts": [asdict(r) for r in results]}
 
@@ -190,7 +196,8 @@ def render(report: dict[str, Any]) -> None:
 
     recipe = report["recipe"]
     lm = f", lm_head {recipe['lm_head']}" if recipe.get("lm_head", recipe.get("dense")) != recipe.get("dense") else ""
-    t = Table(title=f"parity {report['target']} ({report['backend']} runtime): dense {recipe.get('dense')}{lm}, "
+    prec = f", {report['precision']}" if report.get("precision") else ""
+    t = Table(title=f"parity {report['target']} ({report['backend']} runtime{prec}): dense {recipe.get('dense')}{lm}, "
                     f"experts {recipe.get('experts')}")
     for col in ("prompt", "positions", "max |diff|", "mean |diff|", "min cos", "top-1", "max KL", "greedy"):
         t.add_column(col, justify="right" if col != "prompt" else "left")
@@ -222,12 +229,13 @@ def render(report: dict[str, Any]) -> None:
 @click.option("--greedy", "greedy_min", type=float, help="override: minimum greedy-continuation match (0..1)")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="write the report as JSON ('-': stdout)")
 @click.option("--junit", "junit_file", type=click.Path(path_type=Path), help="write a JUnit XML report")
+@with_options(backend_flags())
 def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_abs, min_cosine, top1, max_kl,
-           greedy_min, json_file, junit_file) -> None:
+           greedy_min, json_file, junit_file, **runtime) -> None:
     """Check that OUT (an edgec output) computes what SRC (the source checkpoint) computes. Exit 1 on failure."""
     overrides = {"max_abs": max_abs, "mean_abs": mean_abs, "min_cosine": min_cosine, "top1": top1, "max_kl": max_kl,
                  "greedy": greedy_min}
-    report = run_parity(src, out, prompts_file, positions, tokens, overrides)
+    report = run_parity(src, out, prompts_file, positions, tokens, overrides, backend_options(**runtime))
     if json_file:
         text = json.dumps(report, indent=2)
         click.echo(text) if str(json_file) == "-" else Path(json_file).write_text(text + "\n")

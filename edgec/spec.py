@@ -85,13 +85,6 @@ class GptOssConfig:
     def sliding_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_sliding(i)]
 
-    def kv_cache_bytes(self, context: int, bytes_per_value: float = 2.0) -> int:
-        """KV bytes for `context` tokens: full layers hold every position, sliding layers `sliding_window`."""
-        per_pos = 2 * self.kv_dim * bytes_per_value
-        full = len(self.full_layers) * context
-        sliding = len(self.sliding_layers) * min(context, self.sliding_window)
-        return int((full + sliding) * per_pos)
-
     def params(self) -> dict[str, int]:
         """Parameter counts: total, and active per token (embedding lookup excluded, top-k experts only)."""
         total = sum(t.params for t in hf_tensors(self))

@@ -275,25 +275,6 @@ def test_inspect_kv_bytes_equal_the_onnx_allocation_at_131072(tiny_onnx):
     assert b.kv_bytes() == planned == (1 * 131072 + 2 * 1408) * 2 * 2 * 16 * 4  # fp32; sliding layers stay at 1408
 
 
-def test_memory_plan_refuses_and_warns_with_numbers(tiny):
-    from edgec.errors import EdgecError
-    from edgec.runtime.session import MemoryPlan, kv_plan_bytes, plan_memory
-    from edgec.spec import preset
-
-    cfg20 = preset("20b")
-    assert kv_plan_bytes(cfg20, 131072) == 12 * 131072 * 2048 + 12 * 128 * 2048  # 24 KiB/token, 3.0 GiB
-    # 8-bit as the MLX runtime stores it: 64 code bytes + float16 scale and bias per head and position (68 vs 128)
-    assert kv_plan_bytes(cfg20, 131072, 8) < 0.54 * kv_plan_bytes(cfg20, 131072)
-    plan = plan_memory(tiny, preset("tiny", num_hidden_layers=3), 131072)
-    assert plan.kv_bytes == json.loads(run(["inspect", tiny, "--context", 131072, "--json"]))["memory_plan"][
-        "targets"][0]["kv_bytes"]
-    with pytest.raises(EdgecError, match=r"will not fit: KV cache 3\.00 GiB at 131072 tokens"):
-        MemoryPlan(131072, 16, kv_plan_bytes(cfg20, 131072), 13 * 2**30, 8 * 2**30).check(print)
-    warned = []
-    MemoryPlan(131072, 16, 3 * 2**30, 13 * 2**30, 17 * 2**30).check(warned.append)
-    assert warned and "tight on memory" in warned[0]
-
-
 def test_load_and_reset_slash_commands(tiny, tmp_path, monkeypatch):
     """/load takes openai-harmony's to_json form verbatim (its system message included); /reset empties the cache."""
     import openai_harmony as oh

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from edgec.checkpoint import Checkpoint
 from edgec.cli import main
-from edgec.inspect import BITS_PER_WEIGHT, inspect_report, memory_plan, weight_bytes
+from edgec.memory import BITS_PER_WEIGHT, facts_kv_bytes, weight_bytes
+from edgec.report import inspect_report, memory_plan
 from edgec.runtime.reference import Reference
 from edgec.spec import hf_tensors, preset
 
@@ -67,7 +68,7 @@ def test_inspect_json(tiny):
     assert rep["tensors"] == {"expected": len(hf_tensors(cfg)), "found": len(hf_tensors(cfg)), "problems": 0}
     assert rep["source_bytes"] == sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
     src = rep["memory_plan"]["targets"][0]
-    assert src["target"] == "source" and src["kv_bytes"] == cfg.kv_cache_bytes(4096)
+    assert src["target"] == "source" and src["kv_bytes"] == facts_kv_bytes(cfg, 4096)
     assert rep["memory_plan"]["context"] == 4096
 
 
@@ -87,24 +88,31 @@ def test_memory_plan_arithmetic_20b():
 
 
 def test_memory_plan_prices_every_profile(monkeypatch, tmp_path):
+    """Each profile is priced by its runtime's own plan; unknown formats and unreadable profiles say so."""
     import edgec.targets as targets
+    from edgec.memory import plan_recipe
 
     monkeypatch.setattr(targets, "TARGETS_DIR", tmp_path)
     cfg = preset("20b")
     plan = memory_plan(cfg, 8192)
     assert [r["target"] for r in plan["targets"]] == ["source"] and "no target profiles" in plan["note"]
-    (tmp_path / "a.toml").write_text('runtime = "x"\nkv_bits = 8\n[dense]\ndefault = "q8"\n[experts]\n'
-                                     'default = "mxfp4"\n[kv]\nsliding_keep = 1152\n')
-    (tmp_path / "b.toml").write_text('[dense]\ndefault = "fp32"\n[experts]\ndefault = "weird"\n')
-    (tmp_path / "c.toml").write_text('[dense]\ndefault = "fp16"\n[experts]\ndefault = "decomposed"\n')
+    (tmp_path / "a.toml").write_text('runtime = "mlx"\n[dense]\ndefault = "q8"\n[experts]\ndefault = "mxfp4"\n'
+                                     '[runtime_defaults.gpu]\ncompute = "float16"\nkv_dtype = "bfloat16"\n')
+    (tmp_path / "b.toml").write_text('runtime = "mlx"\n[dense]\ndefault = "fp32"\n[experts]\ndefault = "weird"\n')
+    (tmp_path / "c.toml").write_text('runtime = "onnxruntime-genai"\nexecution_provider = "DmlExecutionProvider"\n'
+                                     '[dense]\ndefault = "fp16"\n[experts]\ndefault = "decomposed"\n')
     (tmp_path / "d.toml").write_text("not toml [")
+    (tmp_path / "e.toml").write_text('runtime = "nope"\n')
     rows = {r["target"]: r for r in memory_plan(cfg, 8192)["targets"]}
     a = rows["a"]
-    assert a["kv_bytes"] == (12 * 8192 + 12 * 1152) * 2 * 512 * 1
+    # mlx: full layers every position, sliding layers window + rollback margin + prefill chunk, bf16 here
+    assert a["kv_bytes"] == (12 * 8192 + 12 * (128 + 1024 + 512)) * 2 * 512 * 2 and a["kv_dtype"] == "bfloat16"
     assert a["weights_bytes"] == weight_bytes(cfg, "q8", "mxfp4")
+    assert a["total_bytes"] == plan_recipe(targets.load_profile("a"), cfg, 8192).total
     assert rows["b"]["weights_bytes"] is None and "weird" in rows["b"]["note"]
-    assert rows["c"]["weights_bytes"] == weight_bytes(cfg, "fp16", "fp16")
-    assert "unreadable profile" in rows["d"]["note"]
+    assert rows["c"]["weights_bytes"] == weight_bytes(cfg, "fp16", "fp16")  # a GPU provider holds the embedding too
+    assert rows["c"]["kv_dtype"] == "float16"
+    assert "unreadable profile" in rows["d"]["note"] and "unknown runtime 'nope'" in rows["e"]["note"]
 
 
 def test_inspect_an_edgec_output_folder(tiny, tmp_path):

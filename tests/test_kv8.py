@@ -32,11 +32,12 @@ def backend(folder, **kw):
 
 
 def test_kv8_logits_vs_transformers_and_the_float32_cache(tiny_mlx, kv8_once, tiny, ids300):
-    """Measured on this fixture: vs transformers max |diff| 0.34, top-1 97.7% (bf16 K/V: 1.1, 98.3%); the float32
-    cache is at 3e-5 / 100%. Bounds with margin: max |diff| < 0.6, top-1 >= 95%."""
+    """Measured on this fixture (sliding layers in the default float16): vs transformers max |diff| 1.22, mean
+    0.0128, top-1 97.7% (float32 sliding layers: 0.34 / 0.0113 / 97.7%); the float32 cache is at 3e-5 / 100%.
+    Bounds with margin: max |diff| < 2, mean < 0.02, top-1 >= 95%."""
     ref = hf_logits(tiny, ids300)
-    q8, f32 = kv8_once, backend(tiny_mlx).forward(ids300, all_logits=True)
-    assert np.abs(q8 - ref).max() < 0.6
+    q8, f32 = kv8_once, backend(tiny_mlx, kv_dtype="float32").forward(ids300, all_logits=True)
+    assert np.abs(q8 - ref).max() < 2 and np.abs(q8 - ref).mean() < 0.02
     assert (q8.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     assert np.abs(f32 - ref).max() < 1e-3  # the float32 cache it is compared with is the exact one
     assert np.abs(q8 - f32).max() > 1e-3  # the 8-bit path really ran (quantized storage, checked below too)
@@ -64,28 +65,29 @@ def test_kv8_incremental_decode_and_truncate_equal_one_shot_prefill(tiny_mlx, kv
 def test_kv8_bytes_match_the_arithmetic_and_the_memory_plan(tiny_mlx):
     import mlx.core as mx
 
-    from edgec.runtime.mlx_backend import kv_cache_bytes
-    from edgec.runtime.session import kv_plan_bytes, plan_memory
+    from edgec.memory import facts_kv_bytes, recipe_weights
+    from edgec.runtime.mlx_backend import MlxBackend
     from edgec.spec import preset
 
-    for kw in ({"kv_bits": 8}, {"kv_bits": 8, "kv_dtype": "bfloat16"}, {}):
+    for kw in ({"kv_bits": 8}, {"kv_bits": 8, "kv_dtype": "bfloat16"}, {"kv_dtype": "float32"}):
         b = backend(tiny_mlx, max_context=131072, **kw)
         c = b.config
         for i in range(c.num_hidden_layers):  # one token at the last position: each layer allocates its full plan
             z = mx.zeros((c.num_key_value_heads, 1, c.head_dim))
             b._store(i, z, z, 0 if c.is_sliding(i) else 131071)
         mx.eval(*[t for kv in b.cache for t in kv])
-        base = 2 if kw.get("kv_dtype") == "bfloat16" else 4
+        base = {"float32": 4, "bfloat16": 2, "float16": 2}[b.kv_dtype_name]
         # by hand for this model: 1 full layer, 2 kv heads, head_dim 16 padded to 32 (one group: 32 code bytes +
         # float16 scale + float16 bias); 2 sliding layers of 128 + 1024 + 512 positions
         full = 131072 * 2 * 2 * ((32 + 4) if kw.get("kv_bits") else 16 * base)
-        assert b.kv_bytes() == full + 2 * 1664 * 2 * 2 * 16 * base
-        assert b.kv_bytes() == kv_cache_bytes(c, 131072, kw.get("kv_bits"), kw.get("kv_dtype", "float32"))
-        plan = plan_memory(tiny_mlx, c, 131072, kw.get("kv_bits", 16), kw.get("kv_dtype"))
-        assert plan.kv_bytes == b.kv_bytes()
+        assert b.kv_bytes() == full + 2 * 1664 * 2 * 2 * 16 * base == b.memory_plan().kv
     cfg20 = preset("20b")  # head_dim 64: group 64, 68 bytes per head and position vs bf16's 128
-    assert kv_plan_bytes(cfg20, 131072, 8) == 12 * 131072 * 2 * 8 * 68 + 12 * 128 * 2048
-    assert 0.52 < kv_plan_bytes(cfg20, 131072, 8) / kv_plan_bytes(cfg20, 131072) < 0.54
+    w = recipe_weights(cfg20, "bf16", "mxfp4")
+    kv8 = MlxBackend.plan(cfg20, 131072, w, kv_bits=8, kv_dtype="float16").kv
+    assert kv8 == 12 * 131072 * 2 * 8 * 68 + 12 * 1664 * 2048
+    assert 0.52 < kv8 / MlxBackend.plan(cfg20, 131072, w, kv_dtype="float16").kv < 0.54
+    assert MlxBackend.plan(cfg20, 131072, w, kv_dtype="float16").kv - facts_kv_bytes(cfg20, 131072) == \
+        12 * (1664 - 128) * 2048  # the sliding layers' rollback margin and prefill chunk
 
 
 def test_chat_and_generate_with_kv_bits_8(tiny_mlx, tmp_path):
@@ -101,6 +103,6 @@ def test_chat_and_generate_with_kv_bits_8(tiny_mlx, tmp_path):
     onnx = tmp_path / "onnx-like"  # the refusal comes before any ONNX model is opened: the manifest is enough
     onnx.mkdir()
     manifest = json.loads((tiny_mlx / "edgec.json").read_text())
-    (onnx / "edgec.json").write_text(json.dumps({**manifest, "target": "onnx-cpu"}))
+    (onnx / "edgec.json").write_text(json.dumps({**manifest, "target": "onnx-cpu", "runtime": "onnxruntime-genai"}))
     r = CliRunner().invoke(main, ["chat", str(onnx), "--kv-bits", "8"], input="/exit\n")
-    assert r.exit_code == 2 and "only the mlx target has an 8-bit KV cache" in r.output
+    assert r.exit_code == 2 and "--kv-bits 8: the onnx runtime" in r.output and "has no such option" in r.output

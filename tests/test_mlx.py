@@ -13,7 +13,6 @@ from conftest import hf_logits
 from edgec.cli import main  # noqa: E402
 from edgec.convert import run_convert  # noqa: E402
 from edgec.errors import EdgecError  # noqa: E402
-from edgec.runtime import mlx_backend  # noqa: E402
 from edgec.runtime.base import load_backend  # noqa: E402
 
 
@@ -70,48 +69,97 @@ def test_q8_dense_matches_mlx_lm_quantization(tiny, tmp_path):
     assert got.shape == (3, 201088) and np.isfinite(got).all()
 
 
-def test_runtime_vs_transformers_300(tiny, out, backend, ids300):
+def _mlx_lm_logits(out: Path, ids: list[int]) -> np.ndarray:
+    return np.array(_mlx_lm(out)(mx.array([ids]))[0].astype(mx.float32))
+
+
+def _agree(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    d = np.abs(got - ref)
+    return float(d.max()), float(d.mean()), float((got.argmax(-1) == ref.argmax(-1)).mean())
+
+
+def _long(b, ids_long) -> np.ndarray:  # noqa: ANN001
+    b.reset()
+    b.forward(ids_long[:4200])
+    return b.forward(ids_long[4200:], all_logits=True)
+
+
+def test_cpu_default_vs_transformers_and_mlx_lm(tiny, out, backend, ids300, ids_long):
+    """The CPU default (weights as stored, float32 math widening bf16 blocks as used, float16 KV) against
+    transformers fp32. Measured: 300 positions max |diff| 0.81 (one near-tie), mean 0.002, top-1 99.67%;
+    4,200-4,500: 0.05 / 0.0014 / 100%. mlx-lm on the same folder: 3.56 / 86% and 10.2 / 25%."""
+    assert (backend.compute, backend.kv_dtype_name) == ("float32", "float16") and backend.device_name == "cpu"
     ref = hf_logits(tiny, ids300)
     backend.reset()
-    got = backend.forward(ids300, all_logits=True)
-    ours = np.abs(got - ref).max()
-    theirs = np.abs(np.array(_mlx_lm(out)(mx.array([ids300]))[0].astype(mx.float32)) - ref).max()
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
-    assert ours <= theirs, (ours, theirs)
+    ours = _agree(backend.forward(ids300, all_logits=True), ref)
+    theirs = _agree(_mlx_lm_logits(out, ids300), ref)
+    assert ours[1] <= theirs[1] / 5 and ours[2] >= max(theirs[2], 0.99), (ours, theirs)
+    ours = _agree(_long(backend, ids_long), hf_logits(tiny, ids_long)[4200:])
+    assert ours[2] >= 0.99 and ours[1] < 0.01, ours
+    assert backend.held_bytes() == backend.held_weights(out).total  # no float32 copy held
 
 
-def test_runtime_long_context(tiny, backend, ids_long):
-    """Positions 4,200-4,500 (past YaRN's original 4,096): >= 99% top-1 agreement with transformers fp32."""
-    ref = hf_logits(tiny, ids_long)[4200:]
-    backend.reset()
-    backend.forward(ids_long[:4200])
-    got = backend.forward(ids_long[4200:], all_logits=True)
-    assert got.shape == ref.shape
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
-    assert backend.kv_bytes() > 0
+def test_gpu_default_forced_on_the_cpu(tiny, out, ids300, ids_long):
+    """The GPU default of targets/mlx.toml (float16 matmuls: attention and lm_head converted once from bf16, exact
+    in fp16's range, same bytes; float16 KV) run on MLX's CPU device. Measured: 300 positions mean |diff| 0.0035,
+    top-1 99.33%; 4,200-4,500: 0.008, 98.67% (4 of 301 positions flip near-ties or a router choice; bf16 matmuls
+    measured 0.039 / 95.0% and 0.047 / 92.4%). mlx-lm: 0.1 mean / 86% and 25%."""
+    from edgec.runtime.mlx_backend import MlxBackend
+
+    gpu = MlxBackend.defaults(out, device="gpu")
+    assert (gpu["compute"], gpu["kv_dtype"]) == ("float16", "float16")
+    b = MlxBackend(out, max_context=8192, compute=gpu["compute"], kv_dtype=gpu["kv_dtype"], device="cpu")
+    assert b.held_bytes() == b.held_weights(out).total
+    assert isinstance(b.w["lm_head.weight"], list) and b.w["lm_head.weight"][0].dtype == mx.float16
+    ref = hf_logits(tiny, ids300)
+    ours = _agree(b.forward(ids300, all_logits=True), ref)
+    theirs = _agree(_mlx_lm_logits(out, ids300), ref)
+    assert ours[1] <= theirs[1] / 5 and ours[2] >= theirs[2] and ours[2] >= 0.98, (ours, theirs)
+    ours = _agree(_long(b, ids_long), hf_logits(tiny, ids_long)[4200:])
+    assert ours[2] >= 0.98 and ours[1] < 0.012, ours
+
+
+def test_float32_upcast_is_exact(tiny, out, ids300):
+    """`--compute float32-upcast --kv-dtype float32` (parity work): max |diff| 2.7e-5 at 300 positions."""
+    b = load_backend(out, compute="float32-upcast", kv_dtype="float32")
+    ref = hf_logits(tiny, ids300)
+    d, _, top1 = _agree(b.forward(ids300, all_logits=True), ref)
+    assert d < 1e-3 and top1 == 1.0
+    assert b.held_bytes() == b.held_weights(out).total + b.held_weights(out).matrices
 
 
 def test_incremental_decode_and_truncate(out, ids_long, monkeypatch):
     """Prefill + token-by-token decode == one-shot prefill; truncate(n) + forward == a fresh prefill, both within
     the kept sliding history and past it (small margins so the sliding buffers move in a short sequence)."""
-    monkeypatch.setattr(mlx_backend, "ROLLBACK_MARGIN", 16)
-    monkeypatch.setattr(mlx_backend, "PREFILL_CHUNK", 16)
-    monkeypatch.setattr(mlx_backend, "FULL_CHUNK", 64)
+    from edgec.runtime.mlx_backend import MlxBackend
+
+    monkeypatch.setattr(MlxBackend, "ROLLBACK_MARGIN", 16)
+    monkeypatch.setattr(MlxBackend, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(MlxBackend, "FULL_CHUNK", 64)
     ids = ids_long[:200]
-    b = load_backend(out)
+    b = load_backend(out, max_context=4096)
     whole = b.forward(ids, all_logits=True)
     assert b.sw_start > 0  # the sliding buffers did drop old positions
     b.reset()
     steps = [b.forward(ids[:170], all_logits=True)] + [b.forward([t]) for t in ids[170:]]
     np.testing.assert_allclose(np.concatenate(steps), whole, atol=1e-5, rtol=0)
-    # the full layer grew 64 -> 128 -> 192 -> 320 positions (x1.5, in 64-position steps), not once per decode step;
-    # sliding layers: window 128 + margin 16 + prefill chunk 16; float32 K and V, 2 kv heads, head dim 16
-    assert b.kv_bytes() == (320 + 2 * (128 + 16 + 16)) * 2 * 2 * 16 * 4
+    c = b.config
+    full = b.cache[c.full_layers[0]][0].shape[1]
+    assert len(ids) <= full == b.full_capacity(len(ids), full, 4096)  # grown in steps, enough for every token
+    assert all(b.cache[i][0].shape[1] == b.sliding_positions(c, 4096) for i in c.sliding_layers)
     for n in (190, 60, 5):  # 190: inside the kept history (144 positions); 60 and 5: past it (recomputed)
         b.truncate(n)
         assert b.length == n
         np.testing.assert_allclose(b.forward(ids[n:], all_logits=True), whole[n:], atol=1e-5, rtol=0)
         assert b.length == len(ids)
+
+
+def test_cpu_moe_runs_the_chosen_layers_experts_on_the_cpu_stream(out, ids300):
+    """`--cpu-moe N` (llama.cpp's --n-cpu-moe): the experts of the first N layers run on MLX's CPU stream. On the
+    CPU device that is the same device, so the logits must be identical."""
+    base = load_backend(out).forward(ids300[:64], all_logits=True)
+    got = load_backend(out, cpu_moe=2).forward(ids300[:64], all_logits=True)
+    assert np.array_equal(base, got)
 
 
 def test_edgec_logits_cli(out, backend, tmp_path):

@@ -79,9 +79,13 @@ def test_exact_cpu_300_positions(tiny, exact, ids300):
     assert be.length == 150
     d, top1 = agree(be.forward(ids300[150:], all_logits=True), ref[150:])
     assert d <= 1e-3 and top1 == 1.0
-    # (k, v) * kv heads * head_dim * fp32 per position: the full layer's first 1024-position chunk, and the two sliding
-    # layers' fixed window 128 + rollback margin 1024 + prefill chunk 256, however long the context grows
-    assert be.kv_bytes() == (1 * 1024 + 2 * (128 + 1024 + 256)) * 2 * 2 * 16 * 4
+    # the full layer holds at least every position, grown in FULL_CHUNK steps; the sliding layers their fixed
+    # allocation, however long the context grows; together what the plan says at that capacity
+    full = be.kv[be.full[0]].shape()[2]
+    assert 300 <= full == be.full_capacity(300, full, be.max_context) and full % be.FULL_CHUNK == 0
+    assert all(be.kv[n].shape()[2] == be.sliding_positions(be.config, be.max_context) for n in be.sliding)
+    per = 2 * be.config.num_key_value_heads * be.config.head_dim * 4  # K and V, fp32
+    assert be.kv_bytes() == per * (full + len(be.sliding) // 2 * be.sliding_positions(be.config, be.max_context))
 
 
 @pytest.mark.parametrize("device_buffers", [False, True])
@@ -93,17 +97,19 @@ def test_incremental_decode_and_truncate(tiny, exact, ids_long, monkeypatch, dev
     present are one buffer: new positions are written in place."""
     from edgec.runtime import onnx_backend
 
-    monkeypatch.setattr(onnx_backend, "ROLLBACK_MARGIN", 16)
-    monkeypatch.setattr(onnx_backend, "CHUNK", 16)
-    monkeypatch.setattr(onnx_backend, "FULL_CHUNK", 64)
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "ROLLBACK_MARGIN", 16)
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "FULL_CHUNK", 64)
     ids = ids_long[:300]
     b = onnx_backend.OnnxBackend(exact, device_buffers=device_buffers)
     assert bool(b.host) != device_buffers and len(b.kv) == 2 * 3
     whole = b.forward(ids, all_logits=True)
     d, top1 = agree(whole, hf_logits(tiny, ids))
     assert d <= 1e-3 and top1 == 1.0, (d, top1)
-    # full layer grown 64 -> 128 -> 192 -> 320 positions (x1.5, in 64-position steps); sliding 128 + 16 + 16
-    assert b.sw_start > 0 and b.kv_bytes() == (320 + 2 * (128 + 16 + 16)) * 2 * 2 * 16 * 4
+    # the full layer grew x1.5 in 64-position steps to hold every position; sliding layers stay at 128 + 16 + 16
+    full = b.kv[b.full[0]].shape()[2]
+    assert b.sw_start > 0 and len(ids) <= full < 1.5 * len(ids) + 64 and full % 64 == 0
+    assert all(b.kv[n].shape()[2] == 128 + 16 + 16 for n in b.sliding)
     b.reset()
     steps = [b.forward(ids[:250], all_logits=True)] + [b.forward([t]) for t in ids[250:]]
     np.testing.assert_allclose(np.concatenate(steps), whole, atol=1e-4, rtol=0)

@@ -74,15 +74,6 @@ def test_parameter_counts(name, total, active, layers, experts):
     assert abs(p["active"] / active - 1) < 0.03, p
 
 
-def test_kv_cache_arithmetic():
-    cfg = preset("20b")
-    sliding = 12 * 128 * 2048  # 12 sliding layers keep 128 positions of 2 KiB
-    assert cfg.kv_cache_bytes(131072) == 3 * 2**30 + sliding  # 24 KiB/token over 12 full layers
-    assert cfg.kv_cache_bytes(1) == 24 * 2048
-    assert cfg.kv_cache_bytes(131072, 1) == (3 * 2**30 + sliding) // 2
-    assert preset("120b").kv_cache_bytes(131072) == int(4.5 * 2**30) + 18 * 128 * 2048
-
-
 def test_original_layout_20b():
     cfg = preset("20b")
     orig = {t.name: t for t in original_tensors(cfg)}

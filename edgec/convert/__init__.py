@@ -9,7 +9,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import EdgecError
-from ..fsutil import peak_rss_bytes
+from ..memory import peak_rss_bytes
 from ..targets import load_profile
 
 

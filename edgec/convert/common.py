@@ -36,5 +36,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe:
         "config": ckpt.config.as_dict(),
         "files": files,
     }
+    if profile.get("runtime_defaults"):  # the runtime's options per device (e.g. mlx: compute, kv_dtype)
+        manifest["runtime_defaults"] = profile["runtime_defaults"]
     (out / "edgec.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

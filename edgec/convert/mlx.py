@@ -6,8 +6,8 @@ and gate/up de-interleaved by rows (even rows gate, odd rows up). Every other te
 `--dense q8` the linear layers and the embedding become `{weight (uint32), scales, biases}` (affine, 8 bits).
 
 Streaming: tensors are planned from the headers, then copied expert by expert / row chunk by row chunk from
-the memory map into `SafetensorsWriter`s; the map's pages are dropped after each tensor, so peak RSS is set by
-the largest chunk, never by the model size. Chunks that are verbatim views of the source (everything but the
+the memory map into `SafetensorsWriter`s; the map's pages are dropped every ROW_CHUNK_BYTES written, so peak RSS
+is set by the chunk size, never by the model size. Chunks that are verbatim views of the source (everything but the
 de-interleaved gate/up and q8 outputs) are copied file to file inside the kernel, and only hashed from the map.
 """
 
@@ -79,7 +79,7 @@ def _per_expert(arr: np.ndarray, rows: slice, words: bool, consumed_share: float
         yield part, int(arr[e].nbytes * consumed_share)
 
 
-def _q8(arr_u16: np.ndarray, group: int, what: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+def _q8(arr_u16: np.ndarray, group: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     """MLX affine 8-bit quantization (mx.quantize itself), row chunk by row chunk: (wq, scales, biases, bytes)."""
     mx = require("mlx.core", "mlx")
     step = max(1, ROW_CHUNK_BYTES // max(1, arr_u16[0].nbytes))
@@ -95,7 +95,6 @@ def _q8(arr_u16: np.ndarray, group: int, what: str) -> Iterator[tuple[np.ndarray
 
 def plan(ckpt: Checkpoint, dense: str, group: int) -> list[Plan]:
     """Every output tensor in model order, with the function that streams its bytes."""
-    cfg = ckpt.config
     out: list[Plan] = []
     q8_cache: dict[str, list] = {}
 
@@ -104,7 +103,7 @@ def plan(ckpt: Checkpoint, dense: str, group: int) -> list[Plan]:
         def gen() -> Iterator[tuple[np.ndarray, int]]:
             if i == 0:
                 q8_cache[name] = []
-                for wq, sc, bi, nb in _q8(ckpt.raw(name + ".weight"), group, name):
+                for wq, sc, bi, nb in _q8(ckpt.raw(name + ".weight"), group):
                     q8_cache[name].append((sc, bi))
                     yield wq, nb
             else:
@@ -142,7 +141,6 @@ def plan(ckpt: Checkpoint, dense: str, group: int) -> list[Plan]:
             out.append((f"{stem}.biases", "BF16", (rows, cols // group), q8_parts(stem, 2)))
         else:
             out.append((name, t.dtype, shape, lambda a=arr: _rows(a())))
-    del cfg
     return out
 
 

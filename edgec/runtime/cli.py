@@ -26,12 +26,7 @@ def sampling_options(f):
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
         click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
-        click.option("--max-context", "--max-kv-size", type=int, default=None,
-                     help="context length to plan the KV cache for (default: the model's, 131072)"),
-        click.option("--kv-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
-                     help="8 = 8-bit K/V in the full-attention layers (mlx target); 16 = unquantized (--kv-dtype)"),
-        click.option("--kv-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
-                     help="KV cache dtype (mlx target; default: the target profile's, float32)"),
+        *runtime_options(),
         click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
                      show_default=True),
         click.option("--developer", "--system", "developer",
@@ -47,56 +42,116 @@ def sampling_options(f):
     return f
 
 
+def runtime_options() -> list:
+    """The options of the memory plan and of the runtime (`backend_flags`), shared by chat and generate."""
+    return [
+        click.option("--max-context", "--max-kv-size", type=int, default=None,
+                     help="context length to plan the KV cache for (default: the largest that fits the device's "
+                          "memory, up to the model's 131072)"),
+        click.option("--memory-budget", default=None,
+                     help="memory the model may use, e.g. 10.7GB (default: what the device can give: Metal's "
+                          "recommended working set, free GPU memory, or available RAM)"),
+        *backend_flags(),
+    ]
+
+
+def backend_flags() -> list:
+    """The runtime's own options (chat, generate, bench, parity). Each backend declares which it takes
+    (`Backend.options`); one it cannot run is refused naming what it can."""
+    return [
+        click.option("--compute", type=click.Choice(["float16", "bfloat16", "float32", "float32-upcast"]),
+                     default=None, help="mlx: how bf16 matrices are multiplied (default per device in the "
+                                        "profile: float16 on a GPU, float32 on the CPU; float32-upcast holds float32 "
+                                        "copies, for parity work)"),
+        click.option("--device", type=click.Choice(["gpu", "cpu"]), default=None,
+                     help="mlx: the device to run on (default: the GPU when MLX has one)"),
+        click.option("--kv-bits", type=click.Choice(["16", "8"]), default=None,
+                     help="8 = 8-bit K/V in the full-attention layers (mlx); 16 = unquantized (--kv-dtype)"),
+        click.option("--kv-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+                     help="KV cache dtype (mlx; default per device in the profile: float16)"),
+        click.option("--cpu-moe", type=int, default=None,
+                     help="mlx: run the experts of the first N layers on the CPU (llama.cpp's --n-cpu-moe)"),
+    ]
+
+
+def with_options(options: list):  # noqa: ANN201
+    """Decorator applying click options in order."""
+    def apply(f):  # noqa: ANN001, ANN202
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
+
+
+def backend_options(kv_bits: str | None = None, kv_dtype: str | None = None, compute: str | None = None,
+                    device: str | None = None, cpu_moe: int | None = None) -> dict:
+    """The runtime options a user gave (None: not given), as backends name them."""
+    return {"kv_bits": int(kv_bits) if kv_bits else None, "kv_dtype": kv_dtype, "compute": compute,
+            "device": device, "cpu_moe": cpu_moe}
+
+
+def plan_context(model: Path, max_context: int | None, memory_budget: str | None, options: dict,
+                 say=None) -> tuple[int, dict]:  # noqa: ANN001
+    """Check the options against the folder's backend and choose the context from the memory plan: the largest
+    that fits the device's budget (up to the model's maximum) unless --max-context; say what was planned."""
+    from ..memory import fit_context, parse_size
+    from .base import backend_class, config_of
+
+    cls, target = backend_class(model)
+    opts = cls.check_options(model, options)
+    cfg = config_of(model)
+    limit = cfg.max_position_embeddings
+    if max_context is not None and not 2 <= max_context <= limit:
+        raise EdgecError(f"--max-context must be between 2 and the model's {limit} (got {max_context})")
+    budget = cls.budget({**cls.defaults(model), **opts}, parse_size(memory_budget) if memory_budget else None)
+    context, line = fit_context(lambda c: cls.plan_folder(model, c, **opts), budget, limit, max_context,
+                                lambda: _recipes(model, target, cfg, budget, {**cls.defaults(model), **opts}))
+    (say or (lambda m: stderr.print(f"[dim]{escape(m)}[/]", highlight=False)))(line)
+    return context, opts
+
+
+def _recipes(model: Path, target: str, cfg, budget, opts: dict) -> list[str]:  # noqa: ANN001
+    """What would fit when the folder's weights do not: the target's other recipes, priced the same way."""
+    from ..memory import MIN_CONTEXT, gib, plan_recipe
+    from ..spec import load_json
+    from ..targets import load_profile
+
+    if target == "source":
+        return []
+    profile = load_profile(target)
+    recipe = load_json(model / "edgec.json").get("recipe") or {}
+    have = (recipe.get("dense"), recipe.get("experts"))
+    priced = []
+    for d in (profile.get("dense") or {}).get("supported", []):
+        for e in (profile.get("experts") or {}).get("supported", []):
+            p = None if (d, e) == have else plan_recipe(profile, cfg, MIN_CONTEXT, d, e, **opts)
+            if p is not None:
+                priced.append((p.device_total <= (budget.bytes or 0), f"--dense {d} --experts {e}: {gib(p.total)}"))
+    fit = [s for ok, s in priced if ok]
+    if fit:
+        return [f"converting with {' or '.join(fit)} at {MIN_CONTEXT} tokens would fit"]
+    others = "; ".join(s for _, s in priced)
+    return [f"no recipe of target {target} fits at {MIN_CONTEXT} tokens ({others or 'it has no other'})"]
+
+
 def open_session(model: Path, max_tokens: int | None, temperature: float, top_p: float, top_k: int, seed: int | None,
-                 max_context: int | None, kv_bits: str, reasoning: str, system: str | None, developer: str | None,
-                 tools_file: Path | None, kv_dtype: str | None = None):
-    """Plan memory, load the backend and the tokenizer, and start a ChatSession."""
+                 max_context: int | None, reasoning: str, system: str | None, developer: str | None,
+                 tools_file: Path | None, memory_budget: str | None = None, say=None,  # noqa: ANN001
+                 **runtime: Any):
+    """Plan memory (choosing the context), load the backend and the tokenizer, and start a ChatSession."""
     from ..harmony.tokenizer import Tokenizer
-    from .base import load_backend, target_of
+    from .base import load_backend
     from .generate import Sampling
-    from .session import ChatSession, plan_memory, read_tools
+    from .session import ChatSession, read_tools
 
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                         max_tokens=1 if max_tokens is None else max_tokens)  # None: the session sets it by effort
     tools, mocks = read_tools(tools_file) if tools_file else ([], {})
-    target = target_of(model)
-    cfg = _config_of(model)
-    context = max_context or cfg.max_position_embeddings
-    if not 2 <= context <= cfg.max_position_embeddings:
-        raise EdgecError(f"--max-context must be between 2 and the model's {cfg.max_position_embeddings} "
-                         f"(got {context})")
-    kw: dict = {}
-    if target == "source":
-        if kv_bits == "8" or kv_dtype:
-            stderr.print("[yellow]warning:[/] the numpy reference keeps no KV cache; --kv-bits/--kv-dtype are ignored")
-    elif target == "mlx":
-        kw = {"kv_bits": 8 if kv_bits == "8" else None, **({"kv_dtype": kv_dtype} if kv_dtype else {})}
-    elif kv_bits == "8":
-        raise EdgecError(f"--kv-bits 8: only the mlx target has an 8-bit KV cache (this folder is {target})")
-    plan = plan_memory(model, cfg, context, int(kv_bits), kv_dtype)
-    plan.check(lambda m: stderr.print(f"[yellow]warning:[/] {escape(m)}"))
-    backend = load_backend(model, max_context=context, **kw)
-    held = getattr(getattr(backend, "dtype", None), "__name__", None)  # ONNX: the KV dtype its graph was built with
-    if kv_dtype and target not in ("source", "mlx") and held != kv_dtype:
-        raise EdgecError(f"--kv-dtype {kv_dtype}: the {backend.name} runtime of this {target} folder keeps its KV "
-                         f"cache in {held or 'the dtype of its graph'} (drop the option)")
+    context, opts = plan_context(model, max_context, memory_budget, backend_options(**runtime), say)
+    backend = load_backend(model, max_context=context, **opts)
     tok = Tokenizer.from_folder(model)
     return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
                        sampling=sampling, max_context=context, mocks=mocks, auto_max_tokens=max_tokens is None)
-
-
-def _config_of(model: Path):
-    """The model's config without loading it: edgec.json's `config` for an output folder, else the checkpoint's."""
-    from ..checkpoint import Checkpoint
-    from ..spec import GptOssConfig, Yarn, load_json
-
-    if (model / "edgec.json").is_file():
-        d = load_json(model / "edgec.json").get("config")
-        try:
-            return GptOssConfig(**{**d, "layer_types": tuple(d["layer_types"]), "yarn": Yarn(**d["yarn"])})
-        except (TypeError, KeyError) as e:
-            raise EdgecError(f"{model / 'edgec.json'}: unreadable model config ({e})") from None
-    return Checkpoint.open(model).config
 
 
 class Printer:
@@ -404,7 +459,8 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
         prompt = sys.stdin.read().rstrip("\n")
         if not prompt.strip():
             raise EdgecError("--prompt -: stdin was empty")
-    session = open_session(resolve(model, target), **kw)
+    planned: list[str] = []  # --json: the memory plan goes into the JSON, not onto stderr
+    session = open_session(resolve(model, target), say=planned.append if as_json else None, **kw)
     if conversation is not None:
         session.load(conversation)
         if click.get_current_context().get_parameter_source("reasoning") == click.core.ParameterSource.COMMANDLINE:
@@ -423,6 +479,7 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
                           "content_type": m.content_type, "text": m.text} for m in turn.messages],
             "tokens": turn.tokens,
             "stats": turn.stats.as_dict(),
+            "memory": planned[0] if planned else None,
         }, ensure_ascii=False, indent=2))
     else:
         stderr.print(f"[dim]{turn.stats.line()} stop={turn.stats.stop}[/]")

@@ -1,38 +1,60 @@
 """gpt-oss in MLX: the whole forward pass and its KV cache in one file.
 
-Precision: MXFP4 experts as stored; bf16 dense matrices held in float32 (`dense_dtype="bfloat16"` keeps them
-bf16: half the memory, slower on CPU), q8 dense as stored; activations, residual stream,
-RoPE (exact YaRN from `edgec.rope`, float32 angles) and softmax in float32. The KV cache is float32 by default
-(bf16 K/V measurably moves logits on random-weight models: max |diff| 2.3 vs 3e-5 at 300 positions);
-`kv_dtype="bfloat16"` or `kv_bits=8` trade fidelity for memory. `kv_bits=8` stores the full-attention layers' K and V
-with MLX affine 8-bit quantization (`mx.quantize`: uint32-packed codes + float16 scale and bias per group along the
-head dim; see `kv8_layout`) and attends with `mx.quantized_matmul` for q.k^T and p.v, the sink logit added to the
-softmax denominator here (mlx-lm has no sinks with a quantized cache); sliding layers stay in `kv_dtype`.
-Experts run without dequantizing through `mx.gather_qmm(..., mode="mxfp4")`; attention through
-`mx.fast.scaled_dot_product_attention(..., sinks=...)`.
+Weights are held exactly as the folder stores them (bf16 or q8 dense, MXFP4 experts) unless `compute` says
+otherwise. `compute` (the defaults per device live in targets/mlx.toml `[runtime_defaults]`, copied into edgec.json):
+  bfloat16        (GPU default) bf16 matrices multiply bf16 activations (fp32 accumulation inside MLX's kernels):
+                  no copy of any weight is made; attention runs on the bf16 cache.
+  float32         (CPU default) bf16 matrices are widened to float32 block by block as they are used (at most
+                  WIDEN_BYTES at a time): float32 math without holding a float32 copy. On MLX's CPU a bf16 GEMM with
+                  more than one row is ~50x slower than float32 (bench/bench_mlx_policies.py), and `x_f32 @ w_bf16`
+                  would widen the whole matrix per call (2.3 GB for 20b's lm_head).
+  float32-upcast  dense matrices widened once at load (+1x their bytes): for parity work.
+Whatever the policy, these stay float32: the residual stream, RMSNorm (fast.rms_norm accumulates in fp32), RoPE
+(exact YaRN from `edgec.rope`, float32 angles), the router (its logits choose the experts) and its softmax, and the
+activations of the quantized (MXFP4 experts, q8 dense) matmuls, which read only the quantized weights.
 
-KV cache: full-attention layers grow in preallocated chunks (x1.5 at least, FULL_CHUNK steps) up to `max_context`;
-sliding layers keep the last window + ROLLBACK_MARGIN positions (128 + 1024 for gpt-oss). `truncate(n)` is
-exact: within the kept history it only moves the length; a rollback past it re-prefills the kept token ids
-from scratch (rare, correct).
+KV cache (`kv_dtype` bfloat16 or float32; `kv_bits=8` stores the full-attention layers' K and V with MLX affine
+8-bit quantization (`mx.quantize`: uint32-packed codes + float16 scale and bias per group along the head dim; see
+`kv8_layout`) and attends with `mx.quantized_matmul`, the sink logit added to the softmax denominator here).
+Allocation (the rule `WindowedBackend` states and `plan` prices): full layers grow in FULL_CHUNK steps (x1.5 at
+least) up to `max_context`; sliding layers hold window + ROLLBACK_MARGIN + PREFILL_CHUNK positions. `truncate(n)`
+is exact. On the CPU device, attention runs in blocks of queries so the scores it materializes stay under
+ATTN_SCRATCH (MLX's CPU attention has no fused kernel). `cpu_moe=N` runs the experts of the first N layers on the CPU
+stream (llama.cpp's --n-cpu-moe).
 """
 
 from __future__ import annotations
 
-import glob
 import math
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import EdgecError, require
+from ..memory import Budget, Plan, Weights, device_budget, kv_bytes, position_bytes
 from ..rope import yarn_inv_freq
+from ..safetensors_io import SafetensorsFile
 from ..spec import GptOssConfig, load_json
-from .base import WindowedBackend, grown_capacity
+from .base import WindowedBackend
 
-FULL_CHUNK = 1024  # full-attention caches grow by this many positions
-ROLLBACK_MARGIN = 1024  # extra sliding history kept beyond the window, so truncate(n) rarely recomputes
-PREFILL_CHUNK = 512  # tokens per forward pass through the model during prefill (bounds attention memory)
+COMPUTE = ("float16", "bfloat16", "float32", "float32-upcast")
+KV_DTYPES = ("float16", "bfloat16", "float32")
+F16_MAX = 65504.0
+F16_BLOCK = 64 << 20  # compute float16: bf16 matrices are converted from the file this many bytes of rows at a time
+WIDEN_BYTES = 2 << 20  # float32 block of a bf16 matrix widened at a time (compute float32)
+ATTN_SCRATCH = 128 << 20  # bound on the attention scores one CPU attention call materializes
+MATRICES = ("proj.weight", "router.weight", "lm_head.weight")  # dense matrices a policy may widen (not the embedding)
+VECTORS = ("sinks", "norm.weight", "layernorm.weight", "bias")
+
+
+def weight_class(name: str, quantized: bool) -> str:
+    """'experts', 'matrix' (an unquantized dense matrix), 'vector' (norm, attention bias, sink) or 'other'."""
+    if ".experts." in name:
+        return "experts"
+    if quantized or name.endswith((".scales", ".biases")):
+        return "other"
+    return "matrix" if name.endswith(MATRICES) else "vector" if name.endswith(VECTORS) else "other"
 
 
 def kv8_layout(head_dim: int) -> tuple[int, int]:
@@ -52,59 +74,191 @@ def kv8_position_bytes(cfg: GptOssConfig) -> int:
     return 2 * cfg.num_key_value_heads * (dim + 2 * 2 * dim // group)
 
 
-def kv_cache_bytes(cfg: GptOssConfig, context: int, kv_bits: int | None = None, kv_dtype: str = "float32") -> int:
-    """Bytes MlxBackend(max_context=context) holds once its cache is full, the same arithmetic as its allocation:
-    full layers `context` positions (8-bit: 1 byte per stored value + float16 scale and bias per group), sliding
-    layers window + ROLLBACK_MARGIN + PREFILL_CHUNK positions in `kv_dtype`."""
-    base = {"float32": 4, "bfloat16": 2}[kv_dtype]
-    per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * base  # K and V
-    per_full = kv8_position_bytes(cfg) if kv_bits == 8 else per_pos
-    sliding = cfg.sliding_window + ROLLBACK_MARGIN + PREFILL_CHUNK
-    return len(cfg.full_layers) * context * per_full + len(cfg.sliding_layers) * sliding * per_pos
+def _device_name(mx: Any) -> str:
+    return "gpu" if mx.is_available(mx.gpu) else "cpu"
 
 
 class MlxBackend(WindowedBackend):
     name = "mlx"
+    PREFILL_CHUNK: ClassVar[int] = 512
 
+    # ---- options, defaults, plan (class level) -------------------------------------------------------------
+    @classmethod
+    def options(cls, folder: Path) -> dict[str, tuple]:
+        mx = require("mlx.core", "mlx")
+        return {"compute": COMPUTE, "kv_dtype": KV_DTYPES, "kv_bits": (8, 16),
+                "device": ("gpu", "cpu") if mx.is_available(mx.gpu) else ("cpu",),
+                "cpu_moe": tuple(range(config_layers(folder) + 1))}
+
+    @classmethod
+    def defaults(cls, folder: Path | None, profile: dict[str, Any] | None = None,
+                 device: str | None = None) -> dict[str, Any]:
+        """The device's defaults as the folder's edgec.json recorded them (else the mlx profile's): compute and
+        kv_dtype per device."""
+        if device is None:
+            try:
+                device = _device_name(require("mlx.core", "mlx"))
+            except EdgecError:  # no MLX here (planning only): the device the target is for
+                device = "gpu"
+        recorded = {}
+        if folder is not None and (Path(folder) / "edgec.json").is_file():
+            recorded = load_json(Path(folder) / "edgec.json").get("runtime_defaults") or {}
+        if not recorded:
+            if profile is None:
+                from ..targets import load_profile
+
+                profile = load_profile("mlx")
+            recorded = profile.get("runtime_defaults") or {}
+        d = recorded.get(device) or {}
+        return {"device": device, "compute": d.get("compute", "float32"), "kv_dtype": d.get("kv_dtype", "bfloat16"),
+                "kv_bits": None, "cpu_moe": 0}
+
+    @classmethod
+    def budget(cls, options: dict[str, Any], override: int | None = None) -> Budget:
+        mx = require("mlx.core", "mlx")
+        gpu = options.get("device", _device_name(mx)) == "gpu"
+        return device_budget(mx.device_info() if gpu else None, override)
+
+    @classmethod
+    def held_weights(cls, folder: Path) -> Weights:
+        from ..safetensors_io import SafetensorsFile
+
+        sizes: dict[str, int] = {"total": 0, "matrix": 0, "vector": 0, "experts": 0, "other": 0}
+        files = sorted(Path(folder).glob("model*.safetensors"))
+        if not files:
+            raise EdgecError(f"{folder}: no model*.safetensors (not an MLX folder from `edgec convert -t mlx`)")
+        for f in files:
+            entries = SafetensorsFile(f).entries
+            for name, e in entries.items():
+                nbytes = e["offsets"][1] - e["offsets"][0]
+                quantized = name.removesuffix(".weight") + ".scales" in entries
+                sizes[weight_class(name, quantized)] += nbytes
+                sizes["total"] += nbytes
+        return Weights(sizes["total"], sizes["matrix"], sizes["vector"], sizes["experts"])
+
+    @classmethod
+    def plan(cls, cfg: GptOssConfig, context: int, weights: Weights, compute: str = "float32",
+             kv_dtype: str = "bfloat16", kv_bits: int | None = None, device: str = "cpu", cpu_moe: int = 0,
+             **_: Any) -> Plan:
+        """Weights as held (float32-upcast doubles the dense matrices), KV by the allocation rule, and a step's
+        temporaries at `context`: a widened weight block, upcast K/V of one layer (float32 compute over a bf16
+        cache), CPU attention scores, a prefill chunk's expert activations, the logits."""
+        held = weights.total + (weights.matrices if compute == "float32-upcast" else 0)
+        full, sliding = cls.kv_positions(cfg, context)
+        value = {"float16": 2, "bfloat16": 2, "float32": 4}[kv_dtype]
+        per = position_bytes(cfg, value)
+        kv = kv_bytes(cfg, full, sliding, kv8_position_bytes(cfg) if kv_bits == 8 else per, per)
+        n, f32 = cls.PREFILL_CHUNK, 4
+        temps = 2 * cfg.vocab_size * f32  # the last position's logits, and their numpy copy
+        temps += WIDEN_BYTES if compute == "float32" else 0
+        temps += 2 * cfg.num_key_value_heads * context * cfg.head_dim * f32 if (
+            compute.startswith("float32") and value != 4) else 0
+        temps += min(ATTN_SCRATCH, 3 * cfg.num_attention_heads * n * context * f32) if device == "cpu" else 0
+        temps += n * cfg.num_experts_per_tok * (cfg.hidden_size + 3 * cfg.intermediate_size) * f32 * 2
+        kv_label = (f"8-bit full layers, {kv_dtype} sliding" if kv_bits == 8 else kv_dtype)
+        offloaded = weights.experts * min(cpu_moe, cfg.num_hidden_layers) // cfg.num_hidden_layers
+        return Plan("mlx", context, held, kv, temps, kv_label,
+                    f"{'float32 copies' if compute == 'float32-upcast' else 'as stored'}, {compute} compute on "
+                    f"{device}", offloaded if device == "gpu" else 0)
+
+    # ---- loading -------------------------------------------------------------------------------------------
     def __init__(self, folder: str | Path, max_context: int | None = None, kv_bits: int | None = None,
-                 kv_dtype: str = "float32", dense_dtype: str = "float32"):
+                 kv_dtype: str | None = None, compute: str | None = None, device: str | None = None,
+                 cpu_moe: int | None = None):
         mx = self.mx = require("mlx.core", "mlx")
         folder = Path(folder)
+        d = self.defaults(folder)
+        self.device_name = device or d["device"]
+        self.compute = compute or d["compute"]
+        kv_dtype = kv_dtype or d["kv_dtype"]
+        if self.compute not in COMPUTE:
+            raise EdgecError(f"compute={self.compute!r}: the MLX runtime computes in {', '.join(COMPUTE)}")
+        if kv_bits not in (None, 8, 16):
+            raise EdgecError(f"kv_bits={kv_bits}: the MLX runtime quantizes the KV cache to 8 bits only")
+        if kv_dtype not in KV_DTYPES:
+            raise EdgecError(f"kv_dtype={kv_dtype!r}: the MLX runtime keeps the KV cache in {', '.join(KV_DTYPES)}")
+        if self.device_name == "gpu" and not mx.is_available(mx.gpu):
+            raise EdgecError("device gpu: MLX has no GPU here; it can run: cpu")
+        self.dev = mx.Device(mx.gpu if self.device_name == "gpu" else mx.cpu)
+        self.on_cpu = self.device_name == "cpu"
+        self.kv_bits = 8 if kv_bits == 8 else None
+        self.kv_dtype_name = kv_dtype
+        self.kv_dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[kv_dtype]
+        self.adt = {"float16": mx.float16, "bfloat16": mx.bfloat16}.get(self.compute, mx.float32)  # attention dtype
+        self.folder = folder
         self.config = c = GptOssConfig.from_hf(load_json(folder / "config.json"), str(folder / "config.json"))
+        self.cpu_moe = min(int(cpu_moe or 0), c.num_hidden_layers)
         quant = load_json(folder / "config.json").get("quantization", {})
         self.q8_group = next((v["group_size"] for v in quant.values() if isinstance(v, dict)), 64)
         self.w: dict = {}
-        for f in sorted(glob.glob(str(folder / "model*.safetensors"))):
-            self.w.update(mx.load(f))
+        self.files: dict = {}  # tensor name -> its SafetensorsFile (read directly by compute float16)
+        for f in sorted(folder.glob("model*.safetensors")):
+            self.w.update(mx.load(str(f)))  # lazy: nothing is read until evaluated below, layer by layer
+            sf = SafetensorsFile(f)
+            self.files.update(dict.fromkeys(sf.entries, sf))
         if not self.w:
             raise EdgecError(f"{folder}: no model*.safetensors (not an MLX folder from `edgec convert -t mlx`)")
+        upcast = self.compute == "float32-upcast"
         for n in range(c.num_hidden_layers):  # one gather_qmm for gate and up: rows [gate | up]
-            p = f"model.layers.{n}.mlp.experts."
+            p = f"model.layers.{n}."
             for s in ("weight", "scales", "bias"):
-                self.w[p + "gu." + s] = mx.concatenate([self.w.pop(p + "gate_proj." + s),
-                                                        self.w.pop(p + "up_proj." + s)], axis=1)
-        # small vectors in float32; unquantized dense matrices too by default: MLX's CPU matmul of float32
-        # activations with bf16 weights casts the weight on every call (measured ~4x slower than float32 x float32)
-        matrices = ("proj.weight", "router.weight", "lm_head.weight")
-        for k in list(self.w):
-            small = k.endswith(("sinks", "norm.weight", "layernorm.weight", "bias")) and "experts" not in k
-            dense = dense_dtype == "float32" and k.endswith(matrices) and "experts" not in k \
-                and k[: -len("weight")] + "scales" not in self.w
-            if small or dense:
-                self.w[k] = self.w[k].astype(mx.float32)
-        mx.eval(self.w)
-        if kv_bits not in (None, 8):
-            raise EdgecError(f"kv_bits={kv_bits}: the MLX runtime quantizes the KV cache to 8 bits only")
-        if kv_dtype not in ("float32", "bfloat16"):
-            raise EdgecError(f"kv_dtype={kv_dtype!r}: the MLX runtime keeps the KV cache in float32 or bfloat16")
-        self.kv_bits = kv_bits
-        self.kv8_dim, self.kv8_group = kv8_layout(c.head_dim)
-        self.kv_dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[kv_dtype]
+                e = p + "mlp.experts."
+                self.w[e + "gu." + s] = mx.concatenate([self.w.pop(e + "gate_proj." + s),
+                                                        self.w.pop(e + "up_proj." + s)], axis=1)
+            self._finish([k for k in self.w if k.startswith(p)], upcast)
+        self._finish([k for k in self.w if not k.startswith("model.layers.")], upcast)
+        for sf in set(self.files.values()):
+            sf.close()
+        self.files = {}
+        mx.clear_cache()  # buffers freed while loading go back to the system
         self.max_context = max_context or c.max_position_embeddings
         inv_freq, self.concentration = yarn_inv_freq(c)
         self.inv_freq = inv_freq.astype(np.float32)
-        self.keep = c.sliding_window + ROLLBACK_MARGIN
+        self.kv8_dim, self.kv8_group = kv8_layout(c.head_dim)
         self.reset()
+
+    def _finish(self, names: list[str], upcast: bool) -> None:
+        """Evaluate (read) these weights now, widening the dense matrices when upcasting, so load-time temporaries
+        stay one layer's worth."""
+        mx = self.mx
+        for k in names:
+            quantized = k.removesuffix(".weight") + ".scales" in self.w
+            if upcast and weight_class(k, quantized) == "matrix":
+                self.w[k] = self.w[k].astype(mx.float32)
+            if self.compute == "float16" and weight_class(k, quantized) == "matrix" and not k.endswith("router.weight"):
+                self.w[k] = self._fp16_blocks(k) or self.w[k]
+        mx.eval([self.w[k] for k in names])
+
+    def _fp16_blocks(self, name: str) -> list | None:
+        """A bf16 matrix as fp16 row blocks (exact: bf16 values in fp16's range are fp16 values), read from the
+        file's memory map F16_BLOCK bytes at a time, so no whole bf16 copy is ever beside the result. None when a
+        value is beyond fp16's range (the matrix then stays bf16)."""
+        mx, f = self.mx, self.files[name]
+        raw = f.raw(name)  # uint16 view of the bf16 bits
+        rows, blocks = max(1, F16_BLOCK // (raw.shape[1] * 2)), []
+        for s in range(0, raw.shape[0], rows):
+            b = mx.array(raw[s : s + rows]).view(mx.bfloat16)
+            if mx.abs(b).max().item() > F16_MAX:
+                return None
+            blocks.append(b.astype(mx.float16))
+            mx.eval(blocks[-1])
+            f.release_pages()
+        return blocks
+
+    def memory_plan(self, context: int | None = None) -> Plan:
+        """This backend's plan (its own options) at `context` (default: max_context)."""
+        return self.plan(self.config, context or self.max_context, self.held_weights(self.folder),
+                         compute=self.compute, kv_dtype=self.kv_dtype_name, kv_bits=self.kv_bits,
+                         device=self.device_name, cpu_moe=self.cpu_moe)
+
+    @property
+    def precision(self) -> str:
+        """What `edgec parity` picks its bounds by: compute policy and KV dtype (targets/mlx.toml [parity.*])."""
+        return f"{self.compute}+kv-{'8bit' if self.kv_bits else self.kv_dtype_name}"
+
+    def held_bytes(self) -> int:
+        """Bytes of the weights this backend holds now."""
+        return sum(sum(b.nbytes for b in a) if isinstance(a, list) else a.nbytes for a in self.w.values())
 
     # ---- cache -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -119,51 +273,52 @@ class MlxBackend(WindowedBackend):
     def _quantized(self, layer: int) -> bool:
         return self.kv_bits == 8 and not self.config.is_sliding(layer)
 
+    def _grow(self, kv: list, shapes: list, cap: int) -> None:
+        """Replace the buffers of one layer with `cap`-position ones holding what they held (evaluated now, so a
+        growth step holds one layer's old buffers at a time, not every layer's)."""
+        mx = self.mx
+        grown = [mx.zeros((s[0], cap, *s[1:]), dtype=t) for s, t in shapes]
+        if kv[0] is not None:
+            m = kv[0].shape[1]
+            for g, old in zip(grown, kv, strict=True):
+                g[:, :m] = old
+        mx.eval(grown)
+        kv[:] = grown
+
     def _store(self, layer: int, k, v, start: int):  # noqa: ANN001
         """Write k/v [Hkv, n, D] at absolute positions start..; return the buffer views for attention (8-bit full
         layers: the (codes, scales, biases) triples of K and V)."""
         mx, c, n = self.mx, self.config, k.shape[1]
         kv = self.cache[layer]
+        h = c.num_key_value_heads
         if self._quantized(layer):
             return self._store_q8(kv, k, v, start)
         if c.is_sliding(layer):
-            cap, base = self.keep + PREFILL_CHUNK, self.sw_start
+            cap, base = self.sliding_positions(c, self.max_context), self.sw_start
         else:
-            need = start + n
-            if need > self.max_context:
-                raise EdgecError(f"context of {need} tokens exceeds max_context {self.max_context}")
-            cap, base = grown_capacity(need, 0 if kv[0] is None else kv[0].shape[1], self.max_context, FULL_CHUNK), 0
+            cap, base = self.full_capacity(start + n, 0 if kv[0] is None else kv[0].shape[1], self.max_context), 0
         if kv[0] is None or kv[0].shape[1] < cap:
-            shape = (c.num_key_value_heads, cap, c.head_dim)
-            grown = [mx.zeros(shape, dtype=self.kv_dtype) for _ in range(2)]
-            if kv[0] is not None:
-                m = kv[0].shape[1]
-                grown[0][:, :m], grown[1][:, :m] = kv[0], kv[1]
-            kv[0], kv[1] = grown
+            self._grow(kv, [((h, c.head_dim), self.kv_dtype)] * 2, cap)
         a = start - base
+        if self.kv_dtype == mx.float16:  # no inf from an out-of-range value
+            k, v = mx.clip(k, -F16_MAX, F16_MAX), mx.clip(v, -F16_MAX, F16_MAX)
         kv[0][:, a : a + n] = k.astype(self.kv_dtype)
         kv[1][:, a : a + n] = v.astype(self.kv_dtype)
         return kv[0], kv[1], base
 
     def _store_q8(self, kv: list, k, v, start: int):  # noqa: ANN001
         """8-bit full layer: quantize each new position (groups along the head dim, so the positions already cached
-        never change: truncate stays exact) and write it into buffers grown in FULL_CHUNK steps."""
+        never change: truncate stays exact) and write it into buffers grown like the unquantized ones."""
         mx, c, n = self.mx, self.config, k.shape[1]
         need = start + n
-        if need > self.max_context:
-            raise EdgecError(f"context of {need} tokens exceeds max_context {self.max_context}")
-        cap = grown_capacity(need, 0 if len(kv) == 2 else kv[0].shape[1], self.max_context, FULL_CHUNK)
+        if len(kv) == 2 and kv[0] is None:
+            kv[:] = [None] * 6
+        cap = self.full_capacity(need, 0 if kv[0] is None else kv[0].shape[1], self.max_context)
         dim, group = self.kv8_dim, self.kv8_group
-        if len(kv) == 2 or kv[0].shape[1] < cap:
+        if kv[0] is None or kv[0].shape[1] < cap:
             h = c.num_key_value_heads
-            shapes = [((h, cap, dim // 4), mx.uint32), ((h, cap, dim // group), mx.float16),
-                      ((h, cap, dim // group), mx.float16)] * 2
-            grown = [mx.zeros(s, dtype=t) for s, t in shapes]
-            if len(kv) == 6:
-                m = kv[0].shape[1]
-                for g, old in zip(grown, kv, strict=True):
-                    g[:, :m] = old
-            kv[:] = grown
+            self._grow(kv, [((h, dim // 4), mx.uint32), ((h, dim // group), mx.float16),
+                            ((h, dim // group), mx.float16)] * 2, cap)
         pad = [(0, 0), (0, 0), (0, dim - c.head_dim)]
         for j, x in ((0, k), (3, v)):
             x = mx.pad(x, pad) if dim != c.head_dim else x
@@ -172,27 +327,41 @@ class MlxBackend(WindowedBackend):
                 t[:, start:need] = part
         return tuple(kv[:3]), tuple(kv[3:]), 0
 
-    def _slide(self, start: int, n: int) -> None:
-        """Before writing n positions at `start`, move the sliding buffers so they keep the last `keep` positions."""
-        cap = self.keep + PREFILL_CHUNK
-        if start + n - self.sw_start <= cap:
-            return
-        drop = start - self.keep - self.sw_start
+    def _move_sliding(self, drop: int, upto: int) -> None:
         for i, kv in enumerate(self.cache):
             if self.config.is_sliding(i) and kv[0] is not None:
                 for j in range(2):
-                    kv[j][:, : start - self.sw_start - drop] = kv[j][:, drop : start - self.sw_start]
-        self.sw_start += drop
+                    kv[j][:, : upto - drop] = kv[j][:, drop:upto]
 
     # ---- math --------------------------------------------------------------------------------------------
-    def _linear(self, x, name: str, bias: bool = True):  # noqa: ANN001
+    def _linear(self, x, name: str, bias: bool = True, widen: bool = False):  # noqa: ANN001
+        """x [n, in] float32 -> float32 [n, out]. Quantized weights: quantized_matmul on float32 activations;
+        bf16 weights by the compute policy (`widen`: float32 math whatever the policy, for the router)."""
         mx, w = self.mx, self.w
         if name + ".scales" in w:
             y = mx.quantized_matmul(x, w[name + ".weight"], w[name + ".scales"], w[name + ".biases"], transpose=True,
                                     group_size=self.q8_group, bits=8)
         else:
-            y = x @ w[name + ".weight"].T
-        return y + w[name + ".bias"] if bias else y
+            m = w[name + ".weight"]
+            if isinstance(m, list):  # fp16 row blocks (compute float16)
+                x16 = x.astype(mx.float16)
+                y = mx.concatenate([x16 @ b.T for b in m], axis=-1).astype(mx.float32)
+            elif m.dtype == mx.float32:
+                y = x @ m.T
+            elif self.compute in ("float16", "bfloat16") and not widen:
+                y = (x.astype(m.dtype) @ m.T).astype(mx.float32)
+            else:
+                y = self._widened(x, m)
+        return y + w[name + ".bias"].astype(mx.float32) if bias else y
+
+    def _widened(self, x, m):  # noqa: ANN001
+        """x @ m.T in float32 with m widened WIDEN_BYTES at a time (rows of m), never all at once."""
+        mx = self.mx
+        rows = max(1, WIDEN_BYTES // (m.shape[1] * 4))
+        if m.shape[0] <= rows:
+            return x @ m.astype(mx.float32).T
+        return mx.concatenate([x @ m[s : s + rows].astype(mx.float32).T for s in range(0, m.shape[0], rows)],
+                              axis=-1)
 
     def _embed(self, ids):  # noqa: ANN001
         mx, w = self.mx, self.w
@@ -203,7 +372,7 @@ class MlxBackend(WindowedBackend):
         return w["model.embed_tokens.weight"][ids].astype(mx.float32)
 
     def _norm(self, x, name: str):  # noqa: ANN001
-        return self.mx.fast.rms_norm(x, self.w[name], self.config.rms_norm_eps)
+        return self.mx.fast.rms_norm(x, self.w[name], self.config.rms_norm_eps)  # float32 x: float32 out
 
     def _rope(self, x, cos, sin):  # noqa: ANN001
         h = x.shape[-1] // 2
@@ -219,22 +388,39 @@ class MlxBackend(WindowedBackend):
         v = heads(self._linear(x, p + "v_proj"))
         kb, vb, base = self._store(i, k, v, start)
         end = start + n
-        first = max(base, start - c.sliding_window + 1) if c.is_sliding(i) else 0
-        mask = None
-        if n > 1:
-            qp = mx.arange(start, end)[:, None]
-            kp = mx.arange(first, end)[None, :]
-            mask = kp <= qp
-            if c.is_sliding(i):
-                mask = mask & (qp - kp < c.sliding_window)
         if self._quantized(i):
+            mask = (mx.arange(0, end)[None, :] <= mx.arange(start, end)[:, None]) if n > 1 else None
             o = self._attend_q8(q, [t[:, :end] for t in kb], [t[:, :end] for t in vb], mask, self.w[p + "sinks"])
         else:
-            keys = kb[:, first - base : end - base].astype(mx.float32)[None]
-            vals = vb[:, first - base : end - base].astype(mx.float32)[None]
-            o = mx.fast.scaled_dot_product_attention(q[None], keys, vals, scale=1.0 / math.sqrt(c.head_dim),
-                                                     mask=mask, sinks=self.w[p + "sinks"])[0]
+            first = max(base, start - c.sliding_window + 1) if c.is_sliding(i) else 0
+            keys = kb[:, first - base : end - base].astype(self.adt)
+            vals = vb[:, first - base : end - base].astype(self.adt)
+            o = self._sdpa(q.astype(self.adt), keys, vals, start, first, c.is_sliding(i), self.w[p + "sinks"])
         return self._linear(o.transpose(1, 0, 2).reshape(n, -1), p + "o_proj")
+
+    def _sdpa(self, q, keys, vals, start: int, first: int, sliding: bool, sinks):  # noqa: ANN001
+        """Attention with sinks of q [H, n, D] (positions start..) over keys/vals [Hkv, m, D] (positions first..).
+        On the CPU device in blocks of queries, so the scores materialized stay under ATTN_SCRATCH."""
+        mx, c, n = self.mx, self.config, q.shape[1]
+        scale, sinks = 1.0 / math.sqrt(c.head_dim), sinks.astype(q.dtype)
+        step = n if not self.on_cpu else max(1, ATTN_SCRATCH // (3 * q.shape[0] * keys.shape[1] * 4))
+        outs = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            lo = max(0, start + s - c.sliding_window + 1 - first) if sliding else 0
+            hi = start + e - first
+            mask = None
+            if e - s > 1 and sliding:
+                qp, kp = mx.arange(start + s, start + e)[:, None], mx.arange(first + lo, first + hi)[None, :]
+                mask = (kp <= qp) & (qp - kp < c.sliding_window)
+            elif e - s > 1:
+                mask = "causal"  # keys end where the block's queries end: bottom-right aligned
+            outs.append(mx.fast.scaled_dot_product_attention(q[None, :, s:e], keys[None, :, lo:hi],
+                                                             vals[None, :, lo:hi], scale=scale, mask=mask,
+                                                             sinks=sinks)[0])
+            if step < n:  # one block at a time: left lazy, MLX may run every block's scores at once
+                mx.eval(outs[-1])
+        return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)).astype(mx.float32)
 
     def _attend_q8(self, q, kq: list, vq: list, mask, sinks):  # noqa: ANN001
         """Attention with sinks over an 8-bit cache: q [H, n, D] float32; kq / vq (codes, scales, biases), each
@@ -249,7 +435,7 @@ class MlxBackend(WindowedBackend):
         scores = mx.quantized_matmul(q, *[t[:, None] for t in kq], transpose=True, group_size=group, bits=8)
         if mask is not None:
             scores = mx.where(mask, scores, -math.inf)
-        sink = sinks.reshape(hkv, h // hkv, 1, 1)
+        sink = sinks.astype(mx.float32).reshape(hkv, h // hkv, 1, 1)
         top = mx.maximum(scores.max(axis=-1, keepdims=True), sink)
         e = mx.exp(scores - top)
         p = e / (e.sum(axis=-1, keepdims=True) + mx.exp(sink - top))
@@ -259,7 +445,7 @@ class MlxBackend(WindowedBackend):
     def _moe(self, i: int, x):  # noqa: ANN001
         mx, c, w = self.mx, self.config, self.w
         p = f"model.layers.{i}.mlp."
-        g = self._linear(x, p + "router")
+        g = self._linear(x, p + "router", widen=True)
         k = c.num_experts_per_tok
         idx = mx.argpartition(-g, kth=k - 1, axis=-1)[:, :k]
         weights = mx.softmax(mx.take_along_axis(g, idx, axis=-1), axis=-1, precise=True)
@@ -276,43 +462,38 @@ class MlxBackend(WindowedBackend):
                               group_size=32, bits=4, mode="mxfp4", sorted_indices=sort)
             return y + w[name + ".bias"][ridx][..., None, :].astype(mx.float32)
 
-        gate, up = mx.split(qmm(xin, e + "gu"), 2, axis=-1)
-        gate = mx.minimum(gate, c.swiglu_limit)
-        up = mx.clip(up, -c.swiglu_limit, c.swiglu_limit)
-        y = qmm(gate * mx.sigmoid(c.swiglu_alpha * gate) * (up + 1.0), e + "down_proj")
+        with mx.stream(mx.cpu if i < self.cpu_moe else self.dev):  # --cpu-moe: these layers' experts on the CPU
+            gate, up = mx.split(qmm(xin, e + "gu"), 2, axis=-1)
+            gate = mx.minimum(gate, c.swiglu_limit)
+            up = mx.clip(up, -c.swiglu_limit, c.swiglu_limit)
+            y = qmm(gate * mx.sigmoid(c.swiglu_alpha * gate) * (up + 1.0), e + "down_proj")
         if sort:
             y = y[mx.argsort(order)]
         y = y.reshape(x.shape[0], k, -1)
         return (y * weights[..., None]).sum(axis=1)
 
-    def _step(self, ids: list[int], all_logits: bool):
+    def _run(self, ids: list[int], logits: str) -> np.ndarray | None:
         mx, c = self.mx, self.config
         start, n = self.length, len(ids)
         self._slide(start, n)
         ang = np.arange(start, start + n, dtype=np.float32)[:, None] * self.inv_freq[None, :]
-        cos = mx.array(np.cos(ang) * np.float32(self.concentration))
-        sin = mx.array(np.sin(ang) * np.float32(self.concentration))
-        x = self._embed(mx.array(ids))
-        for i in range(c.num_hidden_layers):
-            x = x + self._attention(i, self._norm(x, f"model.layers.{i}.input_layernorm.weight"), start, cos, sin)
-            x = x + self._moe(i, self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight"))
-        self.ids.extend(ids)
-        x = x if all_logits else x[-1:]
-        logits = self._linear(self._norm(x, "model.norm.weight"), "lm_head", bias=False)
-        mx.eval(logits, *[t for kv in self.cache for t in kv if t is not None])
-        return logits
+        with mx.stream(self.dev):
+            cos = mx.array(np.cos(ang) * np.float32(self.concentration))
+            sin = mx.array(np.sin(ang) * np.float32(self.concentration))
+            x = self._embed(mx.array(ids))
+            for i in range(c.num_hidden_layers):
+                x = x + self._attention(i, self._norm(x, f"model.layers.{i}.input_layernorm.weight"), start, cos, sin)
+                x = x + self._moe(i, self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight"))
+            self.ids.extend(ids)
+            cache = [t for kv in self.cache for t in kv if t is not None]
+            if logits == "none":
+                mx.eval(cache)
+                return None
+            x = x if logits == "all" else x[-1:]
+            out = self._linear(self._norm(x, "model.norm.weight"), "lm_head", bias=False)
+            mx.eval(out, cache)
+        return np.array(out.astype(mx.float32))
 
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:  # noqa: ANN001
-        ids = [int(t) for t in np.asarray(ids).reshape(-1)]
-        if not ids:
-            raise EdgecError("forward needs at least one token id")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise EdgecError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        outs = []
-        for s in range(0, len(ids), PREFILL_CHUNK):
-            last = s + PREFILL_CHUNK >= len(ids)
-            out = self._step(ids[s : s + PREFILL_CHUNK], all_logits)
-            if all_logits or last:
-                outs.append(np.array(out.astype(self.mx.float32)))
-        return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+
+def config_layers(folder: Path) -> int:
+    return int(load_json(Path(folder) / "config.json").get("num_hidden_layers", 0))

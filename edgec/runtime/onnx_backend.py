@@ -10,9 +10,11 @@ edgec.json), bound as GroupQueryAttention's past AND present (IOBinding), so eve
 place and nothing is copied per step. On CPU the buffers are numpy arrays that the OrtValues share.
   full layers     every position, grown in FULL_CHUNK steps (x1.5 at least) up to max_context; growing copies the
                   cache once (through the host on a GPU: rare, amortized)
-  sliding layers  the last window + ROLLBACK_MARGIN positions and a CHUNK of room; GQA attends to the last
+  sliding layers  the last window + ROLLBACK_MARGIN positions and a PREFILL_CHUNK of room; GQA attends to the last
                   `window` of them (`local_window_size`), at rows counted from `sw_start`; when full, the kept
-                  positions move to the front (through the host on a GPU: once per ROLLBACK_MARGIN + CHUNK tokens)
+                  positions move to the front (through the host on a GPU: once per ROLLBACK_MARGIN + PREFILL_CHUNK
+                  tokens)
+The allocation rule is WindowedBackend's (edgec/runtime/base.py); `plan` prices it.
 `truncate(n)` is exact: full layers just move the length; sliding layers too while their kept history covers the
 window before n, otherwise the kept token ids are prefilled again (rare, correct).
 """
@@ -20,26 +22,76 @@ window before n, otherwise the kept token ids are prefilled again (rare, correct
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..convert import onnx_graph as G  # the graph's interface
 from ..errors import EdgecError, require
+from ..memory import Plan, Weights, kv_bytes, position_bytes
 from ..spec import GptOssConfig, load_json
-from .base import WindowedBackend, grown_capacity
+from .base import WindowedBackend
 
-CHUNK = 256  # prompt tokens per session run (bounds the [chunk, vocab] logits buffer of all_logits)
-FULL_CHUNK = 1024  # full-attention buffers grow by at least this many positions
-ROLLBACK_MARGIN = 1024  # sliding history kept beyond the window, so truncate(n) rarely recomputes
-
-
-def sliding_positions(cfg: GptOssConfig) -> int:
-    """Positions allocated per sliding layer (`[kv] sliding_keep` of the onnx profiles; at most max_context)."""
-    return cfg.sliding_window + ROLLBACK_MARGIN + CHUNK
+IO_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class OnnxBackend(WindowedBackend):
     name = "onnx"
+    PREFILL_CHUNK: ClassVar[int] = 256  # prompt tokens per session run (bounds the [chunk, vocab] all_logits buffer)
+
+    # ---- options and plan (class level) --------------------------------------------------------------------
+    @classmethod
+    def kv_dtype_of(cls, recipe: dict[str, Any]) -> str:
+        """The KV cache's dtype: the graph's io dtype (fp32 when the dense weights are integer blocks)."""
+        from ..convert.onnx import io_dtype
+
+        return IO_DTYPES.get(str(recipe.get("io_dtype") or io_dtype(str(recipe.get("dense", "fp32")))), "float32")
+
+    @classmethod
+    def options(cls, folder: Path) -> dict[str, tuple]:
+        recipe = load_json(Path(folder) / "edgec.json").get("recipe") or {}
+        return {"kv_dtype": (cls.kv_dtype_of(recipe),), "compute": (cls.kv_dtype_of(recipe),), "provider": (),
+                "threads": ()}
+
+    @classmethod
+    def held_weights(cls, folder: Path) -> Weights:
+        """The weights file's bytes (and the graphs'); `embedding`: the embedding table's bytes in it."""
+        onnx = require("onnx", "onnx")
+        folder = Path(folder)
+        total = sum((folder / f).stat().st_size for f in (G.EDGEC_GRAPH, G.DATA) if (folder / f).is_file())
+        graph = onnx.load(str(folder / G.EDGEC_GRAPH), load_external_data=False).graph
+        embed = next((t for t in graph.initializer if t.name == "model.embed_tokens.weight"), None)
+        ext = {e.key: e.value for e in embed.external_data} if embed is not None else {}
+        return Weights(total, embedding=int(ext.get("length", 0)))
+
+    @classmethod
+    def plan(cls, cfg: GptOssConfig, context: int, weights: Weights, recipe: dict[str, Any] | None = None,
+             **_: Any) -> Plan:
+        """Weights as the folder stores them (on the CPU provider onnxruntime maps model.onnx.data: its pages become
+        resident as they are used, all of them soon but the embedding table's, of which only the rows of tokens
+        seen; a GPU provider copies them all to the device), KV by the loop's allocation rule in the graph's io
+        dtype, and a step's temporaries: on the CPU provider GroupQueryAttention's scores for a prefill chunk over
+        the whole context (its CPU kernel materializes them), and the logits."""
+        recipe = recipe or {}
+        dtype = cls.kv_dtype_of(recipe)
+        value = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+        full, sliding = cls.kv_positions(cfg, context)
+        per = position_bytes(cfg, value)
+        cpu = recipe.get("execution_provider") in (None, "CPUExecutionProvider")
+        temps = cfg.num_attention_heads * cls.PREFILL_CHUNK * context * 4 * cpu + 2 * cfg.vocab_size * 4
+        if not cpu:  # a GPU provider copies every initializer to the device
+            return Plan("onnx", context, weights.total, kv_bytes(cfg, full, sliding, per, per), temps, dtype,
+                        "as stored, on the device")
+        return Plan("onnx", context, weights.total - weights.embedding, kv_bytes(cfg, full, sliding, per, per), temps,
+                    dtype, "as stored, memory-mapped; embedding rows as used")
+
+    @classmethod
+    def plan_folder(cls, folder: Path, context: int, **options: Any) -> Plan:
+        recipe = load_json(Path(folder) / "edgec.json").get("recipe") or {}
+        return super().plan_folder(folder, context, recipe=recipe, **options)
+
+    def memory_plan(self, context: int | None = None) -> Plan:
+        return self.plan_folder(self.folder, context or self.max_context)
 
     def __init__(self, folder: str | Path, max_context: int | None = None, provider: str | None = None,
                  threads: int | None = None, device_buffers: bool | None = None, **_: object):
@@ -83,7 +135,7 @@ class OnnxBackend(WindowedBackend):
         self.host: dict[str, np.ndarray] = {}  # on_host: the numpy arrays those OrtValues share
         self.sw_start = 0  # absolute position of row 0 of the sliding buffers
         self._grow_full(1)
-        cap = min(sliding_positions(self.config), self.max_context)
+        cap = self.sliding_positions(self.config, self.max_context)
         for n in self.sliding:
             self._alloc(n, np.zeros(self._shape(cap), dtype=self.dtype))
 
@@ -110,7 +162,7 @@ class OnnxBackend(WindowedBackend):
     def _grow_full(self, need: int) -> None:
         """Make the full layers' buffers hold `need` positions (growing by 1.5x, in FULL_CHUNK steps)."""
         have = self.kv[self.full[0]].shape()[2] if self.full and self.full[0] in self.kv else 0
-        cap = grown_capacity(need, have, self.max_context, FULL_CHUNK)
+        cap = self.full_capacity(need, have, self.max_context)
         if cap == have:
             return
         for n in self.full:
@@ -119,20 +171,16 @@ class OnnxBackend(WindowedBackend):
                 new[:, :, : self.length] = self._read(n)[:, :, : self.length]
             self._alloc(n, new)
 
-    def _slide(self, start: int, n: int) -> None:
-        """Before writing n positions at `start`, move the sliding buffers so they keep the last window + margin."""
-        if not self.sliding or start + n - self.sw_start <= self.kv[self.sliding[0]].shape()[2]:
-            return
-        drop = start - (self.config.sliding_window + ROLLBACK_MARGIN) - self.sw_start
+    def _move_sliding(self, drop: int, upto: int) -> None:
         for name in self.sliding:
             b = self._read(name)
-            b[:, :, : start - self.sw_start - drop] = b[:, :, drop : start - self.sw_start]
+            b[:, :, : upto - drop] = b[:, :, drop:upto]
             if not self.on_host:
                 self.kv[name].update_inplace(b)
-        self.sw_start += drop
 
     # ---- running -----------------------------------------------------------------------------------------
-    def _run(self, chunk: np.ndarray, all_logits: bool) -> np.ndarray:
+    def _run(self, ids: list[int], logits: str) -> np.ndarray | None:
+        chunk, all_logits = np.asarray(ids, dtype=np.int64), logits == "all"
         start, n = self.length, chunk.size
         total = start + n
         self._grow_full(total)
@@ -151,19 +199,6 @@ class OnnxBackend(WindowedBackend):
             bind.bind_ortvalue_input(name, value)
             bind.bind_ortvalue_output(self.present[name], value)
         self.session.run_with_iobinding(bind)
-        logits = bind.get_outputs()[0].numpy()
+        out = bind.get_outputs()[0].numpy()
         self.ids.extend(int(t) for t in chunk)
-        return logits[0]
-
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:  # noqa: ANN001
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise EdgecError("forward needs at least one token id")
-        if self.length + ids.size > self.max_context:
-            raise EdgecError(f"context full: {self.length} + {ids.size} tokens exceed max_context "
-                             f"{self.max_context}")
-        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-        if bad.size:
-            raise EdgecError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        outs = [self._run(ids[s : s + CHUNK], all_logits) for s in range(0, ids.size, CHUNK)]
-        return np.concatenate(outs if all_logits else outs[-1:]).astype(np.float32, copy=False)
+        return None if logits == "none" else out[0]

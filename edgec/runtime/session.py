@@ -1,4 +1,4 @@
-"""A chat session: Harmony conversation state, prompt reuse across turns, the context policy and the memory plan.
+"""A chat session: Harmony conversation state, prompt reuse across turns and the context policy.
 
 Every turn re-renders the whole conversation with Harmony and hands the token ids to `Generator`, which reuses the
 longest common prefix with what the KV cache holds (Harmony drops earlier analysis once a final answer exists, so
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,90 +30,9 @@ from ..harmony.conversation import (
     system_message,
 )
 from ..harmony.openai import conversation_from_any, tool_result
-from ..spec import GptOssConfig, read_json
+from ..spec import read_json
 from .base import Backend
 from .generate import Generator, Sampling, Stats
-
-
-# ---- memory plan -------------------------------------------------------------------------------------------
-def kv_plan_bytes(cfg: GptOssConfig, context: int, kv_bits: int = 16) -> int:
-    """KV bytes for `context` tokens, sliding layers holding `sliding_window` positions in 16 bits; full layers hold
-    every position in 16 bits or, with kv_bits=8, as the MLX runtime stores them (one byte per value plus a float16
-    scale and bias per group along the head dim: 68 bytes per head and position for head_dim 64, 0.53x bf16)."""
-    if kv_bits == 16:
-        return cfg.kv_cache_bytes(context, 2)
-    from .mlx_backend import kv8_position_bytes
-
-    full = len(cfg.full_layers) * context * kv8_position_bytes(cfg)
-    sliding = len(cfg.sliding_layers) * min(context, cfg.sliding_window) * 2 * cfg.kv_dim * 2
-    return full + sliding
-
-
-def available_memory() -> int | None:
-    """Bytes the OS says a new allocation can use (Linux MemAvailable, else physical memory), None if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-@dataclass
-class MemoryPlan:
-    context: int
-    kv_bits: int
-    kv_bytes: int
-    weights_bytes: int
-    available_bytes: int | None
-    kv_label: str = ""  # what the KV cache holds, e.g. "8-bit full layers, float32 sliding"; default "<kv_bits>-bit"
-
-    @property
-    def total(self) -> int:
-        return self.kv_bytes + self.weights_bytes
-
-    def describe(self) -> str:
-        gib = 2**30
-        avail = f"{self.available_bytes / gib:.2f} GiB available" if self.available_bytes else "available unknown"
-        label = self.kv_label or f"{self.kv_bits}-bit"
-        return (f"KV cache {self.kv_bytes / gib:.2f} GiB at {self.context} tokens ({label}) + weights "
-                f"{self.weights_bytes / gib:.2f} GiB = {self.total / gib:.2f} GiB; {avail}")
-
-    def check(self, warn: Callable[[str], None]) -> None:
-        """Refuse (EdgecError) when it cannot fit, warn above 80% of available memory."""
-        if not self.available_bytes:
-            return
-        if self.total > self.available_bytes:
-            raise EdgecError(f"will not fit: {self.describe()}; lower --max-context or use --kv-bits 8")
-        if self.total > 0.8 * self.available_bytes:
-            warn(f"tight on memory: {self.describe()}")
-
-
-def plan_memory(folder: Path, cfg: GptOssConfig, context: int, kv_bits: int = 16,
-                kv_dtype: str | None = None) -> MemoryPlan:
-    """Weights + KV cache at `context` tokens. Weights as `edgec inspect --context` prices this folder; the KV cache
-    of an MLX output with the MLX runtime's own allocation arithmetic (`mlx_backend.kv_cache_bytes`: `kv_bits` 8 or
-    16 = unquantized, `kv_dtype` float32|bfloat16, default the profile's), of other folders as inspect prices them."""
-    from ..inspect import inspect_report
-
-    report = inspect_report(folder, context)
-    rows = report["memory_plan"]["targets"]
-    if report.get("kind") != "edgec output":
-        rows = [r for r in rows if r.get("target") == "source"] or rows
-    kv, weights = int(rows[0]["kv_bytes"]), int(rows[0].get("weights_bytes") or 0)
-    label = ""
-    if rows[0].get("target") == "mlx":
-        from .mlx_backend import kv_cache_bytes
-
-        dtype = kv_dtype or ("bfloat16" if str(rows[0].get("kv_dtype")) in ("bf16", "bfloat16") else "float32")
-        kv = kv_cache_bytes(cfg, context, 8 if kv_bits == 8 else None, dtype)
-        label = f"8-bit full layers, {dtype} sliding" if kv_bits == 8 else dtype
-    return MemoryPlan(context, kv_bits, kv, weights, available_memory(), label)
-
 
 # ---- reply length ---------------------------------------------------------------------------------------------
 # The default --max-tokens follows the reasoning effort: gpt-oss's analysis alone often runs past 512 tokens at
@@ -317,7 +235,7 @@ class ChatSession:
 
     def stats_text(self) -> str:
         """What /stats prints: the cache, the settings and the last turn, for people."""
-        from ..inspect import human_bytes
+        from ..report import human_bytes
 
         lines = [f"cache {len(self.gen.tokens)} of {self.max_context} tokens, KV {human_bytes(self.backend.kv_bytes())}"
                  f" · reasoning {self.reasoning} · max tokens {self.sampling.max_tokens}"]
@@ -351,4 +269,4 @@ def _differences(old: Message, new: Message) -> str:
     return ", ".join(out) or "content"
 
 
-__all__ = ["ChatSession", "MemoryPlan", "Turn", "default_max_tokens", "kv_plan_bytes", "plan_memory", "read_tools"]
+__all__ = ["ChatSession", "Turn", "default_max_tokens", "read_tools"]

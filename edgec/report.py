@@ -1,99 +1,38 @@
 """`edgec inspect`: what a checkpoint (or an edgec output folder) is, whether it is intact, and what it costs.
 
 `inspect_report(path, context)` builds a plain dict (the `--json` output); `render_report(report)` prints it as
-rich tables. The memory plan prices every target profile in `targets/` from ONE table of bits per weight.
+rich tables. The memory plan asks each target's runtime what it will hold (`edgec.memory`: one memory model).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import EdgecError
+from .memory import facts_kv_bytes, format_bits, plan_folder, plan_recipe
 from .spec import GptOssConfig, hf_tensors, load_json
 
-# Storage cost of each weight format, in bits per weight, block scales included. The one table edgec prices with.
-BITS_PER_WEIGHT: dict[str, float] = {
-    "mxfp4": 4.25,  # 4-bit E2M1 codes + one 8-bit E8M0 scale per 32
-    "int8": 9.0,  # int8 + fp32 scale per block of 32
-    "exact": 8.5,  # MXFP4 -> lossless int8 blocks of 32 + an fp16 scale per block (QMoE on the GPU targets)
-    "int4": 4.5,  # int4 + fp16 scale per block of 32
-    "q8": 8.5,  # MLX affine 8-bit, group 64 (bf16 scale + bias per 64)
-    "bf16": 16.0,
-    "fp16": 16.0,
-    "fp32": 32.0,
-}
-# KV-cache element sizes (bytes) by the profiles' `kv_dtype`
-KV_BYTES: dict[str, float] = {"bf16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "int8": 1, "q8": 1,
-                              "fp8": 1, "int4": 0.5}
 
-SMALL_KINDS = ("norm", "attn_bias", "sinks", "expert_bias")  # biases, norms, sinks: never block-quantized
+def _plan_row(target: str, runtime: str, dense: str, experts: str, plan: Any) -> dict[str, Any]:
+    return {"target": target, "runtime": runtime, "dense": dense, "experts": experts, "kv_dtype": plan.kv_label,
+            "weights_bytes": plan.weights, "kv_bytes": plan.kv, "transient_bytes": plan.transient,
+            "total_bytes": plan.total, "compute": plan.weights_label, "note": ""}
 
 
-def format_bits(fmt: str, dense: str | None = None) -> float | None:
-    """Bits per weight of a format; "decomposed" experts (plain MatMuls) cost what the dense format costs."""
-    if fmt == "decomposed" and dense is not None:
-        return BITS_PER_WEIGHT.get(dense)
-    return BITS_PER_WEIGHT.get(fmt)
-
-
-def weight_bytes(cfg: GptOssConfig, dense: str, experts: str, expert_bits: float | None = None) -> int | None:
-    """Bytes of all weights with expert matrices in `experts` and the other matrices in `dense` format.
-
-    Norms, biases and sinks stay in floating point (fp32 when dense is fp32, else 16-bit). The router weight is
-    a dense matrix. `expert_bits` overrides the table (a profile's `[experts] bits_per_weight`). None when a
-    format is unknown.
-    """
-    e_bits = expert_bits if expert_bits is not None else format_bits(experts, dense)
-    if dense not in BITS_PER_WEIGHT or e_bits is None:
-        return None
-    small_bits = 32.0 if dense == "fp32" else 16.0
-    bits = 0.0
-    for t in hf_tensors(cfg):
-        if t.kind == "expert_blocks":
-            bits += t.params * e_bits
-        elif t.kind == "expert_scales":
-            continue  # inside the 4.25 bits of mxfp4 (and replaced by the target format's own scales)
-        elif t.kind in SMALL_KINDS:
-            bits += t.params * small_bits
-        else:
-            bits += t.params * BITS_PER_WEIGHT[dense]
-    return int(math.ceil(bits / 8))
-
-
-def kv_settings(profile: dict[str, Any]) -> tuple[float, int | None, str]:
-    """(bytes per cached value, positions kept per sliding layer or None for the window, label) of a profile.
-
-    Read from top-level `kv_dtype` / `kv_bits` or a `[kv]` table with `dtype` / `bits` / `sliding_keep`."""
-    kv = profile.get("kv") if isinstance(profile.get("kv"), dict) else {}
-    bits = profile.get("kv_bits", kv.get("bits"))
-    dtype = str(profile.get("kv_dtype", kv.get("dtype", "bf16")))
-    keep = kv.get("sliding_keep")
-    if bits is not None:
-        return float(bits) / 8, keep, f"{bits}-bit"
-    return float(KV_BYTES.get(dtype, 2)), keep, dtype if dtype in KV_BYTES else f"{dtype}? (priced as bf16)"
-
-
-def kv_bytes(cfg: GptOssConfig, context: int, per_value: float, sliding_keep: int | None = None) -> int:
-    """KV-cache bytes at `context`: full layers hold every position, sliding layers `sliding_keep` (default: window)."""
-    keep = cfg.sliding_window if sliding_keep is None else max(int(sliding_keep), cfg.sliding_window)
-    return cfg.with_(sliding_window=keep).kv_cache_bytes(context, per_value)
-
-
-def memory_plan(cfg: GptOssConfig, context: int, source_bytes: int | None = None) -> dict[str, Any]:
-    """Weights + KV cache per target profile at `context` tokens (and for the source as stored)."""
+def memory_plan(cfg: GptOssConfig, context: int) -> dict[str, Any]:
+    """Weights + KV cache + per-step temporaries per target profile at `context` tokens, each as its runtime's
+    `plan` states it for the profile's default recipe on the target's device; and the source as published with the
+    textbook KV figure (bf16, sliding layers = window)."""
     from .targets import list_targets, load_profile
 
     rows: list[dict[str, Any]] = []
-    kv_bf16 = cfg.kv_cache_bytes(context, 2)
     stored = sum(t.nbytes for t in hf_tensors(cfg))
-    rows.append({"target": "source", "runtime": "numpy reference", "dense": "bf16",
-                 "experts": "mxfp4", "kv_dtype": "bf16", "sliding_keep": cfg.sliding_window,
-                 "weights_bytes": stored, "kv_bytes": kv_bf16,
-                 "total_bytes": stored + kv_bf16, "note": ""})
-    names: list[str] = []
+    kv_src = facts_kv_bytes(cfg, context)
+    rows.append({"target": "source", "runtime": "as published (textbook bf16 KV)", "dense": "bf16",
+                 "experts": "mxfp4", "kv_dtype": "bf16", "weights_bytes": stored, "kv_bytes": kv_src,
+                 "transient_bytes": 0, "total_bytes": stored + kv_src, "note": ""})
     try:
         names = list_targets()
     except OSError:
@@ -101,25 +40,21 @@ def memory_plan(cfg: GptOssConfig, context: int, source_bytes: int | None = None
     for name in names:
         try:
             prof = load_profile(name)
+            dense = str((prof.get("dense") or {}).get("default", "bf16"))
+            experts = str((prof.get("experts") or {}).get("default", "mxfp4"))
+            plan = plan_recipe(prof, cfg, context)
         except EdgecError as e:
             rows.append({"target": name, "note": f"unreadable profile: {e}"})
             continue
-        dense = str((prof.get("dense") or {}).get("default", "bf16"))
-        experts = str((prof.get("experts") or {}).get("default", "mxfp4"))
-        per_value, keep, kv_label = kv_settings(prof)
-        kv = kv_bytes(cfg, context, per_value, keep)
-        e_bits = (prof.get("experts") or {}).get("bits_per_weight")
-        w = weight_bytes(cfg, dense, experts, None if e_bits is None else float(e_bits))
-        unknown = [f for f in (dense, experts) if w is None and format_bits(f, dense) is None]
-        rows.append({
-            "target": name,
-            "runtime": str(prof.get("runtime", "")) + (f" ({prof['execution_provider']})"
-                                                       if prof.get("execution_provider") else ""),
-            "dense": dense, "experts": experts,
-            "kv_dtype": kv_label, "sliding_keep": keep or cfg.sliding_window,
-            "weights_bytes": w, "kv_bytes": kv, "total_bytes": None if w is None else w + kv,
-            "note": f"unknown format {', '.join(unknown)}: add it to BITS_PER_WEIGHT" if unknown else "",
-        })
+        runtime = str(prof.get("runtime", "")) + (f" ({prof['execution_provider']})"
+                                                  if prof.get("execution_provider") else "")
+        if plan is None:
+            unknown = [f for f in (dense, experts) if format_bits(f, dense) is None]
+            rows.append({"target": name, "runtime": runtime, "dense": dense, "experts": experts, "kv_dtype": "",
+                         "weights_bytes": None, "kv_bytes": None, "transient_bytes": None, "total_bytes": None,
+                         "note": f"unknown format {', '.join(unknown)}: add it to edgec.memory.BITS_PER_WEIGHT"})
+            continue
+        rows.append(_plan_row(name, runtime, dense, experts, plan))
     return {
         "context": context,
         "kv_all_full_bytes": int(2 * cfg.kv_dim * 2 * context * cfg.num_hidden_layers),
@@ -180,25 +115,21 @@ def _inspect_output(folder: Path, context: int | None) -> dict[str, Any]:
         if want >= 0 and size != want:
             problems.append(f"{p}: {size} bytes, edgec.json records {want}")
     recipe = m.get("recipe") or {}
-    try:  # the KV cache the target's runtime allocates, as its profile states it
-        from .targets import load_profile
-
-        prof = load_profile(str(m.get("target")))
-    except EdgecError:
-        prof = {}
-    per_value, keep, kv_label = kv_settings(prof)
-    kv = kv_bytes(cfg, ctx, per_value, keep)
+    dense = str(recipe.get("dense", "")) if isinstance(recipe, dict) else ""
+    experts = str(recipe.get("experts", "")) if isinstance(recipe, dict) else ""
+    try:  # as `edgec chat` would hold it here, with its defaults on this machine
+        row = _plan_row(str(m.get("target")), str(m.get("runtime") or ""), dense, experts, plan_folder(folder, ctx))
+        row["note"] = "weights as the runtime holds them (sha256 not re-verified; `edgec parity` checks numerics)"
+    except EdgecError as e:  # unreadable weights or no backend here: the files' bytes, and why
+        row = {"target": str(m.get("target")), "runtime": str(m.get("runtime") or ""), "dense": dense,
+               "experts": experts, "kv_dtype": "?", "weights_bytes": total, "kv_bytes": None,
+               "transient_bytes": None, "total_bytes": None, "note": f"no runtime plan: {e}"}
     return {
         "path": str(folder), "kind": "edgec output", "target": m.get("target"), "runtime": m.get("runtime"),
         "edgec_version": m.get("edgec_version"), "recipe": recipe, "source": m.get("source"),
         "architecture": _architecture(cfg), "params": _params(cfg),
         "files": files, "bytes_on_disk": total, "problems": problems,
-        "memory_plan": {"context": ctx, "targets": [{
-            "target": str(m.get("target")), "runtime": str(m.get("runtime") or ""),
-            "dense": str(recipe.get("dense", "")) if isinstance(recipe, dict) else "",
-            "experts": str(recipe.get("experts", "")) if isinstance(recipe, dict) else "",
-            "kv_dtype": kv_label, "weights_bytes": total, "kv_bytes": kv, "total_bytes": total + kv,
-            "note": "weights = files on disk (sha256 not re-verified; `edgec parity` checks numerics)"}]},
+        "memory_plan": {"context": ctx, "targets": [row]},
     }
 
 
@@ -234,7 +165,7 @@ def inspect_report(path: str | Path, context: int | None = None) -> dict[str, An
         "tokenizer_files": tokenizer,
         "tensors": {"expected": len(expected), "found": len(ckpt.location), "problems": len(problems)},
         "problems": problems,
-        "memory_plan": memory_plan(cfg, ctx, src_bytes),
+        "memory_plan": memory_plan(cfg, ctx),
     }
 
 
@@ -299,23 +230,24 @@ def render_report(report: dict[str, Any]) -> None:
     plan = report["memory_plan"]
     mt = Table(title=f"memory plan at {plan['context']} tokens", title_justify="left", box=box.SIMPLE_HEAD,
                pad_edge=False)
-    for col in ("target", "experts", "dense", "KV dtype", "weights", "KV cache", "total"):
-        mt.add_column(col, justify="right" if col in ("weights", "KV cache", "total") else "left", no_wrap=True)
+    sizes = ("weights", "KV cache", "per step", "total")
+    for col in ("target", "experts", "dense", "KV dtype", *sizes):
+        mt.add_column(col, justify="right" if col in sizes else "left", no_wrap=True)
     for r in plan["targets"]:
         if "weights_bytes" not in r:
-            mt.add_row(r["target"], f"[red]{r['note']}[/]", "", "", "", "", "")
+            mt.add_row(r["target"], f"[red]{r['note']}[/]", "", "", "", "", "", "")
             continue
-        mt.add_row(r["target"], r["experts"], r["dense"], r["kv_dtype"],
-                   human_bytes(r["weights_bytes"]), human_bytes(r["kv_bytes"]), human_bytes(r["total_bytes"]))
+        mt.add_row(r["target"], r["experts"], r["dense"], r["kv_dtype"], human_bytes(r["weights_bytes"]),
+                   human_bytes(r["kv_bytes"]), human_bytes(r.get("transient_bytes")), human_bytes(r["total_bytes"]))
     con.print(mt)
     notes = [r["note"] for r in plan["targets"] if r.get("note") and "weights_bytes" in r]
     if plan.get("note"):
         notes.append(plan["note"])
     if "kv_all_full_bytes" in plan:
-        keeps = sorted({r.get("sliding_keep") for r in plan["targets"] if r.get("sliding_keep")})
-        notes.append(f"KV counts {' or '.join(map(str, keeps)) or a['sliding_window']} positions per sliding layer "
-                     f"(window {a['sliding_window']}); treating every layer as full would need "
-                     f"{human_bytes(plan['kv_all_full_bytes'])} in bf16")
+        notes.append(f"KV as each runtime allocates it (sliding layers: window {a['sliding_window']} + rollback "
+                     f"margin + prefill chunk); treating every layer as full would need "
+                     f"{human_bytes(plan['kv_all_full_bytes'])} in bf16. 'per step': the largest temporaries of a "
+                     f"step (prefill at the end of the context)")
     for n in dict.fromkeys(notes):
         con.print(f"[dim]{n}[/]")
     if report["problems"]:
