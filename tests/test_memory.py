@@ -143,9 +143,8 @@ def test_options_a_backend_cannot_run_are_one_line_errors(tiny_mlx, tiny_onnx, t
     for folder, args, msg in cases:
         r = cli("generate", folder, "--prompt", "hi", "--max-tokens", 1, *args)
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
-    r = cli("generate", tiny, "--prompt", "hi", "--max-tokens", 1, "--temperature", 0, "--compute", "float32",
-            "--max-context", 256)
-    assert r.exit_code == 0 and "numpy reference has no runtime options" in r.output
+    r = cli("generate", tiny, "--prompt", "hi", "--max-tokens", 1, "--compute", "float32")
+    assert r.exit_code == 2 and "the reference runtime" in r.output and "has no such option" in r.output
 
 
 # ---- the budget -------------------------------------------------------------------------------------------------
