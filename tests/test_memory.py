@@ -262,3 +262,15 @@ def test_process_memory_is_measured_without_resource(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["peak_rss_bytes"] > 2**20
     assert MIN_CONTEXT == 1024
+
+
+def test_cpu_moe_is_planned_off_the_gpu():
+    """--cpu-moe N: on the GPU the plan counts the experts of N layers as held off the device (what the budget is
+    compared with); on the CPU device nothing moves."""
+    from edgec.runtime.mlx_backend import MlxBackend
+
+    cfg = preset("20b")
+    w = recipe_weights(cfg, "bf16", "mxfp4")
+    gpu = MlxBackend.plan(cfg, 8192, w, compute="float16", kv_dtype="float16", device="gpu", cpu_moe=12)
+    assert gpu.offloaded == w.experts // 2 and gpu.device_total == gpu.total - w.experts // 2
+    assert MlxBackend.plan(cfg, 8192, w, device="cpu", cpu_moe=12).offloaded == 0

@@ -20,7 +20,9 @@ Allocation (the rule `WindowedBackend` states and `plan` prices): full layers gr
 least) up to `max_context`; sliding layers hold window + ROLLBACK_MARGIN + PREFILL_CHUNK positions. `truncate(n)`
 is exact. On the CPU device, attention runs in blocks of queries so the scores it materializes stay under
 ATTN_SCRATCH (MLX's CPU attention has no fused kernel). `cpu_moe=N` runs the experts of the first N layers on the CPU
-stream (llama.cpp's --n-cpu-moe).
+stream (llama.cpp's --n-cpu-moe): their weights stay out of what GPU command buffers touch (the plan's `offloaded`),
+but MLX on macOS allocates every array, whatever stream uses it, as a Metal buffer counted in its own memory limit
+(1.5x the recommended working set): unverified on a Mac.
 """
 
 from __future__ import annotations
