@@ -136,6 +136,7 @@ class Plan:
     kv_label: str = ""
     weights_label: str = ""
     offloaded: int = 0  # bytes of weights kept off the accelerator (MLX --cpu-moe): in `weights`, not on the GPU
+    mapped: int = 0  # bytes of weights left memory-mapped and read by rows (an embedding table): not in `weights`
 
     @property
     def total(self) -> int:
@@ -149,13 +150,15 @@ class Plan:
         kv = f" ({self.kv_label})" if self.kv_label else ""
         w = f" ({self.weights_label})" if self.weights_label else ""
         off = f", {gib(self.offloaded)} of it on the CPU" if self.offloaded else ""
-        return (f"weights {gib(self.weights)}{w}{off} + KV {gib(self.kv)} at {self.context} tokens{kv} + "
+        mapped = f" (+ {gib(self.mapped)} mapped, read by rows)" if self.mapped else ""
+        return (f"weights {gib(self.weights)}{w}{off}{mapped} + KV {gib(self.kv)} at {self.context} tokens{kv} + "
                 f"per-step temporaries {gib(self.transient)} = {gib(self.total)}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "context": self.context, "weights_bytes": self.weights,
                 "kv_bytes": self.kv, "transient_bytes": self.transient, "total_bytes": self.total,
-                "offloaded_bytes": self.offloaded, "kv": self.kv_label, "weights": self.weights_label}
+                "offloaded_bytes": self.offloaded, "mapped_bytes": self.mapped, "kv": self.kv_label,
+                "weights": self.weights_label}
 
 
 def gib(n: float) -> str:

@@ -17,7 +17,8 @@ from .spec import GptOssConfig, hf_tensors, load_json
 
 def _plan_row(target: str, runtime: str, dense: str, experts: str, plan: Any) -> dict[str, Any]:
     return {"target": target, "runtime": runtime, "dense": dense, "experts": experts, "kv_dtype": plan.kv_label,
-            "weights_bytes": plan.weights, "kv_bytes": plan.kv, "transient_bytes": plan.transient,
+            "weights_bytes": plan.weights, "mapped_bytes": plan.mapped, "kv_bytes": plan.kv,
+            "transient_bytes": plan.transient,
             "total_bytes": plan.total, "compute": plan.weights_label, "note": ""}
 
 

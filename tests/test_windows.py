@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PRELUDE = """
 import ctypes, mmap, os, sys
 for m in ("resource", "fcntl"):
@@ -68,8 +66,6 @@ def _tree_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "edgec.json"}
 
 
-@pytest.mark.xfail(strict=True, reason="convert ends in fsutil.peak_rss_bytes, which imports resource: the portable "
-                   "peak RSS of the 'memory' branch (issue 14) fixes it; drop this mark when it lands")
 def test_cli_runs_without_the_posix_only_modules(tmp_path):
     from edgec.convert import run_convert
 

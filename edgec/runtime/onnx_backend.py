@@ -48,8 +48,18 @@ class OnnxBackend(WindowedBackend):
         return IO_DTYPES.get(str(recipe.get("io_dtype") or io_dtype(str(recipe.get("dense", "fp32")))), "float32")
 
     @classmethod
-    def options(cls, folder: Path) -> dict[str, tuple]:
+    def recipe_of(cls, folder: Path) -> dict[str, Any]:
+        """The folder's recipe, refused in one line when an older edgec wrote another graph contract."""
         recipe = load_json(Path(folder) / "edgec.json").get("recipe") or {}
+        if recipe.get("graph_format") != G.GRAPH_FORMAT:
+            raise EdgecError(f"{folder}: converted by an older edgec (ONNX graph format "
+                             f"{recipe.get('graph_format', 1)}, this edgec runs {G.GRAPH_FORMAT}); re-convert it "
+                             f"with `edgec convert`")
+        return recipe
+
+    @classmethod
+    def options(cls, folder: Path) -> dict[str, tuple]:
+        recipe = cls.recipe_of(folder)
         return {"kv_dtype": (cls.kv_dtype_of(recipe),), "compute": (cls.kv_dtype_of(recipe),), "provider": (),
                 "threads": ()}
 
@@ -83,12 +93,11 @@ class OnnxBackend(WindowedBackend):
             return Plan("onnx", context, weights.total, kv_bytes(cfg, full, sliding, per, per), temps, dtype,
                         "as stored, on the device")
         return Plan("onnx", context, weights.total - weights.embedding, kv_bytes(cfg, full, sliding, per, per), temps,
-                    dtype, "as stored, memory-mapped; embedding rows as used")
+                    dtype, "as stored, memory-mapped", mapped=weights.embedding)
 
     @classmethod
     def plan_folder(cls, folder: Path, context: int, **options: Any) -> Plan:
-        recipe = load_json(Path(folder) / "edgec.json").get("recipe") or {}
-        return super().plan_folder(folder, context, recipe=recipe, **options)
+        return super().plan_folder(folder, context, recipe=cls.recipe_of(folder), **options)
 
     def memory_plan(self, context: int | None = None) -> Plan:
         return self.plan_folder(self.folder, context or self.max_context)
@@ -102,11 +111,7 @@ class OnnxBackend(WindowedBackend):
         where = str(self.folder / "edgec.json")
         manifest = load_json(self.folder / "edgec.json")
         self.config = GptOssConfig.from_dict(manifest["config"], where)
-        recipe = manifest.get("recipe") or {}
-        if recipe.get("graph_format") != G.GRAPH_FORMAT:
-            raise EdgecError(f"{self.folder}: converted by an older edgec (ONNX graph format "
-                             f"{recipe.get('graph_format', 1)}, this edgec runs {G.GRAPH_FORMAT}); re-convert it "
-                             f"with `edgec convert`")
+        recipe = self.recipe_of(self.folder)
         genai = load_json(self.folder / "genai_config.json")
         self.max_context = int(max_context or genai["model"]["context_length"])
         provider = provider or recipe.get("execution_provider") or "CPUExecutionProvider"
