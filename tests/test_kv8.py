@@ -90,7 +90,7 @@ def test_kv8_bytes_match_the_arithmetic_and_the_memory_plan(tiny_mlx):
         12 * (1664 - 128) * 2048  # the sliding layers' rollback margin and prefill chunk
 
 
-def test_chat_and_generate_with_kv_bits_8(tiny_mlx, tmp_path):
+def test_chat_and_generate_with_kv_bits_8(tiny_mlx, tiny_onnx):
     r = CliRunner().invoke(main, ["chat", str(tiny_mlx), "--kv-bits", "8", "--stats", "--max-tokens", "4",
                                   "--temperature", "0"], input="hi\n/exit\n")
     assert r.exit_code == 0, (r.output, r.exception)
@@ -100,9 +100,5 @@ def test_chat_and_generate_with_kv_bits_8(tiny_mlx, tmp_path):
                                   "bfloat16", "--max-tokens", "3", "--temperature", "0", "--json"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert len(json.loads(r.output)["tokens"]) == 3
-    onnx = tmp_path / "onnx-like"  # the refusal comes before any ONNX model is opened: the manifest is enough
-    onnx.mkdir()
-    manifest = json.loads((tiny_mlx / "edgec.json").read_text())
-    (onnx / "edgec.json").write_text(json.dumps({**manifest, "target": "onnx-cpu", "runtime": "onnxruntime-genai"}))
-    r = CliRunner().invoke(main, ["chat", str(onnx), "--kv-bits", "8"], input="/exit\n")
+    r = CliRunner().invoke(main, ["chat", str(tiny_onnx), "--kv-bits", "8"], input="/exit\n")
     assert r.exit_code == 2 and "--kv-bits 8: the onnx runtime" in r.output and "has no such option" in r.output
