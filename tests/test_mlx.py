@@ -101,9 +101,10 @@ def test_cpu_default_vs_transformers_and_mlx_lm(tiny, out, backend, ids300, ids_
 
 def test_gpu_default_forced_on_the_cpu(tiny, out, ids300, ids_long):
     """The GPU default of targets/mlx.toml (float16 matmuls: attention and lm_head converted once from bf16, exact
-    in fp16's range, same bytes; float16 KV) run on MLX's CPU device. Measured: 300 positions mean |diff| 0.0035,
-    top-1 99.33%; 4,200-4,500: 0.008, 98.67% (4 of 301 positions flip near-ties or a router choice; bf16 matmuls
-    measured 0.039 / 95.0% and 0.047 / 92.4%). mlx-lm: 0.1 mean / 86% and 25%."""
+    in fp16's range, same bytes; float16 KV) run on MLX's CPU device. Measured: 300 positions max |diff| 0.051,
+    top-1 98.67% (near-ties); 4,200-4,500: max 1.71, top-1 99.0% (3 of 301 positions flip near-ties or a router
+    choice; bf16 matmuls measured 0.039 / 95.0% and 0.047 / 92.4%). mlx-lm: 0.1 mean / 86% and 25%. The bar (issue
+    11): top-1 no worse than mlx-lm's at 300 positions and >= 99% at 4,200-4,500."""
     from edgec.runtime.mlx_backend import MlxBackend
 
     gpu = MlxBackend.defaults(out, device="gpu")
@@ -116,7 +117,7 @@ def test_gpu_default_forced_on_the_cpu(tiny, out, ids300, ids_long):
     theirs = _agree(_mlx_lm_logits(out, ids300), ref)
     assert ours[1] <= theirs[1] / 5 and ours[2] >= theirs[2] and ours[2] >= 0.98, (ours, theirs)
     ours = _agree(_long(b, ids_long), hf_logits(tiny, ids_long)[4200:])
-    assert ours[2] >= 0.98 and ours[1] < 0.012, ours
+    assert ours[2] >= 0.99 and ours[1] < 0.012, ours
 
 
 def test_float32_upcast_is_exact(tiny, out, ids300):
