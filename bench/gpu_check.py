@@ -374,7 +374,8 @@ class GenaiBackend:
     def __init__(self, folder: str | Path, max_context: int | None = None, cpu: bool = False):
         import onnxruntime_genai as og
 
-        from edgec.spec import GptOssConfig, load_json
+        from edgec.jsonio import load_json
+        from edgec.spec import GptOssConfig
 
         self.og, self.folder = og, Path(folder)
         self.config = GptOssConfig.from_dict(load_json(self.folder / "edgec.json")["config"], str(self.folder))

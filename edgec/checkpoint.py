@@ -8,7 +8,7 @@ memory map, always by their HF name (the original layout's fused qkv is split by
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +16,15 @@ import numpy as np
 
 from . import mxfp4
 from .errors import EdgecError
+from .jsonio import load_json
 from .safetensors_io import SafetensorsFile, bf16_to_f32
-from .spec import GptOssConfig, TensorSpec, hf_tensors, load_json, original_sources, original_tensors
+from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
+LAYER = re.compile(r"(?:model\.layers|block)\.(\d+)\.")
+SCAN_CHUNK = 1 << 24  # values per step of the non-finite scan (bounded memory)
 
 
 def _safe_member(root: Path, name: str, where: str) -> Path:
@@ -35,7 +38,7 @@ def _safe_member(root: Path, name: str, where: str) -> Path:
 
 @dataclass
 class Checkpoint:
-    """An opened, validated checkpoint. Read tensors with `raw`, `f32` or `iter_tensors`."""
+    """An opened, validated checkpoint. Read tensors with `raw`, `f32` or `experts`."""
 
     path: Path
     layout: str  # "hf" or "original"
@@ -96,6 +99,10 @@ class Checkpoint:
             for t, n in load_json(index)["weight_map"].items():
                 if t not in ckpt.files[n].entries:
                     raise EdgecError(f"{root / n}: tensor {t}: named in {INDEX} but not in this shard")
+        stored = len({int(m.group(1)) for t in ckpt.location if (m := LAYER.match(t))})
+        if config.num_hidden_layers > stored:  # checked before anything is sized from the config
+            raise EdgecError(f"{cfg_path}: num_hidden_layers is {config.num_hidden_layers}, but the shards hold "
+                             f"tensors of {stored} layer(s)")
         if layout == "hf":
             ckpt._sources = {t.name: (t.name, None) for t in hf_tensors(config)}
         else:
@@ -153,15 +160,38 @@ class Checkpoint:
         idx = np.asarray(experts)
         return mxfp4.decode(blocks[idx], scales[idx])
 
-    def iter_tensors(self) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    def nonfinite(self) -> dict[str, int]:
+        """Non-finite values per tensor (HF names): BF16 NaN/Inf (exponent bits all ones) and MXFP4 values whose
+        block scale overflows float32 (scale bytes 253-255 with large codes). Reads the BF16 tensors and the scales
+        in bounded chunks, and only the blocks of suspicious scales; mapped pages are dropped as it goes."""
+        out: dict[str, int] = {}
         for t in self.specs():
-            yield t, self.raw(t.name)
+            if t.dtype == "BF16":
+                n = _nonfinite_bf16(self.raw(t.name).reshape(-1))
+            elif t.kind == "expert_blocks":
+                n = _overflowing(self.raw(t.name), self.raw(t.name.replace("_blocks", "_scales")))
+            else:
+                continue
+            if n:
+                out[t.name] = n
+            if t.nbytes >= SCAN_CHUNK:
+                self.release_pages()
+        return out
 
     def source_bytes(self) -> int:
         return sum(f.path.stat().st_size for f in self.files.values())
 
     def config_hash(self) -> str:
         return hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
+
+    def source_files(self) -> list[Path]:
+        """Every file a conversion reads: config, index, shards and tokenizer files."""
+        return [self.path / "config.json", self.path / INDEX, *(f.path for f in self.files.values()),
+                *self.tokenizer_files()]
+
+    def tokenizer_folder(self) -> Path | None:
+        """The folder holding tokenizer.json: the checkpoint's, or for an `original/` folder its parent's."""
+        return next((p.parent for p in self.tokenizer_files() if p.name == "tokenizer.json"), None)
 
     def tokenizer_files(self) -> list[Path]:
         """Tokenizer and generation files present beside the weights (HF root for an `original/` folder)."""
@@ -185,3 +215,28 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def _nonfinite_bf16(flat: np.ndarray) -> int:
+    """BF16 values with all exponent bits set (NaN/Inf), in chunks: a max per chunk, a count only where one is."""
+    buf = np.empty(min(flat.size, SCAN_CHUNK), np.uint16)
+    n = 0
+    for i in range(0, flat.size, SCAN_CHUNK):
+        part = buf[: min(SCAN_CHUNK, flat.size - i)]
+        np.bitwise_and(flat[i : i + SCAN_CHUNK], 0x7F80, out=part)
+        if part.size and part.max() == 0x7F80:
+            n += int(np.count_nonzero(part == 0x7F80))
+    return n
+
+
+def _overflowing(blocks: np.ndarray, scales: np.ndarray) -> int:
+    """MXFP4 values that are not finite in float32: only blocks with a scale byte of 253 or more can overflow
+    (6 * 2**126 > float32 max), so those few are decoded and counted."""
+    flat = scales.reshape(-1)
+    idx = np.concatenate([i + np.flatnonzero(flat[i : i + SCAN_CHUNK] >= 253)
+                          for i in range(0, flat.size, SCAN_CHUNK)] or [np.zeros(0, np.int64)])
+    if not idx.size:
+        return 0
+    with np.errstate(all="ignore"):
+        vals = mxfp4.decode(blocks.reshape(-1, 1, 16)[idx], flat[idx, None])
+    return int(np.count_nonzero(~np.isfinite(vals)))

@@ -43,6 +43,21 @@ def emit_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def force_options(f):
+    """--force (replace an earlier edgec output) and --force-foreign (replace any folder that is not the source)."""
+    f = click.option("--force-foreign", is_flag=True,
+                     help="replace OUT even if edgec did not write it (its files are lost; never the source)")(f)
+    return click.option("--force", is_flag=True, help="replace OUT if it is an earlier edgec output")(f)
+
+
+def force_mode(force: bool, force_foreign: bool) -> bool | str:
+    return "foreign" if force_foreign else force
+
+
 # ---- foundation ----------------------------------------------------------------------------------------
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
@@ -61,9 +76,9 @@ def emit_json(obj: object) -> None:
 @click.option("--scale-spread", type=click.IntRange(0, 40), default=8, show_default=True, metavar="BINADES",
               help="binades spanned by the MXFP4 block scales of an expert row, plus rare outliers (0: one scale)")
 @click.option("--layout", type=click.Choice(["hf", "original", "both"]), default="hf", show_default=True)
-@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@force_options
 def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads, kv_heads, experts, top_k, vocab,
-          shards, seed, scale_spread, layout, force) -> None:
+          shards, seed, scale_spread, layout, force, force_foreign) -> None:
     """Write a synthetic gpt-oss checkpoint that follows the published layout to the byte."""
     from .progress import byte_progress
     from .spec import preset as make
@@ -73,8 +88,8 @@ def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads,
                head_dim=head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
                num_local_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab)
     with byte_progress(total_bytes(cfg, layout), f"synth {preset}") as advance:
-        synthesize(cfg, out, seed=seed, shards=shards, layout=layout, force=force, progress=advance,
-                   scale_spread=scale_spread)
+        synthesize(cfg, out, seed=seed, shards=shards, layout=layout, force=force_mode(force, force_foreign),
+                   progress=advance, scale_spread=scale_spread)
     stderr.print(f"wrote {out} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                  f"{cfg.num_local_experts} experts, {total_bytes(cfg, layout) / 1e9:.2f} GB)")
 
@@ -83,15 +98,19 @@ def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads,
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--context", type=int, default=None, help="context length for the memory plan (default: model max)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def inspect(src: Path, context: int | None, as_json: bool) -> None:
+@click.option("--strict", is_flag=True, help="non-finite weights (NaN/Inf) are a problem, not a warning")
+def inspect(src: Path, context: int | None, as_json: bool, strict: bool) -> None:
     """Architecture, parameters, tensor inventory check and a memory plan per target."""
     from .report import inspect_report, render_report
 
-    report = inspect_report(src, context)
+    report = inspect_report(src, context, strict=strict)
     if as_json:
         emit_json(report)
     else:
         render_report(report)
+    if not strict:
+        for name, n in report.get("nonfinite", {}).items():
+            warn(f"{src}: tensor {name}: {n} non-finite values (NaN/Inf); --strict makes this an error")
     if problems := report.get("problems"):
         more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
         stderr.print(f"[bold red]error:[/] {escape(problems[0] + more)}", highlight=False, soft_wrap=True)
@@ -109,19 +128,23 @@ def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None
     import numpy as np
 
     from .runtime.base import load_backend
+    from .spec import check_token_ids
 
     tokens = parse_ids(ids, ids_file)
     backend = load_backend(model, max_context=len(tokens))
-    vocab = backend.config.vocab_size
-    if bad := [t for t in tokens if not 0 <= t < vocab]:
-        raise EdgecError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    check_token_ids(tokens, backend.config.vocab_size)
     n = len(tokens) if last is None else max(1, min(last, len(tokens)))
-    result = backend.forward(tokens, all_logits=True)[-n:]
+    with np.errstate(all="ignore"):  # non-finite logits are counted and reported below, once
+        result = backend.forward(tokens, all_logits=True)[-n:]
     try:
         np.save(out, result.astype(np.float32))
     except OSError as e:
         raise EdgecError(f"{out}: cannot write ({e.strerror})") from None
     stderr.print(f"{backend.name}: wrote {out} {list(result.shape)} float32")
+    if bad := int(np.count_nonzero(~np.isfinite(result))):
+        pos = int(np.argwhere(~np.isfinite(result))[0][0]) + len(tokens) - n
+        warn(f"{out}: {bad} of {result.size} logits are not finite (NaN/Inf), first at position {pos}; "
+             f"`edgec inspect {model}` looks for non-finite weights")
 
 
 def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
@@ -144,19 +167,21 @@ def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
 @click.option("--dense", help="format of the non-expert weights (profile default if omitted)")
 @click.option("--experts", help="format of the expert weights (profile default if omitted)")
 @click.option("--lm-head", help="format of lm_head where the target quantizes it apart (onnx-cpu; default: as dense)")
-@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@force_options
+@click.option("--strict", is_flag=True, help="refuse a source with non-finite weights (NaN/Inf) instead of warning")
 @click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
 def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, lm_head: str | None,
-            force: bool, as_json: bool) -> None:
+            force: bool, force_foreign: bool, strict: bool, as_json: bool) -> None:
     """Convert a gpt-oss checkpoint for a deployment target."""
     from .convert import run_convert
 
-    summary = run_convert(src, target, out, dense=dense, experts=experts, force=force, lm_head=lm_head)
+    summary = run_convert(src, target, out, dense=dense, experts=experts, force=force_mode(force, force_foreign),
+                          lm_head=lm_head, strict=strict, warn=warn)
     if as_json:
         emit_json(summary)
     else:
         lm = f", lm_head {summary['lm_head']}" if summary.get("lm_head", summary["dense"]) != summary["dense"] else ""
-        lossy = summary.get("warnings", [])
+        lossy = summary.get("lossy", [])
         for w in lossy:  # every step that did not keep the checkpoint's values, loudly
             stderr.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
         stderr.print(f"[green]converted[/] {src} -> {out} ({target}: experts {summary['experts']}, dense "

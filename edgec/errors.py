@@ -16,12 +16,15 @@ class ParityFailure(EdgecError):
 
 
 class MissingBackend(EdgecError):
-    """An optional backend (mlx, onnxruntime, ...) is not installed: exit code 3."""
+    """An optional backend (mlx, onnxruntime, an execution provider) is not available here: exit code 3."""
 
     exit_code = 3
 
-    def __init__(self, module: str, extra: str):
-        super().__init__(f"{module} is not installed; install it with: pip install 'edgec[{extra}]'")
+
+class Interrupted(EdgecError):
+    """Ctrl-C or SIGTERM stopped the work (after cleaning up): exit code 130."""
+
+    exit_code = 130
 
 
 def require(module: str, extra: str):
@@ -31,4 +34,5 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - depends on the platform
-        raise MissingBackend(module.split(".")[0], extra) from e
+        raise MissingBackend(f"{module.split('.')[0]} is not installed; install it with: "
+                             f"pip install 'edgec[{extra}]'") from e

@@ -1,4 +1,9 @@
-"""Nothing half-done on disk: outputs are built in a hidden temporary folder and renamed into place."""
+"""Nothing half-done on disk, nothing lost: outputs are built in a hidden temporary folder and renamed into place.
+
+`atomic_dir` is the one guard every command that writes a folder (convert, synth) goes through: it refuses an
+output that would replace the source or a folder edgec did not write, holds a lock on the destination, removes the
+temporary folder a killed run left behind, and leaves nothing behind itself on any failure.
+"""
 
 from __future__ import annotations
 
@@ -8,57 +13,162 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EdgecError
+from .errors import EdgecError, Interrupted
+
+SYNTH_MARKER = ".edgec-synth"  # written into every `edgec synth` checkpoint
+OWNED_MARKERS = ("edgec.json", SYNTH_MARKER)  # a folder holding one of these was written by edgec
+
+
+def check_output(out: Path, force: bool | str = False, keep: Iterable[Path] = ()) -> None:
+    """Refuse (one-line EdgecError) an output path whose replacement would touch a file in `keep` (the source),
+    an existing output without `force`, or, unless force == "foreign", a folder edgec did not write."""
+    out = Path(out)
+    real = out.resolve()
+    for k in keep:
+        k = Path(k).resolve()
+        if k == real or real in k.parents:
+            raise EdgecError(f"{out}: replacing it would destroy the source {k}; choose another output folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
+    if out.is_symlink() or not out.is_dir():
+        raise EdgecError(f"{out}: is a {'symbolic link' if out.is_symlink() else 'file'}, not an output folder; "
+                         "edgec will not replace it")
+    if force != "foreign" and not any((out / m).is_file() for m in OWNED_MARKERS) and any(out.iterdir()):
+        raise EdgecError(f"{out}: not written by edgec (no edgec.json); --force replaces only edgec outputs, "
+                         "--force-foreign replaces any folder")
 
 
 @contextmanager
-def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed.
 
-    Refuses an existing `out` unless `force`. SIGTERM is turned into KeyboardInterrupt while inside, and a
-    full disk becomes a one-line EdgecError; in every failure case no partial output remains.
+    `check_output` rules first (force: False, True, or "foreign"; keep: the source files). While inside, the
+    destination is locked against a second edgec, SIGTERM is turned into an interrupt (exit 130), and a full disk
+    becomes a one-line EdgecError naming the output; in every failure case no partial output remains.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
+    check_output(out, force, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.edgec-tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    with _locked(out) as record:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.edgec-tmp-", dir=out.parent))
+        trash = out.parent / f".{out.name}.edgec-old-{os.getpid()}"
+        record(tmp, trash)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
 
-    def _term(signum, frame):  # noqa: ANN001
-        raise KeyboardInterrupt
+        def _term(signum, frame):  # noqa: ANN001
+            raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
+        old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
+        try:
+            yield tmp
+            if out.exists():
+                os.replace(out, trash)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except KeyboardInterrupt:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise Interrupted(f"{out}: interrupted; no partial output was left behind") from None
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                inside = [Path(f) for f in (e.filename, e.filename2) if f and Path(tmp) in Path(f).parents]
+                where = out / inside[0].relative_to(tmp) if inside else out
+                raise EdgecError(f"{where}: disk full while writing the output; no partial output was left "
+                                 "behind") from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator:
+    """Hold `.NAME.edgec-lock` beside `out` (an OS lock: released even when the process is killed). The file names
+    the temporary folders its holder writes; a holder that was killed leaves it behind, and the next holder removes
+    the folders it names (those are provably edgec's) and says so. Yields `record(*folders)`."""
+    path = out.parent / f".{out.name}.edgec-lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise EdgecError(f"{out}: another edgec process is writing this output right now")
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and lock: take the new one
     try:
-        yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.edgec-old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except KeyboardInterrupt:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EdgecError(f"{out}: interrupted; no partial output was left behind") from None
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise EdgecError(f"{out}: disk full while writing {e.filename or 'output'}; "
-                             "no partial output was left behind") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _remove_stale(out, os.read(fd, 1 << 16).decode("utf-8", "replace").splitlines())
+
+        def record(*folders: Path) -> None:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, "".join(f"{p.name}\n" for p in folders).encode())
+
+        yield record
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        try:
+            os.unlink(path)  # while still locked (POSIX); Windows cannot delete an open file: after closing
+        except OSError:
+            pass
+        os.close(fd)
+        if path.exists() and os.name == "nt":
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _remove_stale(out: Path, names: list[str]) -> None:
+    """Remove the temporary folders a killed edgec recorded in the lock file (only names edgec gives them)."""
+    from .progress import stderr
+
+    for name in names:
+        p = out.parent / name
+        if name.startswith((f".{out.name}.edgec-tmp-", f".{out.name}.edgec-old-")) and Path(name).name == name \
+                and p.is_dir() and not p.is_symlink():
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(p, ignore_errors=True)
+            stderr.print(f"[yellow]note:[/] removed {p} ({size / 1e6:.1f} MB), left by an edgec run that was killed",
+                         highlight=False, soft_wrap=True)
+
+
+def _try_lock(fd: int) -> bool:
+    """A non-blocking exclusive lock on an open file: flock on POSIX, msvcrt.locking on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+    try:
+        import msvcrt
+    except ImportError:  # neither: a platform without file locks, write unlocked
+        return True
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
 
 
 def fsync_folder(folder: Path) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,20 @@ import click
 import numpy as np
 
 from .errors import EdgecError, ParityFailure
+from .jsonio import read_json
 from .runtime.cli import backend_flags, backend_options, with_options
-from .spec import load_json
+from .spec import check_token_ids
 
 METRICS = ("max_abs", "mean_abs", "min_cosine", "top1", "max_kl", "greedy")
 # threshold direction: value must be <= bound ("max") or >= bound ("min")
 DIRECTION = {"max_abs": "max", "mean_abs": "max", "min_cosine": "min", "top1": "min", "max_kl": "max", "greedy": "min"}
 DEFAULT_THRESHOLDS = {"max_abs": 1e-2, "mean_abs": 1e-3, "min_cosine": 0.9999, "top1": 1.0, "max_kl": 1e-4,
                       "greedy": 1.0}
+
+
+def breach(metric: str, value: float, bound: float) -> bool:
+    """Whether `value` is outside `bound` (a NaN value always is)."""
+    return not (value <= bound if DIRECTION[metric] == "max" else value >= bound)
 
 
 @dataclass
@@ -41,25 +49,35 @@ class PromptResult:
     greedy: float
     greedy_ref: list[int] = field(default_factory=list)
     greedy_target: list[int] = field(default_factory=list)
+    nonfinite: dict[str, list[int]] = field(default_factory=dict)  # "source"/"target": [count, first position]
 
 
 def compare(ref: np.ndarray, out: np.ndarray, rows: int = 32) -> dict[str, float]:
-    """Logit metrics over positions: ref and out are [positions, vocab] (float64 math, in row chunks)."""
-    mx_abs, sum_abs, min_cos, top1, max_kl = 0.0, 0.0, 1.0, 0, 0.0
-    for s in range(0, ref.shape[0], rows):
-        r, o = ref[s : s + rows].astype(np.float64), out[s : s + rows].astype(np.float64)
-        d = np.abs(r - o)
-        mx_abs, sum_abs = max(mx_abs, float(d.max())), sum_abs + float(d.sum())
-        cos = (r * o).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(o, axis=-1) + 1e-30)
-        min_cos = min(min_cos, float(cos.min()))
-        top1 += int((r.argmax(-1) == o.argmax(-1)).sum())
-        lp = r - r.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        lq = o - o.max(-1, keepdims=True)
-        lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-        max_kl = max(max_kl, float((np.exp(lp) * (lp - lq)).sum(-1).max()))
-    return {"max_abs": mx_abs, "mean_abs": sum_abs / ref.size, "min_cosine": min_cos, "top1": top1 / ref.shape[0],
-            "max_kl": max(max_kl, 0.0)}
+    """Logit metrics over positions: ref and out are [positions, vocab] (float64 math, in row chunks). A
+    non-finite logit makes the metrics NaN, never a clean-looking 0 or 1."""
+    mx_abs, sum_abs, min_cos, top1, max_kl = [], 0.0, [], 0, []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for s in range(0, ref.shape[0], rows):
+            r, o = ref[s : s + rows].astype(np.float64), out[s : s + rows].astype(np.float64)
+            d = np.abs(r - o)
+            mx_abs.append(d.max())
+            sum_abs += float(d.sum())
+            cos = (r * o).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(o, axis=-1) + 1e-30)
+            min_cos.append(cos.min())
+            top1 += int((r.argmax(-1) == o.argmax(-1)).sum())
+            lp = r - r.max(-1, keepdims=True)
+            lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+            lq = o - o.max(-1, keepdims=True)
+            lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+            max_kl.append((np.exp(lp) * (lp - lq)).sum(-1).max())
+    return {"max_abs": float(np.max(mx_abs)), "mean_abs": sum_abs / ref.size, "min_cosine": float(np.min(min_cos)),
+            "top1": top1 / ref.shape[0], "max_kl": float(np.maximum(np.max(max_kl), 0.0))}
+
+
+def nonfinite(logits: np.ndarray) -> list[int] | None:
+    """[count, first position] of the non-finite logits, or None when all are finite."""
+    bad = ~np.isfinite(logits)
+    return [int(bad.sum()), int(np.argmax(bad.any(-1)))] if bad.any() else None
 
 
 def greedy(backend: Any, ids: list[int], steps: int, first: np.ndarray) -> list[int]:
@@ -92,10 +110,7 @@ def load_prompts(path: Path, folder: Path) -> list[dict[str, Any]]:
     from .harmony import conversation_from_json, render_conversation
     from .harmony.tokenizer import Tokenizer
 
-    try:
-        items = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise EdgecError(f"{path}: cannot read prompts ({e})") from None
+    items = read_json(path)
     if not isinstance(items, list) or not items:
         raise EdgecError(f"{path}: expected a non-empty JSON list of prompts")
     tok = None
@@ -132,54 +147,100 @@ def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any], precision: s
 
 
 def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions: int | None = None,
-               tokens: int = 8, overrides: dict[str, float] | None = None,
-               options: dict[str, Any] | None = None) -> dict[str, Any]:
-    from .runtime.base import load_backend, target_of
+               tokens: int = 8, overrides: dict[str, float] | None = None, full_verify: bool = False,
+               progress: bool = False, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compare OUT's runtime with the numpy reference on SRC (either layout of the same model) over the prompts."""
+    from . import manifest as mf
+    from .runtime.base import load_backend
     from .runtime.reference_backend import ReferenceBackend
     from .targets import load_profile
 
-    target = target_of(out)
-    if target == "source":
+    if not (Path(out) / mf.NAME).is_file():
         raise EdgecError(f"{out}: not an edgec output (no edgec.json); convert it first with `edgec convert`")
-    manifest = load_json(out / "edgec.json")
-    recipe = manifest.get("recipe", {})
+    m = mf.verify(out, full=full_verify)
     ref = ReferenceBackend(src)
-    if ref.ckpt.config_hash() != manifest.get("source", {}).get("config_sha256"):
-        raise EdgecError(f"{out}: was converted from a different config than {src / 'config.json'}")
-    prompts = load_prompts(prompts_file, src) if prompts_file else builtin_prompts(src, positions)
+    if ref.config != m.config:
+        diff = [f"{k} {v} vs {m.config.as_dict()[k]}" for k, v in ref.config.as_dict().items()
+                if v != m.config.as_dict()[k]]
+        raise EdgecError(f"{out}: was converted from another model than {src} ({', '.join(diff)})")
+    tok_folder = ref.ckpt.tokenizer_folder() or out  # beside the weights, above original/, or the copy in OUT
+    prompts = load_prompts(prompts_file, tok_folder) if prompts_file else builtin_prompts(tok_folder, positions)
+    for p in prompts:
+        try:
+            check_token_ids(p["ids"], m.config.vocab_size)
+        except EdgecError as e:
+            raise EdgecError(f"{prompts_file}: prompt {p['name']}: {e}") from None
     longest = max(len(p["ids"]) for p in prompts) + tokens
     backend = load_backend(out, max_context=max(longest, 256), **(options or {}))
     precision = getattr(backend, "precision", None)
-    thresholds = thresholds_for(load_profile(target), recipe, precision)
+    thresholds = thresholds_for(load_profile(m.target), m.recipe, precision)
     thresholds.update({k: v for k, v in (overrides or {}).items() if v is not None})
     results = []
     t0 = time.perf_counter()
-    for p in prompts:
-        ids = p["ids"]
-        ref.reset()
-        backend.reset()
-        r = ref.forward(ids, all_logits=True)
-        o = backend.forward(ids, all_logits=True)
-        m = compare(r, o)
-        g_ref = greedy(ref, ids, tokens, r[-1])
-        g_out = greedy(backend, ids, tokens, o[-1])
-        match = next((i for i, (a, b) in enumerate(zip(g_ref, g_out, strict=True)) if a != b), len(g_ref))
-        results.append(PromptResult(p["name"], len(ids), greedy=match / max(tokens, 1), greedy_ref=g_ref,
-                                    greedy_target=g_out, **m))
-    worst = {k: (max if DIRECTION[k] == "max" else min)(getattr(r, k) for r in results) for k in METRICS}
+    with prompt_progress(len(prompts), progress) as step:
+        for p in prompts:
+            step(p["name"], len(p["ids"]))
+            results.append(compare_prompt(ref, backend, p, tokens))
+    worst = {k: float((np.max if DIRECTION[k] == "max" else np.min)([getattr(r, k) for r in results]))
+             for k in METRICS}
     failures = [f"{k} {worst[k]:.6g} {'>' if DIRECTION[k] == 'max' else '<'} {thresholds[k]:.6g}"
-                for k in METRICS if (worst[k] > thresholds[k] if DIRECTION[k] == "max" else worst[k] < thresholds[k])]
-    return {"source": str(src), "out": str(out), "target": target, "backend": backend.name, "recipe": recipe,
+                for k in METRICS if breach(k, worst[k], thresholds[k])]
+    failures += [f"prompt {r.name}: {n} non-finite logits from the {side} (first at position {pos})"
+                 for r in results for side, (n, pos) in r.nonfinite.items()]
+    return {"source": str(src), "out": str(out), "target": m.target, "backend": backend.name, "recipe": m.recipe,
             "precision": precision,
             "thresholds": thresholds, "worst": worst, "passed": not failures, "failures": failures,
             "seconds": time.perf_counter() - t0, "prompts": [asdict(r) for r in results]}
+
+
+def compare_prompt(ref: Any, backend: Any, prompt: dict[str, Any], tokens: int) -> PromptResult:
+    """Logits of both at every position of the prompt, then both greedy continuations."""
+    ids = prompt["ids"]
+    ref.reset()
+    backend.reset()
+    with np.errstate(all="ignore"):  # non-finite weights are reported below, not as numpy warnings
+        r = ref.forward(ids, all_logits=True)
+        o = backend.forward(ids, all_logits=True)
+        g_ref = greedy(ref, ids, tokens, r[-1])
+        g_out = greedy(backend, ids, tokens, o[-1])
+    match = next((i for i, (a, b) in enumerate(zip(g_ref, g_out, strict=True)) if a != b), len(g_ref))
+    bad = {side: nf for side, x in (("source", r), ("target", o)) if (nf := nonfinite(x))}
+    return PromptResult(prompt["name"], len(ids), greedy=match / max(tokens, 1), greedy_ref=g_ref,
+                        greedy_target=g_out, nonfinite=bad, **compare(r, o))
+
+
+@contextmanager
+def prompt_progress(total: int, enabled: bool) -> Iterator[Callable[[str, int], None]]:
+    """`step(name, positions)` per prompt: a rich bar on stderr (the reference takes seconds per prompt)."""
+    if not enabled:
+        yield lambda name, n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .progress import stderr
+
+    with Progress(TextColumn("[bold]parity[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task("", total=total)
+        started = False
+
+        def step(name: str, n: int) -> None:
+            nonlocal started
+            if started:
+                bar.advance(task)
+            started = True
+            bar.update(task, description=f"{name} ({n} positions)")
+
+        yield step
+        bar.advance(task)
 
 
 def junit_xml(report: dict[str, Any]) -> str:
     cases = []
     for r in report["prompts"]:
         bad = [f"{k}={r[k]:.6g} (bound {report['thresholds'][k]:.6g})" for k in METRICS
-               if (r[k] > report["thresholds"][k] if DIRECTION[k] == "max" else r[k] < report["thresholds"][k])]
+               if breach(k, r[k], report["thresholds"][k])]
+        bad += [f"{n} non-finite logits from the {side}" for side, (n, _) in r["nonfinite"].items()]
         body = f'<failure message="{escape("; ".join(bad), {chr(34): "&quot;"})}"/>' if bad else ""
         cases.append(f'  <testcase classname="edgec.parity.{escape(report["target"])}" name="{escape(r["name"])}">'
                      f"{body}</testcase>")
@@ -202,7 +263,8 @@ def render(report: dict[str, Any]) -> None:
     for col in ("prompt", "positions", "max |diff|", "mean |diff|", "min cos", "top-1", "max KL", "greedy"):
         t.add_column(col, justify="right" if col != "prompt" else "left")
     for r in report["prompts"]:
-        t.add_row(r["name"], str(r["positions"]), f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}",
+        name = r["name"] + "".join(f" [red]({n} non-finite in {side})[/]" for side, (n, _) in r["nonfinite"].items())
+        t.add_row(name, str(r["positions"]), f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}",
                   f"{r['min_cosine']:.6f}", f"{r['top1']:.1%}", f"{r['max_kl']:.3g}", f"{r['greedy']:.0%}")
     th = report["thresholds"]
     t.add_row("[bold]bound", "", f"<= {th['max_abs']:.3g}", f"<= {th['mean_abs']:.3g}", f">= {th['min_cosine']}",
@@ -214,33 +276,54 @@ def render(report: dict[str, Any]) -> None:
         stderr.print("[bold red]PARITY FAIL:[/] " + "; ".join(report["failures"]))
 
 
+def json_safe(obj: Any) -> Any:
+    """The report with NaN/Inf as null, so `--json` output is standard JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 @click.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="JSON list of prompts: strings, token-id lists or conversations")
-@click.option("--positions", type=int, help="length of the long pseudo-random sequence (default 320)")
-@click.option("--tokens", type=int, default=8, show_default=True, help="greedy continuation steps")
+@click.option("--positions", type=click.IntRange(min=1), help="length of the long pseudo-random sequence (default 320)")
+@click.option("--tokens", type=click.IntRange(min=0), default=8, show_default=True, help="greedy continuation steps")
 @click.option("--max-abs", type=float, help="override: max |diff| of logits")
 @click.option("--mean-abs", type=float, help="override: mean |diff|")
 @click.option("--min-cosine", type=float, help="override: minimum cosine")
 @click.option("--top1", type=float, help="override: minimum top-1 agreement (0..1)")
 @click.option("--max-kl", type=float, help="override: maximum KL divergence")
 @click.option("--greedy", "greedy_min", type=float, help="override: minimum greedy-continuation match (0..1)")
-@click.option("--json", "json_file", type=click.Path(path_type=Path), help="write the report as JSON ('-': stdout)")
+@click.option("--verify-hashes", is_flag=True,
+              help="check the sha256 of every file OUT's edgec.json records (default: sizes, headers, small files)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON on stdout")
+@click.option("--report", "report_file", type=click.Path(path_type=Path), help="write the JSON report to a file")
 @click.option("--junit", "junit_file", type=click.Path(path_type=Path), help="write a JUnit XML report")
 @with_options(backend_flags())
 def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_abs, min_cosine, top1, max_kl,
-           greedy_min, json_file, junit_file, **runtime) -> None:
-    """Check that OUT (an edgec output) computes what SRC (the source checkpoint) computes. Exit 1 on failure."""
+           greedy_min, verify_hashes, as_json, report_file, junit_file, **runtime) -> None:
+    """Check that OUT (an edgec output) computes what SRC (the source checkpoint, HF or original/) computes.
+    Exit 1 on failure (a non-finite logit always fails)."""
     overrides = {"max_abs": max_abs, "mean_abs": mean_abs, "min_cosine": min_cosine, "top1": top1, "max_kl": max_kl,
                  "greedy": greedy_min}
-    report = run_parity(src, out, prompts_file, positions, tokens, overrides, backend_options(**runtime))
-    if json_file:
-        text = json.dumps(report, indent=2)
-        click.echo(text) if str(json_file) == "-" else Path(json_file).write_text(text + "\n")
-    if junit_file:
-        Path(junit_file).write_text(junit_xml(report))
+    report = run_parity(src, out, prompts_file, positions, tokens, overrides, full_verify=verify_hashes,
+                        progress=True, options=backend_options(**runtime))
+    text = json.dumps(json_safe(report), indent=2)
+    try:
+        if report_file:
+            Path(report_file).write_text(text + "\n")
+        if junit_file:
+            Path(junit_file).write_text(junit_xml(report))
+    except OSError as e:
+        raise EdgecError(f"{e.filename}: cannot write the report ({e.strerror})") from None
+    if as_json:
+        click.echo(text)
     render(report)
     if not report["passed"]:
         raise ParityFailure(f"{out}: parity failed against {src}: " + "; ".join(report["failures"]))

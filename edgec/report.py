@@ -12,7 +12,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import EdgecError
 from .memory import facts_kv_bytes, format_bits, plan_folder, plan_recipe
-from .spec import GptOssConfig, hf_tensors, load_json
+from .spec import GptOssConfig, hf_tensors
 
 
 def _plan_row(target: str, runtime: str, dense: str, experts: str, plan: Any) -> dict[str, Any]:
@@ -97,46 +97,39 @@ def _params(cfg: GptOssConfig) -> dict[str, int]:
 
 def _inspect_output(folder: Path, context: int | None) -> dict[str, Any]:
     """An edgec output folder: its manifest, files present with the recorded sizes, and the memory it needs."""
-    mpath = folder / "edgec.json"
-    m = load_json(mpath)
-    if not isinstance(m.get("config"), dict) or not isinstance(m.get("files"), dict):
-        raise EdgecError(f"{mpath}: not an edgec manifest (no config / files)")
-    cfg = GptOssConfig.from_dict(m["config"], str(mpath))
+    from . import manifest
+
+    m = manifest.read(folder)
+    cfg = m.config
     ctx = context or cfg.max_position_embeddings
-    problems, files, total = [], [], 0
-    for name, info in sorted(m["files"].items()):
-        p = folder / name
-        want = int(info.get("bytes", -1)) if isinstance(info, dict) else -1
-        if not p.is_file():
-            problems.append(f"{p}: missing (recorded in edgec.json)")
-            continue
-        size = p.stat().st_size
-        total += size
-        files.append({"name": name, "bytes": size})
-        if want >= 0 and size != want:
-            problems.append(f"{p}: {size} bytes, edgec.json records {want}")
-    recipe = m.get("recipe") or {}
-    dense = str(recipe.get("dense", "")) if isinstance(recipe, dict) else ""
-    experts = str(recipe.get("experts", "")) if isinstance(recipe, dict) else ""
+    problems = manifest.problems(m)
+    if not (folder / "tokenizer.json").is_file():
+        problems.append(f"{folder}: no tokenizer.json (chat, generate and parity need it)")
+    files = [{"name": n, "bytes": (folder / n).stat().st_size} for n in sorted(m.files) if (folder / n).is_file()]
+    total = sum(f["bytes"] for f in files)
+    recipe = m.recipe
+    dense, experts = str(recipe.get("dense", "")), str(recipe.get("experts", ""))
     try:  # as `edgec chat` would hold it here, with its defaults on this machine
-        row = _plan_row(str(m.get("target")), str(m.get("runtime") or ""), dense, experts, plan_folder(folder, ctx))
-        row["note"] = "weights as the runtime holds them (sha256 not re-verified; `edgec parity` checks numerics)"
+        row = _plan_row(m.target, m.runtime or "", dense, experts, plan_folder(folder, ctx))
+        row["note"] = ("weights as the runtime holds them (sizes, headers and files up to 64 MiB checked against "
+                       "edgec.json; `edgec parity --verify-hashes` reads them all)")
     except EdgecError as e:  # unreadable weights or no backend here: the files' bytes, and why
-        row = {"target": str(m.get("target")), "runtime": str(m.get("runtime") or ""), "dense": dense,
+        row = {"target": m.target, "runtime": m.runtime or "", "dense": dense,
                "experts": experts, "kv_dtype": "?", "weights_bytes": total, "kv_bytes": None,
                "transient_bytes": None, "total_bytes": None, "note": f"no runtime plan: {e}"}
     return {
-        "path": str(folder), "kind": "edgec output", "target": m.get("target"), "runtime": m.get("runtime"),
-        "edgec_version": m.get("edgec_version"), "recipe": recipe, "source": m.get("source"),
+        "path": str(folder), "kind": "edgec output", "target": m.target, "runtime": m.runtime,
+        "edgec_version": m.edgec_version, "recipe": recipe, "source": m.source,
         "architecture": _architecture(cfg), "params": _params(cfg),
         "files": files, "bytes_on_disk": total, "problems": problems,
         "memory_plan": {"context": ctx, "targets": [row]},
     }
 
 
-def inspect_report(path: str | Path, context: int | None = None) -> dict[str, Any]:
+def inspect_report(path: str | Path, context: int | None = None, strict: bool = False) -> dict[str, Any]:
     """Everything `edgec inspect` shows, as a JSON-able dict. Problems are listed, not raised; a folder that
-    cannot be read at all (no config, unreadable JSON, not gpt-oss, unreadable shard header) raises EdgecError."""
+    cannot be read at all (no config, unreadable JSON, not gpt-oss, unreadable shard header) raises EdgecError.
+    Non-finite weights are counted per tensor (`nonfinite`), and are problems too with `strict`."""
     path = Path(path)
     if context is not None and context < 1:
         raise EdgecError(f"--context must be a positive number of tokens, got {context}")
@@ -146,6 +139,12 @@ def inspect_report(path: str | Path, context: int | None = None) -> dict[str, An
     try:
         cfg = ckpt.config
         problems = ckpt.problems()
+        nonfinite = ckpt.nonfinite() if not problems else {}  # only a checkpoint whose tensors all fit the spec
+        if strict:
+            problems += [f"{path}: tensor {t}: {n} non-finite values (NaN/Inf)" for t, n in nonfinite.items()]
+        if ckpt.tokenizer_folder() is None:
+            problems.append(f"{path}: no tokenizer.json (nor in the parent folder of original/): chat, generate "
+                            "and parity need it")
         expected = ckpt.expected()
         shards = [{"name": n, "bytes": f.path.stat().st_size, "tensors": len(f.entries)}
                   for n, f in sorted(ckpt.files.items())]
@@ -164,6 +163,7 @@ def inspect_report(path: str | Path, context: int | None = None) -> dict[str, An
         "source_bytes": src_bytes,
         "shards": shards,
         "tokenizer_files": tokenizer,
+        "nonfinite": nonfinite,
         "tensors": {"expected": len(expected), "found": len(ckpt.location), "problems": len(problems)},
         "problems": problems,
         "memory_plan": memory_plan(cfg, ctx),

@@ -21,8 +21,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import EdgecError
-from .spec import DTYPE_SIZE
+from .jsonio import loads, regular_file
 
+DTYPE_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1, "U32": 4, "I32": 4, "I64": 8, "F64": 8, "U16": 2,
+              "BOOL": 1, "I16": 2, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 NP_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8,
             "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32, "I64": np.int64,
             "U64": np.uint64, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
@@ -42,26 +44,24 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        size = regular_file(self.path, "shard file").st_size
         try:
-            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
                     raise EdgecError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
                 (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > MAX_HEADER:
+                if n > size - 8:
                     raise EdgecError(f"{self.path}: header length {n} is larger than the file ({size} bytes)")
+                if n > MAX_HEADER:
+                    raise EdgecError(f"{self.path}: header of {n} bytes is over edgec's {MAX_HEADER >> 20} MiB "
+                                     "limit (not a safetensors file?)")
                 raw = f.read(n)
-        except FileNotFoundError:
-            raise EdgecError(f"{self.path}: shard file not found") from None
-        except IsADirectoryError:
-            raise EdgecError(f"{self.path}: is a directory, not a safetensors file") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("not an object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise EdgecError(f"{self.path}: corrupt safetensors header ({e})") from None
+        except OSError as e:
+            raise EdgecError(f"{self.path}: cannot read ({e.strerror})") from None
+        header = loads(raw, f"{self.path}: corrupt safetensors header")
+        if not isinstance(header, dict):
+            raise EdgecError(f"{self.path}: corrupt safetensors header (not an object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         data_size = size - self.data_start
@@ -75,13 +75,23 @@ class SafetensorsFile:
                 raise EdgecError(f"{self.path}: tensor {name}: malformed header entry") from None
             if dtype not in DTYPE_SIZE:
                 raise EdgecError(f"{self.path}: tensor {name}: unsupported dtype {dtype}")
-            if not (0 <= b <= end) or end - b != math.prod(shape) * DTYPE_SIZE[dtype]:
+            if min(shape, default=0) < 0 or not (0 <= b <= end) or end - b != math.prod(shape) * DTYPE_SIZE[dtype]:
                 raise EdgecError(f"{self.path}: tensor {name}: data_offsets [{b}, {end}] do not match "
                                  f"{dtype} {shape}")
             if end > data_size:
                 raise EdgecError(f"{self.path}: tensor {name}: truncated file (data ends at byte "
                                  f"{self.data_start + end}, file has {size})")
             self.entries[name] = {"dtype": dtype, "shape": tuple(shape), "offsets": (b, end)}
+        # as the safetensors library: tensors tile the data area exactly, no overlap, no gap, nothing after
+        at, prev = 0, None
+        for name, e in sorted(self.entries.items(), key=lambda kv: kv[1]["offsets"]):
+            b, end = e["offsets"]
+            if b != at:
+                what = f"overlaps {prev}" if b < at else f"leaves {b - at} unused bytes after {prev or 'the header'}"
+                raise EdgecError(f"{self.path}: tensor {name}: data_offsets [{b}, {end}] {what}")
+            at, prev = end, name
+        if at != data_size:
+            raise EdgecError(f"{self.path}: {data_size - at} bytes after the last tensor (file not fully covered)")
         self._mm: mmap.mmap | None = None
 
     def _map(self) -> mmap.mmap:

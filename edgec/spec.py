@@ -6,16 +6,24 @@ OpenAI `original/` layout is described here too and mapped onto the HF names (fu
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from .errors import EdgecError
+from .safetensors_io import DTYPE_SIZE
 
 MXFP4_BLOCK = 32  # values per MXFP4 block (16 bytes of codes + 1 scale byte)
 HARMONY_VOCAB = 201088  # o200k_harmony: 199998 ranks + specials up to 201087
+MAX_SIZE = 1 << 24  # any one size or token id of a config; gpt-oss is far below (vocabulary 201,088)
+MAX_LAYERS = 1024  # gpt-oss-120b has 36; bounds every per-layer loop before the tensors are looked at
+INT_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "head_dim", "num_attention_heads",
+              "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "vocab_size", "sliding_window",
+              "max_position_embeddings", "initial_context_length", "bos_token_id", "eos_token_id", "pad_token_id")
+FLOAT_FIELDS = ("rope_theta", "swiglu_limit", "swiglu_alpha", "rms_norm_eps", "yarn.factor", "yarn.beta_fast",
+                "yarn.beta_slow")
+POSITIVE_FLOATS = ("rope_theta", "swiglu_limit", "rms_norm_eps", "yarn.factor")
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,52 @@ class GptOssConfig:
     pad_token_id: int = 199999
 
     def __post_init__(self) -> None:
+        """Every config edgec builds (config.json, original/config.json, edgec.json, presets) is checked here."""
+        if bad := self._bad_fields():
+            raise EdgecError("; ".join(bad))
         if not self.layer_types:
             types = tuple("sliding_attention" if i % 2 == 0 else "full_attention"
                           for i in range(self.num_hidden_layers))
             object.__setattr__(self, "layer_types", types)
+        if bad := self._bad_shapes():
+            raise EdgecError("; ".join(bad))
+
+    def _bad_fields(self) -> list[str]:
+        """Types and ranges of the fields (before anything is sized from them)."""
+        out = []
+        for f in INT_FIELDS:
+            v, low = getattr(self, f), 0 if f.endswith("token_id") else 1
+            if type(v) is not int or not low <= v <= MAX_SIZE:
+                out.append(f"{f} must be at least {low} and at most {MAX_SIZE}, got {v!r}")
+        if not out and self.num_hidden_layers > MAX_LAYERS:
+            out.append(f"num_hidden_layers {self.num_hidden_layers} is more than edgec supports ({MAX_LAYERS})")
+        for f in FLOAT_FIELDS:
+            v = getattr(self, f) if "." not in f else getattr(self.yarn, f.split(".")[1])
+            if type(v) not in (int, float) or not math.isfinite(v) or (f in POSITIVE_FLOATS and v <= 0):
+                out.append(f"{f} must be a finite{' positive' if f in POSITIVE_FLOATS else ''} number, got {v!r}")
+        if type(self.yarn.original_max_position_embeddings) is not int or \
+                self.yarn.original_max_position_embeddings < 1:
+            out.append("rope_scaling.original_max_position_embeddings must be a positive integer")
+        if not isinstance(self.layer_types, tuple) or not all(isinstance(t, str) for t in self.layer_types):
+            out.append("layer_types must be a list of strings")
+        return out
+
+    def _bad_shapes(self) -> list[str]:
+        """Relations between the fields."""
+        out = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            out.append("layer_types must list one type per layer")
+        if set(self.layer_types) - {"sliding_attention", "full_attention"}:
+            out.append(f"unknown layer types {sorted(set(self.layer_types))}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            out.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.hidden_size % MXFP4_BLOCK or self.intermediate_size % MXFP4_BLOCK:
+            out.append(f"hidden_size and intermediate_size must be multiples of {MXFP4_BLOCK} (MXFP4 blocks)")
+        if self.head_dim % 2:
+            out.append("head_dim must be even (RoPE)")
+        if self.num_experts_per_tok > self.num_local_experts:
+            out.append("num_experts_per_tok must be between 1 and num_local_experts")
+        return out
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -95,6 +145,16 @@ class GptOssConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------------------
     @classmethod
+    def checked(cls, where: str, **kw: Any) -> GptOssConfig:
+        """cls(**kw), its problems reported as one line naming `where`."""
+        try:
+            return cls(**kw)
+        except EdgecError as e:
+            raise EdgecError(f"{where}: {e}") from None
+        except TypeError as e:  # an unknown field (edgec.json written by another version)
+            raise EdgecError(f"{where}: malformed config ({e})") from None
+
+    @classmethod
     def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> GptOssConfig:
         """Read an HF `config.json` dict (either `rope_scaling` or `rope_parameters` spelling)."""
         if d.get("model_type") != "gpt_oss":
@@ -112,12 +172,17 @@ class GptOssConfig:
             )
             theta = d.get("rope_theta", rope.get("rope_theta", 150000.0))
             eos = d.get("eos_token_id", 200002)
-            cfg = cls(
+            if isinstance(eos, list):
+                if not eos:
+                    raise ValueError("eos_token_id is an empty list")
+                eos = eos[0]
+            heads = int(d["num_attention_heads"])
+            kw = dict(
                 num_hidden_layers=int(d["num_hidden_layers"]),
                 hidden_size=int(d["hidden_size"]),
                 intermediate_size=int(d["intermediate_size"]),
-                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
-                num_attention_heads=int(d["num_attention_heads"]),
+                head_dim=int(d.get("head_dim") or (int(d["hidden_size"]) // heads if heads > 0 else 0)),
+                num_attention_heads=heads,
                 num_key_value_heads=int(d["num_key_value_heads"]),
                 num_local_experts=int(d.get("num_local_experts", d.get("num_experts", 0))),
                 num_experts_per_tok=int(d.get("num_experts_per_tok", d.get("experts_per_token", 4))),
@@ -132,19 +197,18 @@ class GptOssConfig:
                 swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 bos_token_id=int(d.get("bos_token_id") or 199998),
-                eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+                eos_token_id=int(eos),
                 pad_token_id=int(d.get("pad_token_id") or 199999),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise EdgecError(f"{where}: malformed gpt-oss config ({type(e).__name__}: {e})") from None
-        cfg.validate(where)
-        return cfg
+        return cls.checked(where, **kw)
 
     @classmethod
     def from_original(cls, d: dict[str, Any], where: str = "original/config.json") -> GptOssConfig:
         """Read OpenAI's `original/config.json` (num_experts, experts_per_token, rope_ntk_*)."""
         try:
-            cfg = cls(
+            kw = dict(
                 num_hidden_layers=int(d["num_hidden_layers"]),
                 hidden_size=int(d["hidden_size"]),
                 intermediate_size=int(d["intermediate_size"]),
@@ -166,29 +230,9 @@ class GptOssConfig:
                 initial_context_length=int(d.get("initial_context_length", 4096)),
                 swiglu_limit=float(d.get("swiglu_limit", 7.0)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise EdgecError(f"{where}: malformed gpt-oss original config ({type(e).__name__}: {e})") from None
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where: str) -> None:
-        problems = []
-        if self.num_hidden_layers < 1:
-            problems.append("num_hidden_layers must be at least 1")
-        elif len(self.layer_types) != self.num_hidden_layers:
-            problems.append("layer_types must list one type per layer")
-        if set(self.layer_types) - {"sliding_attention", "full_attention"}:
-            problems.append(f"unknown layer types {sorted(set(self.layer_types))}")
-        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
-            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.hidden_size % MXFP4_BLOCK or self.intermediate_size % MXFP4_BLOCK:
-            problems.append(f"hidden_size and intermediate_size must be multiples of {MXFP4_BLOCK} (MXFP4 blocks)")
-        if self.head_dim % 2:
-            problems.append("head_dim must be even (RoPE)")
-        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
-            problems.append("num_experts_per_tok must be between 1 and num_local_experts")
-        if problems:
-            raise EdgecError(f"{where}: " + "; ".join(problems))
+        return cls.checked(where, **kw)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` a published gpt-oss checkpoint carries (key order as published)."""
@@ -264,17 +308,17 @@ class GptOssConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "edgec.json") -> GptOssConfig:
-        """Inverse of `as_dict` (the config an edgec.json manifest records), validated."""
+    def from_dict(cls, d: Any, where: str = "edgec.json") -> GptOssConfig:
+        """Inverse of `as_dict` (the config an edgec.json manifest records), checked."""
+        if not isinstance(d, dict) or not isinstance(d.get("yarn", {}), dict):
+            raise EdgecError(f"{where}: malformed config in manifest (expected a JSON object)")
         try:
-            kw = dict(d)
-            kw["yarn"] = Yarn(**kw.get("yarn", {}))
-            kw["layer_types"] = tuple(kw.get("layer_types", ()))
-            cfg = cls(**kw)
-        except (TypeError, ValueError) as e:
+            yarn = Yarn(**d.get("yarn", {}))
+        except TypeError as e:
             raise EdgecError(f"{where}: malformed config in manifest ({e})") from None
-        cfg.validate(where)
-        return cfg
+        types = d.get("layer_types", ())
+        return cls.checked(where, **{**d, "yarn": yarn, "layer_types": tuple(types) if isinstance(types, list)
+                                     else types})
 
     def with_(self, **kw: Any) -> GptOssConfig:
         return replace(self, **kw)
@@ -296,14 +340,10 @@ def preset(name: str, **overrides: Any) -> GptOssConfig:
         raise EdgecError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     kw = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
     kw.pop("layer_types", None)
-    cfg = GptOssConfig(**kw)
-    cfg.validate(f"preset {name}")
-    return cfg
+    return GptOssConfig.checked(f"preset {name}", **kw)
 
 
 # ---- tensors -----------------------------------------------------------------------------------------
-DTYPE_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1, "U32": 4, "I32": 4, "I64": 8, "F64": 8, "U16": 2,
-              "BOOL": 1, "I16": 2, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -327,11 +367,6 @@ class TensorSpec:
         if self.kind == "expert_blocks":
             return math.prod(self.shape) * 2  # two FP4 codes per byte
         return math.prod(self.shape)
-
-
-# tensor classes, used by target profiles to choose a format per class
-KINDS = ("embed", "norm", "attn", "attn_bias", "sinks", "router", "expert_blocks", "expert_scales", "expert_bias",
-         "lm_head")
 
 
 def hf_tensors(cfg: GptOssConfig) -> list[TensorSpec]:
@@ -426,25 +461,7 @@ def original_tensors(cfg: GptOssConfig) -> list[TensorSpec]:
     return sorted(out, key=lambda t: order[hf_of[t.name]])
 
 
-def read_json(path: Path) -> Any:
-    """Any JSON value from a file, or a one-line EdgecError naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EdgecError(f"{path}: file not found") from None
-    except OSError as e:
-        raise EdgecError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise EdgecError(f"{path}: cannot read (not UTF-8 text)") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EdgecError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file (config.json, index, manifest), or a one-line EdgecError."""
-    d = read_json(path)
-    if not isinstance(d, dict):
-        raise EdgecError(f"{path}: expected a JSON object")
-    return d
+def check_token_ids(ids: Iterable[int], vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary: one line naming the first."""
+    if (bad := next((int(t) for t in ids if not 0 <= t < vocab_size), None)) is not None:
+        raise EdgecError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsutil import atomic_dir
+from .fsutil import SYNTH_MARKER, atomic_dir
 from .safetensors_io import SafetensorsWriter, f32_to_bf16
 from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
 
@@ -161,10 +161,11 @@ def write_original(cfg: GptOssConfig, root: Path, seed: int, progress: Callable[
 
 
 def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None = None, layout: str = "hf",
-               force: bool = False, progress: Callable[[int], None] = lambda n: None,
+               force: bool | str = False, progress: Callable[[int], None] = lambda n: None,
                scale_spread: int = SCALE_SPREAD) -> Path:
     """Write a synthetic checkpoint to `out` atomically. layout: hf, original or both (HF + original/);
-    scale_spread: binades spanned by the MXFP4 block scales of an expert row (0: one scale everywhere)."""
+    scale_spread: binades spanned by the MXFP4 block scales of an expert row (0: one scale everywhere).
+    `force`: as `atomic_dir` (True replaces only an earlier edgec output, marked by SYNTH_MARKER)."""
     from .harmony.tokenizer import write_tokenizer_files
 
     if shards is None:
@@ -172,6 +173,7 @@ def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None =
         if cfg.num_local_experts >= 128:
             shards = 15
     with atomic_dir(out, force=force) as tmp:
+        (tmp / SYNTH_MARKER).write_text("written by edgec synth\n")
         if layout in ("hf", "both"):
             write_hf(cfg, tmp, seed, shards, progress, scale_spread)
             write_tokenizer_files(tmp)

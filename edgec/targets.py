@@ -20,7 +20,7 @@ def list_targets() -> list[str]:
 def load_profile(name: str) -> dict[str, Any]:
     """The profile of target `name` (its `name` key is set); one-line error naming the known targets."""
     path = TARGETS_DIR / f"{name}.toml"
-    if not path.is_file():
+    if name not in list_targets():  # a name, never a path (`../targets/mlx`)
         raise EdgecError(f"unknown target {name!r}; known targets: {', '.join(list_targets()) or 'none'}")
     try:
         prof = tomllib.loads(path.read_text())

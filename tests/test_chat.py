@@ -438,8 +438,8 @@ def test_an_error_in_any_slash_command_is_one_line_and_the_session_goes_on(tiny,
                input="\n".join(["first question", *bad, "second question", f"/save {tmp_path / 'keep.json'}"]) + "\n")
     errors = r.stderr.splitlines()
     for cmd, want in zip(bad, ["/nonexistdir/x.json: cannot write (No such file or directory)",
-                               f"{tmp_path}: is a folder", "nope.json: file not found", "bad.json",
-                               f"{tmp_path}: cannot read", "/effort takes low, medium or high",
+                               f"{tmp_path}: is a folder; give a file name", "nope.json: file not found", "bad.json",
+                               f"{tmp_path}: is a folder, not a regular file", "/effort takes low, medium or high",
                                "/save needs a file name", "/stats failed: ZeroDivisionError"], strict=True):
         assert sum(want in e for e in errors) == 1, (cmd, want, errors)
     assert r.stdout == "Sure.\nSure.\n"  # both questions answered

@@ -108,11 +108,15 @@ def retype(root, tensor, dtype=None, shape=None):
 
 
 def missing_tensor(root):
+    """The tensor and its bytes are gone (the other tensors still tile the data area exactly)."""
     t = "model.layers.1.self_attn.sinks"
     p = shard_of(root, t)
     h, data = read_header(p)
-    del h[t]
-    write_header(p, h, data)
+    b, end = h.pop(t)["data_offsets"]
+    for e in h.values():
+        if isinstance(e, dict) and "data_offsets" in e and e["data_offsets"][0] >= end:
+            e["data_offsets"] = [o - (end - b) for o in e["data_offsets"]]
+    write_header(p, h, data[:b] + data[end:])
     edit_index(root, lambda wm: wm.pop(t))
 
 
@@ -149,6 +153,64 @@ def original_wrong_shape(root):
     write_header(o, h, data)
 
 
+def overlapping(root):
+    """q_proj's bytes alias k_proj's (same length, same offsets)."""
+    p = shard_of(root, Q)
+    h, data = read_header(p)
+    k = Q.replace("q_proj", "k_proj")
+    h[k]["shape"] = h[Q]["shape"]
+    h[k]["data_offsets"] = h[Q]["data_offsets"]
+    write_header(p, h, data)
+
+
+def trailing_bytes(root):
+    p = shard_of(root, Q)
+    with open(p, "ab") as f:
+        f.write(b"\0" * 24)
+
+
+def edit_config(root, **kw):
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(kw)
+    config(root, json.dumps(cfg))
+
+
+def deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+def deep_header(root):
+    p = shard_of(root, Q)
+    h, data = read_header(p)
+    write_header(p, {**h, "__metadata__": {"x": "y"}, "nest": "PLACEHOLDER"}, data)
+    raw = p.read_bytes().replace(b'"PLACEHOLDER"', deep(200_000).encode())
+    p.write_bytes(struct.pack("<Q", struct.unpack("<Q", raw[:8])[0] + 400_000 - 13) + raw[8:])
+
+
+def big_header(root):
+    """A header length of 200 MB in a file bigger than that (sparse): edgec's cap, not 'larger than the file'."""
+    p = shard_of(root, Q)
+    with open(p, "r+b") as f:
+        f.write(struct.pack("<Q", 200_000_000))
+    os.truncate(p, 300_000_000)
+
+
+def fifo_shard(root):
+    p = shard_of(root, Q)
+    p.unlink()
+    os.mkfifo(p)
+
+
+def dev_zero_config(root):
+    (root / "config.json").unlink()
+    (root / "config.json").symlink_to("/dev/zero")
+
+
+def huge_config(root):
+    with open(root / "config.json", "r+b") as f:
+        f.truncate(100 << 20)  # sparse
+
+
 CORPUS = {
     # name: (corruption, what the one line must say, run on original/ instead of the root)
     "truncated_shard": (truncated, "tensor lm_head.weight: truncated file", False),
@@ -173,6 +235,36 @@ CORPUS = {
     "binary_config": (lambda r: (r / "config.json").write_bytes(b"\xff\xfe\x00garbage"), "config.json: cannot read",
                       False),
     "original_wrong_shape": (original_wrong_shape, "tensor block.1.attn.qkv.weight: shape [64, 192]", True),
+    # the safetensors library's own rules
+    "overlapping_data_offsets": (overlapping, "data_offsets [", False),
+    "bytes_after_last_tensor": (trailing_bytes, "24 bytes after the last tensor", False),
+    # configs that raised IndexError / ZeroDivisionError / RecursionError
+    "eos_token_id_empty_list": (lambda r: edit_config(r, eos_token_id=[]), "eos_token_id is an empty list", False),
+    "head_dim_null_no_heads": (lambda r: edit_config(r, head_dim=None, num_attention_heads=0),
+                               "num_attention_heads must be at least 1", False),
+    "no_attention_heads": (lambda r: edit_config(r, num_attention_heads=0), "num_attention_heads must be at least 1",
+                           False),
+    "sliding_window_negative": (lambda r: edit_config(r, sliding_window=-1), "sliding_window must be at least 1",
+                                False),
+    "nan_rope_theta": (lambda r: config(r, (r / "config.json").read_text().replace('"rope_theta": 150000.0',
+                                                                                     '"rope_theta": NaN')),
+                       "rope_theta must be a finite positive number", False),
+    "deep_config": (lambda r: config(r, '{"model_type": "gpt_oss", "x": ' + deep(200_000) + "}"),
+                    "config.json: JSON nested too deeply", False),
+    "deep_config_under_recursion_limit": (lambda r: config(r, '{"model_type": "gpt_oss", "x": ' + deep(500) + "}"),
+                                          "config.json: JSON nested too deeply", False),
+    "deep_shard_header": (deep_header, "corrupt safetensors header: JSON nested too deeply", False),
+    # resource abuse
+    "config_is_dev_zero": (dev_zero_config, "config.json: is a device, FIFO or socket, not a regular file", False),
+    "config_over_the_cap": (huge_config, "more than the 64 MiB edgec reads as JSON", False),
+    "header_over_the_cap": (big_header, "header of 200000000 bytes is over edgec's 100 MiB limit", False),
+    "fifo_shard": (fifo_shard, "is a device, FIFO or socket, not a regular shard file", False),
+    "twenty_million_layers": (lambda r: edit_config(r, num_hidden_layers=20_000_000, layer_types=None),
+                              "num_hidden_layers must be at least 1 and at most", False),
+    "five_thousand_layers": (lambda r: edit_config(r, num_hidden_layers=5000, layer_types=None),
+                             "num_hidden_layers 5000 is more than edgec supports", False),
+    "more_layers_than_the_shards": (lambda r: edit_config(r, num_hidden_layers=40, layer_types=None),
+                                    "num_hidden_layers is 40, but the shards hold tensors of 2 layer(s)", False),
 }
 
 
@@ -250,3 +342,70 @@ def test_inspect_lists_every_problem(small_base, tmp_path):
     assert any("dtype F16" in p for p in report["problems"])
     assert any("sinks: missing" in p for p in report["problems"])
     assert any("scale byte 255" in p for p in report["problems"])
+
+
+# ---- non-finite weights ----------------------------------------------------------------------------------------
+NORM = "model.layers.0.input_layernorm.weight"
+BLOCKS = SCALES.replace("_scales", "_blocks")
+
+
+def put_bytes(root, tensor, offset, data: bytes):
+    p = shard_of(root, tensor)
+    h, _ = read_header(p)
+    (n,) = struct.unpack("<Q", p.read_bytes()[:8])
+    with open(p, "r+b") as f:
+        f.seek(8 + n + h[tensor]["data_offsets"][0] + offset)
+        f.write(data)
+
+
+def nonfinite_weights(root):
+    put_bytes(root, Q, 2 * 3, struct.pack("<H", 0x7FC0))  # a NaN in a dense weight
+    put_bytes(root, NORM, 0, struct.pack("<H", 0xFF80))  # -Inf in a norm
+    put_bytes(root, SCALES, 7, b"\xfe")  # scale byte 254 ...
+    put_bytes(root, BLOCKS, 7 * 16, b"\x77" * 16)  # ... on a block of 6.0s: 6 * 2**127 overflows float32
+
+
+def test_nonfinite_weights_are_counted_per_tensor(small_base, tmp_path):
+    root = tmp_path / "nan"
+    shutil.copytree(small_base, root)
+    nonfinite_weights(root)
+    counts = {Q: 1, NORM: 1, BLOCKS: 32}
+    assert Checkpoint.open(root).nonfinite() == counts
+    r = run("inspect", str(root), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["nonfinite"] == counts, r.stderr
+    for name, n in counts.items():
+        assert f"tensor {name}: {n} non-finite values (NaN/Inf)" in r.stderr
+    assert_one_line_error(run("inspect", str(root), "--strict"), f"tensor {NORM}: 1 non-finite values")
+    out = tmp_path / "out"
+    assert_one_line_error(run("convert", str(root), "-t", "mlx", "-o", str(out), "--strict"),
+                          f"tensor {NORM}: 1 non-finite values (NaN/Inf) (and 2 more tensors); --strict")
+    assert not out.exists()
+    r = run("convert", str(root), "-t", "mlx", "-o", str(out), "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["warnings"]) == 3
+    assert r.stderr.count("warning:") == 3 and f"tensor {BLOCKS}: 32 non-finite" in r.stderr
+    r = run("logits", str(root), "--ids", "1,2", "--out", str(tmp_path / "l.npy"))
+    assert r.returncode == 0 and "logits are not finite (NaN/Inf), first at position 0" in r.stderr, r.stderr
+    assert not np.isfinite(np.load(tmp_path / "l.npy")).any()
+
+
+@pytest.mark.parametrize("scale", [250, 252, 253, 254, 255])
+def test_mxfp4_overflow_count_matches_the_codec(scale):
+    from edgec.checkpoint import _overflowing
+
+    rng = np.random.default_rng(scale)
+    blocks = rng.integers(0, 256, size=(2, 4, 3, 16), dtype=np.uint8)
+    scales = np.full((2, 4, 3), 120, np.uint8)
+    scales[1, 2] = scale
+    with np.errstate(all="ignore"):
+        want = int((~np.isfinite(mxfp4.decode(blocks, scales))).sum())
+    assert _overflowing(blocks, scales) == want and (want > 0) == (scale >= 253)
+
+
+def test_a_missing_tokenizer_is_a_problem_and_a_warning(small_base, tmp_path):
+    root = tmp_path / "notok"
+    shutil.copytree(small_base, root)
+    (root / "tokenizer.json").unlink()
+    for target in (root, root / "original"):
+        assert_one_line_error(run("inspect", str(target)), "no tokenizer.json (nor in the parent folder")
+    r = run("convert", str(root / "original"), "-t", "mlx", "-o", str(tmp_path / "out"))
+    assert r.returncode == 0 and "warning:" in r.stderr and "no tokenizer.json" in r.stderr

@@ -117,21 +117,28 @@ def test_memory_plan_prices_every_profile(monkeypatch, tmp_path):
 
 def test_inspect_an_edgec_output_folder(tiny, tmp_path):
     from edgec.convert.common import write_manifest
+    from edgec.safetensors_io import SafetensorsWriter
 
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(tiny / "config.json", out / "config.json")
-    (out / "model.safetensors").write_bytes(b"x" * 1000)
+    shutil.copy(tiny / "tokenizer.json", out / "tokenizer.json")
+    with SafetensorsWriter(out / "model.safetensors", [("x", "F32", (250,))]) as w:
+        w.write("x", np.zeros(250, np.float32))
     write_manifest(out, Checkpoint.open(tiny), {"name": "mlx", "runtime": "mlx"}, {"dense": "bf16",
                                                                                      "experts": "mxfp4"})
     rep = inspect_report(out, 1024)
     assert rep["kind"] == "edgec output" and rep["target"] == "mlx" and rep["problems"] == []
-    assert rep["architecture"]["layers"] == 3 and rep["bytes_on_disk"] == 1000 + (out / "config.json").stat().st_size
+    on_disk = sum((out / n).stat().st_size for n in ("model.safetensors", "config.json", "tokenizer.json"))
+    assert rep["architecture"]["layers"] == 3 and rep["bytes_on_disk"] == on_disk
     r = cli("inspect", str(out))
     assert r.exit_code == 0 and "mlx" in r.stdout
+    size = (out / "model.safetensors").stat().st_size
     (out / "model.safetensors").write_bytes(b"x" * 10)
     r = cli("inspect", str(out))
-    assert r.exit_code == 2 and "10 bytes, edgec.json records 1000" in r.stderr
+    assert r.exit_code == 2 and f"10 bytes, edgec.json records {size}" in r.stderr
+    (out / "tokenizer.json").unlink()
+    assert "no tokenizer.json" in inspect_report(out)["problems"][-1]
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -145,9 +152,27 @@ def test_inspect_an_edgec_output_folder(tiny, tmp_path):
     (["synth", "{t}/new", "--layers", "0"], "num_hidden_layers must be at least 1"),
     (["synth", "{m}"], "output folder exists"),
     (["inspect", "{m}", "--context", "0"], "--context must be a positive"),
+    (["convert", "{m}", "-t", "../targets/mlx", "-o", "{t}/new"], "unknown target '../targets/mlx'"),
+    (["generate", "{m}", "--prompt", "hi", "--max-context", "0"], "--max-context must be between 2 and"),
+    (["generate", "{m}", "--conversation", "{t}/deep.json"], "deep.json: JSON nested too deeply"),
+    (["generate", "{m}", "--conversation", "{t}/c42.json"],
+     "c42.json: messages[0].content must be a string or a list of text parts"),
 ])
 def test_bad_requests_are_one_line_errors(tiny, tmp_path, args, fragment):
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    (tmp_path / "c42.json").write_text('[{"role": "user", "content": 42}]')
     r = cli(*[a.format(m=tiny, t=tmp_path) for a in args])
-    lines = r.stderr.strip().splitlines()
+    # chat/generate first say what they run (a source checkpoint's warning, the memory plan): one error line after
+    lines = [e for e in r.stderr.strip().splitlines() if e.startswith("error:")]
     assert r.exit_code == 2 and len(lines) == 1 and fragment in lines[0], (r.exit_code, r.stderr, r.exception)
+    assert r.stderr.strip().splitlines()[-1] == lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "new").exists()
+
+
+def test_a_prompt_past_the_model_maximum_does_not_say_raise_max_context(tiny):
+    prompt = "a " * 150_000  # 300,000 characters, ~150,000 tokens: more than the model's 131,072
+    r = cli("generate", str(tiny), "--prompt", prompt, "--max-tokens", "1")
+    assert r.exit_code == 2 and "context holds 131072 (the model's maximum: shorten the conversation)" in r.stderr
+    assert "raise --max-context" not in r.stderr
+    r = cli("generate", str(tiny), "--prompt", prompt[:4000], "--max-tokens", "1", "--max-context", "1000")
+    assert r.exit_code == 2 and "context holds 1000 (raise --max-context)" in r.stderr

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from edgec.convert import run_convert
+from edgec.fsutil import sha256_file
+from edgec.manifest import config_sha256
 from edgec.parity import compare, run_parity
 from edgec.safetensors_io import NP_DTYPE, SafetensorsFile, f32_to_bf16
 
@@ -69,7 +71,7 @@ def test_compare_metrics_on_known_values():
 def test_faithful_conversion_passes_with_junit_and_json(tiny, tiny_mlx, prompts, tmp_path):
     junit, js = tmp_path / "p.xml", tmp_path / "p.json"
     r = subprocess.run(EDGEC + ["parity", str(tiny), str(tiny_mlx), "--prompts", str(prompts), "--tokens", "4",
-                                "--junit", str(junit), "--json", str(js)], capture_output=True, text=True)
+                                "--junit", str(junit), "--report", str(js)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     report = json.loads(js.read_text())
     assert report["passed"] and report["worst"]["top1"] == 1.0 and report["worst"]["greedy"] == 1.0
@@ -84,6 +86,14 @@ def test_builtin_prompts_pass(tiny, tiny_mlx):
     assert len(report["prompts"]) >= 3
 
 
+def resign(out: Path) -> None:
+    """Record the damaged files in edgec.json, as a converter bug would write them: then only numerics can tell."""
+    m = json.loads((out / "edgec.json").read_text())
+    for name, info in m["files"].items():
+        info.update(sha256=sha256_file(out / name), bytes=(out / name).stat().st_size)
+    (out / "edgec.json").write_text(json.dumps(m))
+
+
 MUTATIONS = {
     "corrupted expert weights": lambda out: poke(out, "model.layers.1.mlp.experts.down_proj.weight",
                                                  lambda a: a ^ np.uint32(0x11111111)),
@@ -91,8 +101,6 @@ MUTATIONS = {
                                          "model.layers.0.mlp.experts.up_proj"),
     "missing sink": lambda out: poke(out, "model.layers.1.self_attn.sinks",
                                      lambda a: f32_to_bf16(np.full(a.shape, -1e4, np.float32))),
-    "wrong rope": lambda out: edit_config(out, rope_theta=10000.0),
-    "wrong sliding window": lambda out: edit_config(out, sliding_window=64),
 }
 
 
@@ -111,6 +119,7 @@ def _swap(out: Path, a: str, b: str) -> None:
 def test_damage_is_caught(tiny, tiny_mlx, prompts, tmp_path, mutation):
     out = damaged(tiny_mlx, tmp_path)
     MUTATIONS[mutation](out)
+    resign(out)
     report = run_parity(tiny, out, prompts, tokens=2)
     assert not report["passed"] and report["failures"], mutation
 
@@ -118,11 +127,80 @@ def test_damage_is_caught(tiny, tiny_mlx, prompts, tmp_path, mutation):
 def test_damage_fails_the_cli_with_exit_1(tiny, tiny_mlx, prompts, tmp_path):
     out = damaged(tiny_mlx, tmp_path)
     MUTATIONS["corrupted expert weights"](out)
+    resign(out)
     r = subprocess.run(EDGEC + ["parity", str(tiny), str(out), "--prompts", str(prompts), "--tokens", "2",
-                                "--json", "-"], capture_output=True, text=True)
+                                "--json"], capture_output=True, text=True)
     assert r.returncode == 1, r.stderr[-2000:]
     assert not json.loads(r.stdout)["passed"]
     assert "parity failed" in r.stderr and "Traceback" not in r.stderr
+
+
+def edit_manifest(out: Path, fn, digest: bool = False) -> None:
+    m = json.loads((out / "edgec.json").read_text())
+    fn(m)
+    if digest:  # as someone who knows the format would: the config's own sha256 recomputed
+        m["config_sha256"] = config_sha256(m["config"])
+    (out / "edgec.json").write_text(json.dumps(m))
+
+
+def zero_hashes(m):
+    for info in m["files"].values():
+        info["sha256"] = "0" * 64
+
+
+# edits the manifest sees: (folder fixture, edit, re-sign the files, what the one line says)
+EDITS = {
+    "zeroed sha256": ("tiny_mlx", lambda out: edit_manifest(out, zero_hashes), False, "sha256 differs"),
+    "unrecorded weight damage": ("tiny_mlx", MUTATIONS["corrupted expert weights"], False, "sha256 differs"),
+    "wrong rope in config.json": ("tiny_mlx", lambda out: edit_config(out, rope_theta=10000.0), True,
+                                  "config.json: describes another model"),
+    "wrong window in config.json": ("tiny_mlx", lambda out: edit_config(out, sliding_window=64), True,
+                                    "config.json: describes another model"),
+    "manifest config edited": ("tiny_mlx", lambda out: edit_manifest(
+        out, lambda m: m["config"].update(rope_theta=10000.0)), False, "its config was edited after conversion"),
+    "mlx manifest and config.json edited alike": ("tiny_mlx", lambda out: (
+        edit_config(out, rope_theta=10000.0),
+        edit_manifest(out, lambda m: m["config"].update(rope_theta=10000.0), digest=True)), True,
+        "was converted from another model"),
+    "string recipe": ("tiny_mlx", lambda out: edit_manifest(out, lambda m: m.update(recipe="exact")), False,
+                      "'recipe' must be a JSON object"),
+    "onnx layers=1": ("tiny_onnx", lambda out: edit_manifest(
+        out, lambda m: m["config"].update(num_hidden_layers=1, layer_types=["sliding_attention"]), digest=True),
+        False, "genai_config.json: describes another model"),
+    "onnx sliding_window -1": ("tiny_onnx", lambda out: edit_manifest(
+        out, lambda m: m["config"].update(sliding_window=-1), digest=True), False, "sliding_window must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_the_manifest_is_verified(request, tiny, prompts, tmp_path, edit):
+    """parity and every runtime load check the folder against edgec.json: one line, exit 2."""
+    fixture, change, sign, fragment = EDITS[edit]
+    out = damaged(request.getfixturevalue(fixture), tmp_path)
+    change(out)
+    if sign:
+        resign(out)
+    for args in (["parity", str(tiny), str(out), "--prompts", str(prompts), "--tokens", "1"],
+                 ["logits", str(out), "--ids", "1,2", "--out", str(tmp_path / "l.npy")]):
+        r = subprocess.run(EDGEC + args, capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], (args[0], r.stderr[-3000:])
+        if "was converted from" in fragment:
+            break  # the mlx runtime runs such a folder; only parity knows the source
+    assert not (tmp_path / "l.npy").exists()
+
+
+def test_full_hashes_on_request(tiny, tiny_onnx, prompts, tmp_path):
+    """model.onnx.data is over the cheap check's size: only --verify-hashes reads it."""
+    from edgec import manifest
+
+    out = damaged(tiny_onnx, tmp_path)
+    edit_manifest(out, lambda m: m["files"]["model.onnx.data"].update(sha256="0" * 64))
+    assert (out / "model.onnx.data").stat().st_size > manifest.SMALL_FILE
+    assert manifest.problems(manifest.read(out)) == []
+    r = subprocess.run(EDGEC + ["parity", str(tiny), str(out), "--prompts", str(prompts), "--tokens", "1",
+                                "--verify-hashes"], capture_output=True, text=True)
+    assert r.returncode == 2 and "model.onnx.data: sha256 differs" in r.stderr
 
 
 def test_bad_input_exits_2(tiny, tiny_mlx, tmp_path):
@@ -157,3 +235,74 @@ def test_exact_onnx_cpu_passes(tiny, prompts, tmp_path):
     report = run_parity(tiny, out, prompts, tokens=4)
     assert report["passed"], report["failures"]
     assert report["worst"]["max_abs"] < 1e-3 and report["worst"]["greedy"] == 1.0
+
+
+# ---- non-finite logits -----------------------------------------------------------------------------------------
+def nan_row(folder: Path, row: int = 5) -> None:
+    """lm_head row `row` becomes NaN: exactly one non-finite logit per position."""
+    def fn(a):
+        a = a.copy()
+        a[row] = 0x7FC0
+        return a
+    poke(folder, "lm_head.weight", fn)
+
+
+def test_a_nan_output_fails_and_is_named(tiny, tiny_mlx, prompts, tmp_path):
+    out = damaged(tiny_mlx, tmp_path)
+    nan_row(out)
+    resign(out)
+    r = subprocess.run(EDGEC + ["parity", str(tiny), str(out), "--prompts", str(prompts), "--tokens", "2",
+                                "--json", "--top1", "0", "--greedy", "0"], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert any("non-finite logits from the target" in f for f in report["failures"])
+    assert all(p["nonfinite"]["target"][0] == p["positions"] for p in report["prompts"])  # one per position
+    assert report["worst"]["max_abs"] is None and report["worst"]["min_cosine"] is None  # NaN, never 0 / 1.0
+    assert "max|diff| 0" not in r.stderr and "1.000000" not in r.stderr and "nan" in r.stderr
+
+
+def test_a_nan_source_and_its_nan_output_fail(tiny, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src, ignore=shutil.ignore_patterns("original"))
+    nan_row(src, 7)
+    out = tmp_path / "out"
+    r = subprocess.run(EDGEC + ["convert", str(src), "-t", "mlx", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "lm_head.weight: 64 non-finite values" in r.stderr, r.stderr
+    report = run_parity(src, out, tokens=1, positions=8)
+    assert not report["passed"]
+    assert any("from the source" in f for f in report["failures"])
+    assert any("from the target" in f for f in report["failures"])
+
+
+# ---- either source layout ----------------------------------------------------------------------------------------
+def test_a_conversion_from_original_checks_against_either_layout(tiny, prompts, tmp_path):
+    out = tmp_path / "from-original"
+    run_convert(tiny / "original", "mlx", out, progress=False)
+    for src in (tiny, tiny / "original"):
+        report = run_parity(src, out, prompts, tokens=2, options={"kv_dtype": "float32"})  # float32 math and KV
+        assert report["passed"] and report["worst"]["max_abs"] < 1e-4, (src, report["failures"])
+    builtin = run_parity(tiny / "original", out, tokens=1, positions=8)  # the tokenizer above original/
+    assert builtin["passed"], builtin["failures"]
+
+
+def test_another_model_is_named(tiny, tiny_mlx, tmp_path):
+    from edgec.errors import EdgecError
+    from edgec.spec import preset
+    from edgec.synth import synthesize
+
+    other = synthesize(preset("tiny"), tmp_path / "two-layers")
+    with pytest.raises(EdgecError, match="converted from another model .*num_hidden_layers 2 vs 3"):
+        run_parity(other, tiny_mlx, tokens=1, positions=4)
+
+
+def test_progress_per_prompt_on_a_terminal(tiny, tiny_mlx, prompts, monkeypatch):
+    """parity shows each prompt as it goes (rich, stderr): nothing on stdout."""
+    from rich.console import Console
+
+    import edgec.progress
+
+    console = Console(stderr=True, force_terminal=True, width=120, record=True)
+    monkeypatch.setattr(edgec.progress, "stderr", console)
+    report = run_parity(tiny, tiny_mlx, prompts, tokens=1, progress=True)
+    seen = console.export_text()
+    assert report["passed"] and "prompt-0 (" in seen and "long (200 positions)" in seen and "2/2" in seen

@@ -4,31 +4,51 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import EdgecError
+from ..fsutil import check_output
 from ..memory import peak_rss_bytes
 from ..targets import load_profile
 
 
 def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None = None,
-                experts: str | None = None, force: bool = False, progress: bool = True,
-                lm_head: str | None = None) -> dict[str, Any]:
-    """Validate SRC, convert it for `target` into OUT atomically, return a summary (also in edgec.json)."""
+                experts: str | None = None, force: bool | str = False, progress: bool = True,
+                lm_head: str | None = None, strict: bool = False,
+                warn: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Validate SRC, convert it for `target` into OUT atomically, return a summary (also in edgec.json).
+
+    force: True replaces an earlier edgec output, "foreign" any folder (never the source). Non-finite weights
+    and a missing tokenizer.json go to `warn` before the work starts and into the summary's `warnings`; with
+    `strict` non-finite weights are an error."""
     profile = load_profile(target)
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
+    check_output(out, force, [Path(src)])  # fail fast; atomic_dir checks again, with every source file
     formats = resolve_formats(profile, dense, experts, lm_head)
     ckpt = Checkpoint.open(src)
+    warnings = checkpoint_warnings(ckpt, strict)
+    for w in warnings:
+        warn(w)
     module = importlib.import_module(f".{profile['converter']}", __package__)
     t0 = time.perf_counter()
     summary = module.convert(ckpt, profile, out, **formats, force=force, progress=progress)
     summary.update(target=target, source=str(src), out=str(out), **formats, seconds=time.perf_counter() - t0,
-                   peak_rss_bytes=peak_rss_bytes())
+                   peak_rss_bytes=peak_rss_bytes(), warnings=warnings)
     return summary
+
+
+def checkpoint_warnings(ckpt: Checkpoint, strict: bool = False) -> list[str]:
+    """What a conversion would carry over silently: non-finite weights (an error with `strict`), no tokenizer."""
+    out = [f"{ckpt.path}: tensor {name}: {n} non-finite values (NaN/Inf)" for name, n in ckpt.nonfinite().items()]
+    if out and strict:
+        raise EdgecError(out[0] + (f" (and {len(out) - 1} more tensors)" if len(out) > 1 else "") + "; --strict")
+    if ckpt.tokenizer_folder() is None:
+        out.append(f"{ckpt.path}: no tokenizer.json (nor in the parent folder of original/): chat, generate and "
+                   "parity need it; copy it into the output")
+    return out
 
 
 def resolve_formats(profile: dict[str, Any], dense: str | None, experts: str | None,

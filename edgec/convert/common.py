@@ -10,6 +10,7 @@ from typing import Any
 from .. import __version__
 from ..checkpoint import Checkpoint
 from ..fsutil import sha256_file
+from ..manifest import NAME, config_sha256
 
 
 def copy_tokenizer_files(ckpt: Checkpoint, out: Path) -> list[str]:
@@ -22,21 +23,24 @@ def copy_tokenizer_files(ckpt: Checkpoint, out: Path) -> list[str]:
 
 def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe: dict[str, Any],
                    known_sha256: dict[str, str] | None = None) -> dict[str, Any]:
-    """edgec.json: target, recipe, source config hash, edgec version and the sha256 of every file written
-    (`known_sha256`: digests a converter already computed while writing, so big files are not read twice)."""
+    """edgec.json: target, recipe, source config hash, edgec version, the config with its sha256, and the sha256 of
+    every file written (`known_sha256`: digests a converter already computed while writing, so big files are not
+    read twice). `edgec.manifest` reads and verifies it."""
     known = known_sha256 or {}
     files = {p.name: {"sha256": known.get(p.name) or sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(out.iterdir()) if p.is_file() and p.name != "edgec.json"}
+             for p in sorted(out.iterdir()) if p.is_file() and p.name != NAME}
+    config = ckpt.config.as_dict()
     manifest = {
         "edgec_version": __version__,
         "target": profile["name"],
         "runtime": profile.get("runtime"),
         "recipe": recipe,
         "source": {"path": str(ckpt.path), "layout": ckpt.layout, "config_sha256": ckpt.config_hash()},
-        "config": ckpt.config.as_dict(),
+        "config": config,
+        "config_sha256": config_sha256(config),
         "files": files,
     }
     if profile.get("runtime_defaults"):  # the runtime's options per device (e.g. mlx: compute, kv_dtype)
         manifest["runtime_defaults"] = profile["runtime_defaults"]
-    (out / "edgec.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

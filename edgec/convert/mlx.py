@@ -145,7 +145,7 @@ def plan(ckpt: Checkpoint, dense: str, group: int) -> list[Plan]:
 
 
 def _shards(entries: list[Plan], limit: int) -> list[list[Plan]]:
-    from ..spec import DTYPE_SIZE
+    from ..safetensors_io import DTYPE_SIZE
 
     shards: list[list[Plan]] = [[]]
     size = 0
@@ -191,7 +191,8 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
     written = 0
     sha: dict[str, str] = {}
     since_drop = 0
-    with atomic_dir(out, force) as tmp, byte_progress(total, f"mlx {dense}/{experts}", progress) as advance, \
+    with atomic_dir(out, force, keep=ckpt.source_files()) as tmp, \
+            byte_progress(total, f"mlx {dense}/{experts}", progress) as advance, \
             ThreadPoolExecutor(max_workers=1) as pool:
         for fname, shard in zip(names, shards, strict=True):
             with SafetensorsWriter(tmp / fname, [(e[0], e[1], e[2]) for e in shard], {"format": "mlx"}) as w:

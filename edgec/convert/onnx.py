@@ -30,10 +30,10 @@ from .. import mxfp4
 from ..checkpoint import Checkpoint
 from ..errors import EdgecError, require
 from ..fsutil import atomic_dir
+from ..jsonio import load_json
 from ..progress import byte_progress
 from ..rope import cos_sin
 from ..safetensors_io import bf16_to_f32
-from ..spec import load_json
 from .common import copy_tokenizer_files, write_manifest
 from .onnx_graph import (
     ATTENTION_MASK,
@@ -71,7 +71,8 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     cfg = ckpt.config
     ctx = int(profile.get("context_length", cfg.max_position_embeddings))
     meter = SourceMeter(ckpt)
-    with atomic_dir(out, force) as tmp, byte_progress(meter.total, f"onnx {profile['name']}", progress) as adv:
+    with atomic_dir(out, force, keep=ckpt.source_files()) as tmp, \
+            byte_progress(meter.total, f"onnx {profile['name']}", progress) as adv:
         meter.advance = adv
         ext = ExternalData(tmp / DATA, release=ckpt.release_pages)
         try:
@@ -93,7 +94,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
                   "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy}
         write_manifest(tmp, ckpt, profile, recipe)
     return {"files": [GENAI_GRAPH, EDGEC_GRAPH, DATA, "genai_config.json", *tok], "recipe": recipe,
-            "warnings": lossy, "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
+            "lossy": lossy, "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
 CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "chat_template.jinja"

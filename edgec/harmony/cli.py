@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgecError
+from ..spec import check_token_ids
 
 
 def _tokenizer(model: Path | None):
@@ -105,9 +106,7 @@ def parse_cmd(tokens_file: Path | None, text: str | None, role: str, model: Path
     tok = _tokenizer(model)
     if ids is None:
         ids = _read_tokens(tokens_file) if tokens_file else tok.encode(text or "", allowed_special="all")
-    bad = [t for t in ids if not 0 <= t < tok.vocab_size]
-    if bad:
-        raise EdgecError(f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
+    check_token_ids(ids, tok.vocab_size)
     if role == "auto":
         start_role: str | None = None if ids[:1] == [START] else "assistant"
     else:

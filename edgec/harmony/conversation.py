@@ -199,6 +199,8 @@ class Message:
             raw = [{"type": "text", "text": raw}]
         elif isinstance(raw, dict):
             raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(p, str | dict) for p in raw):
+            raise EdgecError(f"message content must be a string or a list of parts: {str(d)[:80]}")
         parts: list[Content] = []
         for p in raw:
             if isinstance(p, str):

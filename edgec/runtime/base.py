@@ -17,9 +17,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import manifest
 from ..errors import EdgecError
+from ..jsonio import load_json
 from ..memory import Budget, Plan, Weights, device_budget
-from ..spec import GptOssConfig, load_json
+from ..spec import GptOssConfig, check_token_ids
 
 # profile `runtime` -> "module:Class", imported lazily
 RUNTIMES: dict[str, str] = {
@@ -189,9 +191,7 @@ class WindowedBackend(Backend):
         if self.length + len(ids) > self.max_context:
             raise EdgecError(f"context full: {self.length} + {len(ids)} tokens exceed max_context "
                              f"{self.max_context}")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise EdgecError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        check_token_ids(ids, self.config.vocab_size)
         outs = []
         for s in range(0, len(ids), self.PREFILL_CHUNK):
             last = s + self.PREFILL_CHUNK >= len(ids)
@@ -216,7 +216,7 @@ def target_of(folder: Path) -> str:
     manifest = folder / "edgec.json"
     if manifest.is_file():
         return str(load_json(manifest).get("target", "?"))
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").exists():  # a FIFO or device is refused by the checkpoint reader, by name
         return "source"
     raise EdgecError(f"{folder}: not a gpt-oss checkpoint nor an edgec output (no config.json / edgec.json)")
 
@@ -226,6 +226,8 @@ def runtime_of(folder: Path) -> str:
     profile's) `runtime`."""
     folder = Path(folder)
     target = target_of(folder)
+    if target != "source":
+        manifest.verify(folder)  # sizes, headers, small files' sha256, the config: edgec.json is not taken on trust
     if target == "source":
         return "reference"
     runtime = load_json(folder / "edgec.json").get("runtime")

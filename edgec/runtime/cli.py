@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from ..errors import EdgecError
+from ..errors import EdgecError, Interrupted
 from ..progress import stderr
 
 MAX_TOOL_ROUNDS = 8  # tool calls answered in a row before the turn is handed back to the user
@@ -112,8 +112,8 @@ def plan_context(model: Path, max_context: int | None, memory_budget: str | None
 
 def _recipes(model: Path, target: str, cfg, budget, opts: dict) -> list[str]:  # noqa: ANN001
     """What would fit when the folder's weights do not: the target's other recipes, priced the same way."""
+    from ..jsonio import load_json
     from ..memory import MIN_CONTEXT, gib, plan_recipe
-    from ..spec import load_json
     from ..targets import load_profile
 
     if target == "source":
@@ -483,6 +483,8 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
         }, ensure_ascii=False, indent=2))
     else:
         stderr.print(f"[dim]{turn.stats.line()} stop={turn.stats.stop}[/]")
+    if turn.stats.stop == "interrupted":  # Ctrl-C: what was generated is shown, the exit code says it was cut
+        raise Interrupted("interrupted")
 
 
 COMMANDS = [chat, generate]

@@ -34,10 +34,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import EdgecError, require
+from ..jsonio import load_json
 from ..memory import Budget, Plan, Weights, device_budget, kv_bytes, position_bytes
 from ..rope import yarn_inv_freq
 from ..safetensors_io import SafetensorsFile
-from ..spec import GptOssConfig, load_json
+from ..spec import GptOssConfig
 from .base import WindowedBackend
 
 COMPUTE = ("float16", "bfloat16", "float32", "float32-upcast")

@@ -26,10 +26,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import manifest
 from ..convert import onnx_graph as G  # the graph's interface
-from ..errors import EdgecError, require
+from ..errors import EdgecError, MissingBackend, require
+from ..jsonio import load_json
 from ..memory import Plan, Weights, kv_bytes, position_bytes
-from ..spec import GptOssConfig, load_json
+from ..spec import GptOssConfig
 from .base import WindowedBackend
 
 IO_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -108,16 +110,15 @@ class OnnxBackend(WindowedBackend):
         handling (OrtValues allocated by onnxruntime, moved through the host) on whatever device is used."""
         ort = self.ort = require("onnxruntime", "onnx")
         self.folder = Path(folder)
-        where = str(self.folder / "edgec.json")
-        manifest = load_json(self.folder / "edgec.json")
-        self.config = GptOssConfig.from_dict(manifest["config"], where)
+        m = manifest.read(self.folder)
+        self.config = m.config
         recipe = self.recipe_of(self.folder)
         genai = load_json(self.folder / "genai_config.json")
         self.max_context = int(max_context or genai["model"]["context_length"])
         provider = provider or recipe.get("execution_provider") or "CPUExecutionProvider"
         if provider not in ort.get_available_providers():
-            raise EdgecError(f"{self.folder}: target {manifest.get('target')} needs onnxruntime's {provider}, which "
-                             f"this onnxruntime build lacks (has: {', '.join(ort.get_available_providers())})")
+            raise MissingBackend(f"{self.folder}: target {m.target} needs onnxruntime's {provider}, which "
+                                 f"this onnxruntime build lacks (has: {', '.join(ort.get_available_providers())})")
         self.device = "cpu" if provider == "CPUExecutionProvider" else str(recipe.get("ort_device", "cpu"))
         self.on_host = self.device == "cpu" and not device_buffers
         so = ort.SessionOptions()

@@ -30,7 +30,7 @@ from ..harmony.conversation import (
     system_message,
 )
 from ..harmony.openai import conversation_from_any, tool_result
-from ..spec import read_json
+from ..jsonio import read_json
 from .base import Backend
 from .generate import Generator, Sampling, Stats
 
@@ -150,8 +150,10 @@ class ChatSession:
             if len(starts) < 2:  # only the current turn is left
                 if len(prompt) < self.max_context:
                     return prompt, dropped  # fits, with less room than max_tokens: the reply may stop at 'context'
+                fix = "raise --max-context" if self.max_context < self.backend.config.max_position_embeddings \
+                    else "the model's maximum: shorten the conversation"
                 raise EdgecError(f"the conversation needs {len(prompt)} tokens even after dropping old turns; the "
-                                 f"context holds {self.max_context} (raise --max-context)")
+                                 f"context holds {self.max_context} ({fix})")
             del self.history[: starts[1]]
             dropped += 1
 
@@ -203,7 +205,10 @@ class ChatSession:
         messages become developer instructions). Every message is loaded; system or developer messages after the
         first turn stay in place."""
         data = read_json(path)
-        conv = conversation_from_any(data, self.reasoning, self.date or None, self.identity)
+        try:
+            conv = conversation_from_any(data, self.reasoning, self.date or None, self.identity)
+        except EdgecError as e:
+            raise EdgecError(f"{path}: {e}") from None
         if not conv.messages:
             raise EdgecError(f"{path}: no messages")
         raw = data.get("messages") if isinstance(data, dict) else data

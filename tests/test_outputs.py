@@ -1,0 +1,180 @@
+"""Never lose data: `--force` never touches the source nor a folder edgec did not write, two writers never share a
+destination, a killed run's temporary folder is cleaned by the next, a full disk names the output. Every refusal is
+one line, exit 2, with every file left as it was."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_ckpt
+from test_checkpoint import assert_one_line_error, run
+
+from edgec.errors import EdgecError, Interrupted
+from edgec.fsutil import atomic_dir
+
+EDGEC = [sys.executable, "-m", "edgec"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A small checkpoint in both layouts (1,024-row vocabulary): cheap to copy per test."""
+    return make_ckpt(tmp_path_factory.mktemp("outputs") / "base", num_hidden_layers=2, vocab_size=1024)
+
+
+@pytest.fixture
+def models(base, tmp_path) -> Path:
+    """models/src (a checkpoint) and models/other/notes.txt (someone's unrelated file)."""
+    shutil.copytree(base, tmp_path / "models" / "src")
+    (tmp_path / "models" / "other").mkdir()
+    (tmp_path / "models" / "other" / "notes.txt").write_text("mine")
+    return tmp_path / "models"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["mlx", "onnx-cpu"])
+@pytest.mark.parametrize("src,out,fragment", [
+    ("src", "src", "would destroy the source"),  # the output is the source
+    ("src", ".", "would destroy the source"),  # the output holds the source and models/other
+    ("src/original", "src", "would destroy the source"),  # holds original/ and the tokenizer above it
+    ("src", "link", "would destroy the source"),  # a symbolic link to the source
+    ("src", "other", "not written by edgec"),  # someone's folder
+    ("src", "other/notes.txt", "is a file, not an output folder"),
+])
+def test_force_never_destroys_the_source_or_foreign_files(models, target, src, out, fragment):
+    (models / "link").symlink_to(models / "src")
+    before = snapshot(models)
+    r = run("convert", str(models / src), "-t", target, "-o", str(models / out), "--force")
+    assert_one_line_error(r, fragment)
+    assert snapshot(models) == before and not list(models.glob(".*"))
+
+
+def test_force_foreign_replaces_a_foreign_folder_but_never_the_source(models):
+    before = snapshot(models / "src")
+    assert_one_line_error(run("convert", str(models / "src"), "-t", "mlx", "-o", str(models),
+                              "--force-foreign"), "would destroy the source")
+    r = run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / "other"), "--force-foreign")
+    assert r.returncode == 0, r.stderr
+    assert (models / "other" / "edgec.json").is_file() and not (models / "other" / "notes.txt").exists()
+    assert snapshot(models / "src") == before
+    with pytest.raises(EdgecError, match="would destroy the source"), \
+            atomic_dir(models / "src" / "original", "foreign", keep=[models / "src" / "original" / "config.json"]):
+        pass  # the guard itself, as convert and synth call it
+    assert snapshot(models / "src") == before
+
+
+def test_force_replaces_an_earlier_output_and_an_empty_folder(models):
+    out = models / "out"
+    out.mkdir()
+    for _ in range(2):  # an empty folder, then the edgec output written the first time
+        r = run("convert", str(models / "src"), "-t", "mlx", "-o", str(out), "--force")
+        assert r.returncode == 0, r.stderr
+    assert_one_line_error(run("convert", str(models / "src"), "-t", "mlx", "-o", str(out)), "use --force")
+    assert sorted(p.name for p in models.iterdir()) == ["other", "out", "src"]  # no temp or lock files left
+
+
+def test_synth_force_replaces_only_a_synth_output(tmp_path):
+    out = tmp_path / "m"
+    args = ["synth", str(out), "--layers", "1", "--vocab", "1024"]
+    assert run(*args).returncode == 0 and (out / ".edgec-synth").is_file()
+    assert run(*args, "--force").returncode == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert_one_line_error(run("synth", str(tmp_path / "mine"), "--force"), "not written by edgec")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+HOLDER = """
+import sys, time
+from edgec.fsutil import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "big").write_bytes(b"x" * 3_000_000)
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_killed_ones_temp_folder_is_cleaned(base, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert_one_line_error(run("convert", str(base), "-t", "mlx", "-o", str(out)),
+                              "another edgec process is writing this output")
+        assert_one_line_error(run("synth", str(out)), "another edgec process is writing this output")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    stale = list(tmp_path.glob(".out.edgec-tmp-*"))
+    assert len(stale) == 1 and (stale[0] / "big").is_file()  # what SIGKILL leaves behind
+    look_alike = tmp_path / ".out.edgec-tmp-notours"  # not recorded by edgec: left alone
+    look_alike.mkdir()
+    r = run("convert", str(base), "-t", "mlx", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"removed {stale[0]} (3.0 MB), left by an edgec run that was killed" in r.stderr
+    assert not stale[0].exists() and look_alike.is_dir() and (out / "edgec.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.edgec-tmp-notours", "out"]
+
+
+def test_a_full_disk_names_the_output_not_the_source(base, tmp_path, monkeypatch):
+    import edgec.convert.common as common
+    from edgec.convert import run_convert
+
+    def full(src, dst):  # what shutil.copyfile raised on a full disk: the error names the source
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(common.shutil, "copyfile", full)
+    out = tmp_path / "small"
+    with pytest.raises(EdgecError) as e:
+        run_convert(base, "mlx", out, progress=False)
+    assert str(e.value) == f"{out}: disk full while writing the output; no partial output was left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(EdgecError, match=f"^{out}/model.safetensors: disk full"), atomic_dir(out) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
+
+
+def test_an_interrupt_leaves_nothing(tmp_path):
+    with pytest.raises(Interrupted) as e, atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "partial").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert e.value.exit_code == 130 and "no partial output was left behind" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_mid_conversion_exit_130(tmp_path, sig):
+    """A real conversion, signalled once its temporary folder exists."""
+    src = tmp_path / "src"
+    make_ckpt(src, "small", layout="hf", num_hidden_layers=8)  # ~0.2 GB: converting takes a few seconds
+    out = tmp_path / "out"
+    proc = subprocess.Popen(EDGEC + ["convert", str(src), "-t", "onnx-cpu", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.edgec-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; no partial output was left behind" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_writing_needs_no_fcntl(base, tmp_path):
+    """Windows has no fcntl: the destination lock takes msvcrt there, and nothing else needs either."""
+    out = tmp_path / "out"
+    code = ("import sys; sys.modules['fcntl'] = None; from edgec.__main__ import run; "
+            f"sys.argv = ['edgec', 'convert', {str(base)!r}, '-t', 'mlx', '-o', {str(out)!r}]; run()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and (out / "edgec.json").is_file(), r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
