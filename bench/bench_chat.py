@@ -31,7 +31,7 @@ def kv_figures() -> dict:
     for name in ("20b", "120b"):
         cfg = preset(name)
         w = recipe_weights(cfg, "bf16", "mxfp4")
-        mlx = lambda cfg=cfg, w=w, **kw: MlxBackend.plan(cfg, 131072, w, **kw).kv / GIB  # noqa: E731
+        mlx = lambda cfg=cfg, w=w, **kw: MlxBackend.plan(cfg, 131072, w, **kw).kv / GIB
         out[name] = {"bf16_textbook_GiB": facts_kv_bytes(cfg, 131072) / GIB, "mlx_fp16_GiB": mlx(kv_dtype="float16"),
                      "mlx_kv8_GiB": mlx(kv_bits=8, kv_dtype="float16"), "mlx_fp32_GiB": mlx(kv_dtype="float32"),
                      "onnx_cpu_loop_GiB": OnnxBackend.plan(cfg, 131072, w, recipe={"dense": "fp32"}).kv / GIB,

@@ -151,7 +151,7 @@ def show(res: dict, prompt: int, tokens: int, default: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    gb = lambda b: f"{b / 1e9:.2f} GB"
     con = Console(width=160)
     if "convert_mlx_lm" in res:
         t = Table(title=f"MLX conversion, {res['src']} ({gb(res['src_bytes'])})")

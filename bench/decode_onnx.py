@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_onnx import decode_edgec, decode_genai  # noqa: E402
+from bench_onnx import decode_edgec, decode_genai
 
 
 def main() -> None:

@@ -356,7 +356,7 @@ def start_background_prep() -> None:
             os.kill(int(pidfile.read_text()), 0)
             print("background prep already running")
             return
-    log = open(work / "prep.log", "a")  # noqa: SIM115  (handed to the child)
+    log = open(work / "prep.log", "a")
     p = subprocess.Popen([PY, str(Path(__file__).resolve()), "run", "--stage", "prep", "--budget", "1500"], stdout=log,
                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
     pidfile.write_text(str(p.pid))
@@ -391,7 +391,7 @@ class GenaiBackend:
         params.set_search_options(max_length=self.max_length, do_sample=False)
         self.gen, self.length = self.og.Generator(self.model, params), 0
 
-    def forward(self, ids, all_logits: bool = False):  # noqa: ANN001
+    def forward(self, ids, all_logits: bool = False):
         import numpy as np
 
         ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
@@ -410,7 +410,7 @@ def use_genai_backend(cpu: bool) -> None:
 
     plain = base.load_backend
 
-    def load(folder, max_context=None, **kw):  # noqa: ANN001, ANN003
+    def load(folder, max_context=None, **kw):
         if base.target_of(Path(folder)).startswith("onnx"):
             return GenaiBackend(folder, max_context, cpu=cpu)
         return plain(folder, max_context, **kw)
@@ -433,7 +433,7 @@ def probe_runtimes() -> dict:
 
         out["onnxruntime"] = {"file": ort.__file__, "version": ort.__version__,
                               "providers": ort.get_available_providers(), "device": ort.get_device()}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["onnxruntime"] = {"error": f"{type(e).__name__}: {e}"}
     try:  # a provider that is listed may still not load (missing CUDA libraries): open a session on it
         from onnx import TensorProto, helper
@@ -443,13 +443,13 @@ def probe_runtimes() -> dict:
                               opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
         out["onnxruntime"]["cuda_session"] = sess.get_providers()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["onnxruntime"]["cuda_session"] = f"{type(e).__name__}: {e}"
     try:
         import onnxruntime_genai as og
 
         out["onnxruntime_genai"] = {"version": og.__version__, "cuda": bool(og.is_cuda_available())}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["onnxruntime_genai"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         import mlx.core as mx
@@ -457,7 +457,7 @@ def probe_runtimes() -> dict:
         out["mlx"] = {"version": mx.__version__, "device": str(mx.default_device()),
                       "gpu": "gpu" in str(mx.default_device())}
         out["mlx"]["sum"] = float(mx.sum(mx.ones((256, 256)) @ mx.ones((256, 256))).item())  # runs a kernel
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["mlx"] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
@@ -498,7 +498,7 @@ def probe_bench(kind: str, folder: str, prompt: int, tokens: int, cpu: bool) -> 
             cfg.clear_providers()
         model = og.Model(cfg)
 
-        def generator():  # noqa: ANN202
+        def generator():
             p = og.GeneratorParams(model)
             p.set_search_options(max_length=max(prompt + tokens + 16, 256), do_sample=False)
             return og.Generator(model, p)
@@ -548,7 +548,7 @@ def probe_bench(kind: str, folder: str, prompt: int, tokens: int, cpu: bool) -> 
 # =====================================================================================================================
 # steps
 # =====================================================================================================================
-class Skip(Exception):  # noqa: N818  (a reason, not an error)
+class Skip(Exception):
     pass
 
 
@@ -598,7 +598,7 @@ def gpu_memory() -> tuple[int | None, dict[int, int]]:
 
             pynvml.nvmlInit()
             _NVML = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
-        except Exception:  # noqa: BLE001  (no NVML: nvidia-smi, or nothing)
+        except Exception:
             _NVML = False
     if _NVML:
         nv, h = _NVML
@@ -640,7 +640,7 @@ class Check:
             self.env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [os.environ.get("LD_LIBRARY_PATH")] if p])
 
     # ---- running one step ------------------------------------------------------------------------------------------
-    def step(self, name: str, limit: float, fn, reuse: Path | None = None) -> dict | None:  # noqa: ANN001
+    def step(self, name: str, limit: float, fn, reuse: Path | None = None) -> dict | None:
         if self.only and not any(o in name for o in self.only):
             return None
         rec: dict[str, Any] = {"name": name, "limit_s": limit}
@@ -663,7 +663,7 @@ class Check:
             rec.update(status="timeout", error=f"over its {rec['limit_s']} s limit")
         except StepError as e:
             rec.update(status="error", error=str(e))
-        except Exception as e:  # noqa: BLE001  (a bug in this script must not stop the next step)
+        except Exception as e:
             rec.update(status="error", error=f"{type(e).__name__}: {e}")
         if not rec.get("reused"):
             rec["seconds"] = round(time.monotonic() - t, 2)
@@ -841,7 +841,7 @@ def background_prep(c: Check) -> int:
     import fcntl
 
     (c.work / "final-started").unlink(missing_ok=True)
-    lock = open(c.work / "prep.lock", "w")  # noqa: SIM115
+    lock = open(c.work / "prep.lock", "w")
     end = time.monotonic() + 900
     jobs = prep_jobs(c)
     while jobs and time.monotonic() < end:
@@ -854,7 +854,7 @@ def background_prep(c: Check) -> int:
         try:
             if jobs[0]() is not False:
                 jobs.pop(0)
-        except Exception as e:  # noqa: BLE001  (the final run redoes what is not done)
+        except Exception as e:
             print(f"background job failed: {type(e).__name__}: {e}", flush=True)
             jobs.pop(0)
         finally:
@@ -867,7 +867,7 @@ def background_prep(c: Check) -> int:
 
 def prep_jobs(c: Check) -> list:
     """Jobs for the background: each returns False to be retried later (waiting for wheels)."""
-    def install_onnx():  # noqa: ANN202
+    def install_onnx():
         status = stash_status(DEVICE_HOME / "stash")
         if not status["groups"].get("onnx"):
             return False

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edgec import mxfp4  # noqa: E402
+from edgec import mxfp4
 
 H = INTER = 2880
 TOP_K, ALPHA, LIM = 4, 1.702, 7.0

@@ -240,7 +240,7 @@ def bench(out: Path, prompt: int, tokens: int, no_peers: bool, as_json: bool, **
     t.add_column("measure")
     for k in runs:
         t.add_column(k.replace("_", "-"), justify="right")
-    mib = lambda v: f"{v / 2**20:.0f} MiB"  # noqa: E731
+    mib = lambda v: f"{v / 2**20:.0f} MiB"
     for key, label, fmt in (("load_s", "load", "{:.2f} s"), ("ttft_s", "time to first token", "{:.2f} s"),
                             ("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.2f}"),
                             ("rss_after_load_bytes", "RSS after load", None), ("peak_rss_bytes", "peak RSS", None)):

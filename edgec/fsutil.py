@@ -63,7 +63,7 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
 
-        def _term(signum, frame):  # noqa: ANN001
+        def _term(signum, frame):
             raise KeyboardInterrupt
 
         old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None

@@ -268,7 +268,7 @@ CONTEXT_STEP = 1024  # a chosen context is a multiple of this (the full layers' 
 def largest_context(plan_at: Callable[[int], Plan], budget: int, limit: int) -> int:
     """The largest context <= `limit` (a multiple of CONTEXT_STEP, or `limit` itself) whose plan fits `budget`;
     0 when not even MIN_CONTEXT does. A plan grows with its context, so this is a binary search."""
-    fits = lambda c: plan_at(c).device_total <= budget  # noqa: E731
+    fits = lambda c: plan_at(c).device_total <= budget
     if fits(limit):
         return limit
     lo, hi = 0, limit // CONTEXT_STEP  # in steps: lo fits (or is 0), hi does not

@@ -49,7 +49,7 @@ def test_experts_decode_only_the_requested_experts(tiny):
     w2 = ck.experts(2, "down_proj", np.array([3]))
     assert w1.shape == (2, 2 * c.intermediate_size, c.hidden_size) and w1.dtype == np.float32
     assert w2.shape == (1, c.hidden_size, c.intermediate_size)
-    raw = lambda name, e: ck.raw(p + name)[e]  # noqa: E731
+    raw = lambda name, e: ck.raw(p + name)[e]
     assert np.array_equal(w1[0], mxfp4.decode(raw("gate_up_proj_blocks", 5), raw("gate_up_proj_scales", 5)))
     assert np.array_equal(w2[0], mxfp4.decode(raw("down_proj_blocks", 3), raw("down_proj_scales", 3)))
 

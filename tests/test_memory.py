@@ -32,7 +32,7 @@ from edgec.memory import (
 from edgec.spec import hf_tensors, preset
 
 
-def cli(*args, input=None):  # noqa: A002
+def cli(*args, input=None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input)
 
 
@@ -162,7 +162,7 @@ def test_device_budget_sources():
 
 
 def test_fit_context_chooses_the_largest_that_fits_and_refuses_with_numbers():
-    at = lambda c: Plan("x", c, 10 * GIB, c * 64 * 1024, 2**20)  # noqa: E731  64 KiB per token
+    at = lambda c: Plan("x", c, 10 * GIB, c * 64 * 1024, 2**20)
     budget = Budget(12 * GIB, "test")
     best = largest_context(at, budget.bytes, 131072)
     assert at(best).total <= budget.bytes < at(best + 1024).total and best % 1024 == 0 and best == 32768 - 1024
@@ -183,7 +183,7 @@ def test_chat_plans_the_largest_context_that_fits_the_budget(tiny_mlx):
     refused naming the largest that can; weights that cannot fit name the recipes, with numbers."""
     from edgec.runtime.mlx_backend import MlxBackend
 
-    plan = lambda c: MlxBackend.plan_folder(tiny_mlx, c)  # noqa: E731
+    plan = lambda c: MlxBackend.plan_folder(tiny_mlx, c)
     budget = plan(20000).total
     r = cli("generate", tiny_mlx, "--prompt", "hi", "--max-tokens", 2, "--temperature", 0, "--memory-budget", budget)
     assert r.exit_code == 0, r.output

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx  # noqa: E402
+import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import hf_logits
 
-from edgec.cli import main  # noqa: E402
-from edgec.convert import run_convert  # noqa: E402
-from edgec.errors import EdgecError  # noqa: E402
-from edgec.runtime.base import load_backend  # noqa: E402
+from edgec.cli import main
+from edgec.convert import run_convert
+from edgec.errors import EdgecError
+from edgec.runtime.base import load_backend
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _mlx_lm(path: Path):
     return load_model(Path(path))[0]
 
 
-def _params(model) -> dict[str, np.ndarray]:  # noqa: ANN001
+def _params(model) -> dict[str, np.ndarray]:
     from mlx.utils import tree_flatten
 
     return {k: (str(v.dtype), np.array(v.view(mx.uint8))) for k, v in tree_flatten(model.parameters())}
@@ -78,7 +78,7 @@ def _agree(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
     return float(d.max()), float(d.mean()), float((got.argmax(-1) == ref.argmax(-1)).mean())
 
 
-def _long(b, ids_long) -> np.ndarray:  # noqa: ANN001
+def _long(b, ids_long) -> np.ndarray:
     b.reset()
     b.forward(ids_long[:4200])
     return b.forward(ids_long[4200:], all_logits=True)
@@ -185,7 +185,7 @@ def test_bad_input(tiny, out, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = SafetensorsWriter.write
 
-    def interrupted(self, name, data, **kw):  # noqa: ANN001, ANN003
+    def interrupted(self, name, data, **kw):
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt

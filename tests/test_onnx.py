@@ -453,7 +453,7 @@ def test_conversion_progress_has_a_true_total(tiny, tmp_path, monkeypatch):
     seen: list[tuple[int, int]] = []
 
     @contextmanager
-    def progress(total, description, enabled=True):  # noqa: ANN001
+    def progress(total, description, enabled=True):
         done = [0]
 
         def advance(n: int) -> None:

@@ -59,7 +59,7 @@ def resolve_formats(profile: dict[str, Any], dense: str | None, experts: str | N
     table (onnx-cpu) take a separate --lm-head."""
     experts = resolve_format(profile, "experts", experts)
     paired = dense is None and lm_head is None
-    pair = lambda cls: profile.get(cls, {}).get("default_with_experts", {}).get(experts) if paired else None  # noqa
+    pair = lambda cls: profile.get(cls, {}).get("default_with_experts", {}).get(experts) if paired else None
     dense = resolve_format(profile, "dense", dense or pair("dense"))
     if "lm_head" not in profile:
         if lm_head not in (None, dense):

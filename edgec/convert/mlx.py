@@ -115,7 +115,7 @@ def plan(ckpt: Checkpoint, dense: str, group: int) -> list[Plan]:
 
     for t in ckpt.specs():
         name, shape = t.name, tuple(t.shape)
-        arr = lambda n=name: ckpt.raw(n)  # noqa: E731
+        arr = lambda n=name: ckpt.raw(n)
         if t.kind in ("expert_blocks", "expert_scales", "expert_bias"):
             base, part = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj_blocks
             which, kind = part.rsplit("_", 1)

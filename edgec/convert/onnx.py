@@ -449,7 +449,7 @@ def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: st
     return g.node("ReduceSum", [y, g.i64(2)], name=q + "/ReduceSum", keepdims=0)[0]
 
 
-def _swiglu(g: Graph, hh: str, axis: int, cfg, io: str) -> str:  # noqa: ANN001
+def _swiglu(g: Graph, hh: str, axis: int, cfg, io: str) -> str:
     """gpt-oss's clamped SwiGLU on gate/up rows interleaved along `axis` (gate = even, up = odd)."""
     big, lim = np.iinfo(np.int64).max, cfg.swiglu_limit
     gate = g.node("Slice", [hh, g.i64(0), g.i64(big), g.i64(axis), g.i64(2)])[0]

@@ -56,7 +56,7 @@ class ExternalData:
 
     def __init__(self, path: Path, release=None, release_every: int = 64 << 20):
         self.path = Path(path)
-        self.f = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self.f = open(self.path, "wb")
         self.offset = 0
         self.inits: list[Any] = []
         self.names: set[str] = set()
@@ -137,7 +137,7 @@ class Graph:
     def model(self, ext: ExternalData, opset: int, only: str):
         from onnx import helper
 
-        pick = lambda items: [x for x, o in items if o in (None, only)]  # noqa: E731
+        pick = lambda items: [x for x, o in items if o in (None, only)]
         nodes = pick(self.nodes)
         used = {name for n in nodes for name in n.input}
         g = helper.make_graph(nodes, "gpt-oss", pick(self.inputs), pick(self.outputs),

@@ -184,7 +184,7 @@ class WindowedBackend(Backend):
         self._move_sliding(drop, start - self.sw_start)
         self.sw_start += drop
 
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:  # noqa: ANN001
+    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         ids = [int(t) for t in np.asarray(ids).reshape(-1)]
         if not ids:
             raise EdgecError("forward needs at least one token id")

@@ -74,9 +74,9 @@ def backend_flags() -> list:
     ]
 
 
-def with_options(options: list):  # noqa: ANN201
+def with_options(options: list):
     """Decorator applying click options in order."""
-    def apply(f):  # noqa: ANN001, ANN202
+    def apply(f):
         for opt in reversed(options):
             f = opt(f)
         return f
@@ -91,7 +91,7 @@ def backend_options(kv_bits: str | None = None, kv_dtype: str | None = None, com
 
 
 def plan_context(model: Path, max_context: int | None, memory_budget: str | None, options: dict,
-                 say=None) -> tuple[int, dict]:  # noqa: ANN001
+                 say=None) -> tuple[int, dict]:
     """Check the options against the folder's backend and choose the context from the memory plan: the largest
     that fits the device's budget (up to the model's maximum) unless --max-context; say what was planned."""
     from ..memory import fit_context, parse_size
@@ -110,7 +110,7 @@ def plan_context(model: Path, max_context: int | None, memory_budget: str | None
     return context, opts
 
 
-def _recipes(model: Path, target: str, cfg, budget, opts: dict) -> list[str]:  # noqa: ANN001
+def _recipes(model: Path, target: str, cfg, budget, opts: dict) -> list[str]:
     """What would fit when the folder's weights do not: the target's other recipes, priced the same way."""
     from ..jsonio import load_json
     from ..memory import MIN_CONTEXT, gib, plan_recipe
@@ -136,7 +136,7 @@ def _recipes(model: Path, target: str, cfg, budget, opts: dict) -> list[str]:  #
 
 def open_session(model: Path, max_tokens: int | None, temperature: float, top_p: float, top_k: int, seed: int | None,
                  max_context: int | None, reasoning: str, system: str | None, developer: str | None,
-                 tools_file: Path | None, memory_budget: str | None = None, say=None,  # noqa: ANN001
+                 tools_file: Path | None, memory_budget: str | None = None, say=None,
                  **runtime: Any):
     """Plan memory (choosing the context), load the backend and the tokenizer, and start a ChatSession."""
     from ..harmony.tokenizer import Tokenizer
@@ -272,7 +272,7 @@ class TerminalReader:
         kb = KeyBindings()
 
         @kb.add("enter")
-        def _enter(event) -> None:  # noqa: ANN001
+        def _enter(event) -> None:
             buf = event.current_buffer
             if buf.document.is_cursor_at_the_end and buf.text.endswith("\\"):
                 buf.delete_before_cursor(1)
@@ -281,7 +281,7 @@ class TerminalReader:
                 buf.validate_and_handle()
 
         @kb.add("escape", "enter")
-        def _newline(event) -> None:  # noqa: ANN001
+        def _newline(event) -> None:
             event.current_buffer.insert_text("\n")
 
         if output is None and input is None and not sys.stdout.isatty():  # stdout redirected: prompt on stderr
@@ -435,7 +435,7 @@ def _slash(session, line: str) -> bool:
         say(str(e), "red")
     except KeyboardInterrupt:
         say("stopped", "yellow")
-    except Exception as e:  # noqa: BLE001 - a slash command never ends the chat
+    except Exception as e:
         say(f"{cmd} failed: {type(e).__name__}: {e}", "red")
     return False
 

@@ -231,5 +231,5 @@ class Generator:
                 self.backend.truncate(min(n, self.backend.length))
                 if self.backend.length != n:
                     raise RuntimeError
-        except Exception:  # noqa: BLE001 - any inconsistency: drop the cache, the next turn prefills in full
+        except Exception:
             self.reset()

@@ -288,7 +288,7 @@ class MlxBackend(WindowedBackend):
         mx.eval(grown)
         kv[:] = grown
 
-    def _store(self, layer: int, k, v, start: int):  # noqa: ANN001
+    def _store(self, layer: int, k, v, start: int):
         """Write k/v [Hkv, n, D] at absolute positions start..; return the buffer views for attention (8-bit full
         layers: the (codes, scales, biases) triples of K and V)."""
         mx, c, n = self.mx, self.config, k.shape[1]
@@ -309,7 +309,7 @@ class MlxBackend(WindowedBackend):
         kv[1][:, a : a + n] = v.astype(self.kv_dtype)
         return kv[0], kv[1], base
 
-    def _store_q8(self, kv: list, k, v, start: int):  # noqa: ANN001
+    def _store_q8(self, kv: list, k, v, start: int):
         """8-bit full layer: quantize each new position (groups along the head dim, so the positions already cached
         never change: truncate stays exact) and write it into buffers grown like the unquantized ones."""
         mx, c, n = self.mx, self.config, k.shape[1]
@@ -337,7 +337,7 @@ class MlxBackend(WindowedBackend):
                     kv[j][:, : upto - drop] = kv[j][:, drop:upto]
 
     # ---- math --------------------------------------------------------------------------------------------
-    def _linear(self, x, name: str, bias: bool = True, widen: bool = False):  # noqa: ANN001
+    def _linear(self, x, name: str, bias: bool = True, widen: bool = False):
         """x [n, in] float32 -> float32 [n, out]. Quantized weights: quantized_matmul on float32 activations;
         bf16 weights by the compute policy (`widen`: float32 math whatever the policy, for the router)."""
         mx, w = self.mx, self.w
@@ -357,7 +357,7 @@ class MlxBackend(WindowedBackend):
                 y = self._widened(x, m)
         return y + w[name + ".bias"].astype(mx.float32) if bias else y
 
-    def _widened(self, x, m):  # noqa: ANN001
+    def _widened(self, x, m):
         """x @ m.T in float32 with m widened WIDEN_BYTES at a time (rows of m), never all at once."""
         mx = self.mx
         rows = max(1, WIDEN_BYTES // (m.shape[1] * 4))
@@ -366,7 +366,7 @@ class MlxBackend(WindowedBackend):
         return mx.concatenate([x @ m[s : s + rows].astype(mx.float32).T for s in range(0, m.shape[0], rows)],
                               axis=-1)
 
-    def _embed(self, ids):  # noqa: ANN001
+    def _embed(self, ids):
         mx, w = self.mx, self.w
         if "model.embed_tokens.scales" in w:
             return mx.dequantize(w["model.embed_tokens.weight"][ids], w["model.embed_tokens.scales"][ids],
@@ -374,18 +374,18 @@ class MlxBackend(WindowedBackend):
                                  ).astype(mx.float32)
         return w["model.embed_tokens.weight"][ids].astype(mx.float32)
 
-    def _norm(self, x, name: str):  # noqa: ANN001
+    def _norm(self, x, name: str):
         return self.mx.fast.rms_norm(x, self.w[name], self.config.rms_norm_eps)  # float32 x: float32 out
 
-    def _rope(self, x, cos, sin):  # noqa: ANN001
+    def _rope(self, x, cos, sin):
         h = x.shape[-1] // 2
         x1, x2 = x[..., :h], x[..., h:]
         return self.mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def _attention(self, i: int, x, start: int, cos, sin):  # noqa: ANN001
+    def _attention(self, i: int, x, start: int, cos, sin):
         mx, c, n = self.mx, self.config, x.shape[0]
         p = f"model.layers.{i}.self_attn."
-        heads = lambda t: t.reshape(n, -1, c.head_dim).transpose(1, 0, 2)  # noqa: E731
+        heads = lambda t: t.reshape(n, -1, c.head_dim).transpose(1, 0, 2)
         q = self._rope(heads(self._linear(x, p + "q_proj")), cos, sin)
         k = self._rope(heads(self._linear(x, p + "k_proj")), cos, sin)
         v = heads(self._linear(x, p + "v_proj"))
@@ -401,7 +401,7 @@ class MlxBackend(WindowedBackend):
             o = self._sdpa(q.astype(self.adt), keys, vals, start, first, c.is_sliding(i), self.w[p + "sinks"])
         return self._linear(o.transpose(1, 0, 2).reshape(n, -1), p + "o_proj")
 
-    def _sdpa(self, q, keys, vals, start: int, first: int, sliding: bool, sinks):  # noqa: ANN001
+    def _sdpa(self, q, keys, vals, start: int, first: int, sliding: bool, sinks):
         """Attention with sinks of q [H, n, D] (positions start..) over keys/vals [Hkv, m, D] (positions first..).
         On the CPU device in blocks of queries, so the scores materialized stay under ATTN_SCRATCH."""
         mx, c, n = self.mx, self.config, q.shape[1]
@@ -425,7 +425,7 @@ class MlxBackend(WindowedBackend):
                 mx.eval(outs[-1])
         return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)).astype(mx.float32)
 
-    def _attend_q8(self, q, kq: list, vq: list, mask, sinks):  # noqa: ANN001
+    def _attend_q8(self, q, kq: list, vq: list, mask, sinks):
         """Attention with sinks over an 8-bit cache: q [H, n, D] float32; kq / vq (codes, scales, biases), each
         [Hkv, m, *]. Grouped-query: q is viewed as [Hkv, H/Hkv, n, D] against each kv head's quantized K and V."""
         mx, c = self.mx, self.config
@@ -445,7 +445,7 @@ class MlxBackend(WindowedBackend):
         o = mx.quantized_matmul(p, *[t[:, None] for t in vq], transpose=False, group_size=group, bits=8)
         return o.reshape(h, n, dim)[..., :d]
 
-    def _moe(self, i: int, x):  # noqa: ANN001
+    def _moe(self, i: int, x):
         mx, c, w = self.mx, self.config, self.w
         p = f"model.layers.{i}.mlp."
         g = self._linear(x, p + "router", widen=True)
@@ -460,7 +460,7 @@ class MlxBackend(WindowedBackend):
             order = mx.argsort(flat)
             xin, ridx = x[:, None, :][order // k], flat[order]
 
-        def qmm(a, name):  # noqa: ANN001, ANN202
+        def qmm(a, name):
             y = mx.gather_qmm(a, w[name + ".weight"], w[name + ".scales"], None, rhs_indices=ridx, transpose=True,
                               group_size=32, bits=4, mode="mxfp4", sorted_indices=sort)
             return y + w[name + ".bias"][ridx][..., None, :].astype(mx.float32)

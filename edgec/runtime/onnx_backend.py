@@ -127,7 +127,7 @@ class OnnxBackend(WindowedBackend):
         self.session = ort.InferenceSession(str(self.folder / G.EDGEC_GRAPH), so, providers=[provider])
         past = [i for i in self.session.get_inputs() if i.name.startswith(G.PAST.split("%")[0])]
         self.dtype = np.float16 if "float16" in past[0].type else np.float32
-        layer = lambda name: int(name.split(".")[1])  # noqa: E731  past_key_values.<layer>.<key|value>
+        layer = lambda name: int(name.split(".")[1])
         self.full = [i.name for i in past if not self.config.is_sliding(layer(i.name))]
         self.sliding = [i.name for i in past if self.config.is_sliding(layer(i.name))]
         self.present = {G.PAST % (i, k): G.PRESENT % (i, k) for i in range(self.config.num_hidden_layers)

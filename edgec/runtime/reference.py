@@ -69,7 +69,7 @@ class Reference:
         q = h @ self._w(p + "q_proj.weight").T + self._w(p + "q_proj.bias")
         k = h @ self._w(p + "k_proj.weight").T + self._w(p + "k_proj.bias")
         v = h @ self._w(p + "v_proj.weight").T + self._w(p + "v_proj.bias")
-        heads = lambda t: t.reshape(len(pos), -1, c.head_dim).transpose(1, 0, 2)  # noqa: E731
+        heads = lambda t: t.reshape(len(pos), -1, c.head_dim).transpose(1, 0, 2)
         cos, sin = cos_sin(c, pos)
         q, k, v = apply_rope(heads(q), cos, sin), apply_rope(heads(k), cos, sin), heads(v)
         window = c.sliding_window if c.is_sliding(n) else None

@@ -139,6 +139,6 @@ class ChatCompletions:
                             yield chunk({"content": text})
                         if cut.hit:
                             job.cancel.set()
-        except Exception as e:  # noqa: BLE001 - the stream has started: report the error in it
+        except Exception as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         yield sse("[DONE]")

@@ -101,7 +101,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.session = self._open()
-        except BaseException as e:  # noqa: BLE001 - handed to start(), which raises it on the main thread
+        except BaseException as e:
             self._error = e
             self._ready.set()
             return
@@ -114,7 +114,7 @@ class Engine:
                 job.started = self.busy = True
             try:
                 job.put(self._generate(job))
-            except Exception as e:  # noqa: BLE001 - a backend failure ends this job, the server goes on
+            except Exception as e:
                 traceback.print_exc()
                 job.put(Done(self.session.gen.stats, error=e))
             finally:

@@ -154,7 +154,7 @@ class Responses:
                                 yield event("response.content_part.done", **ids, content_index=0,
                                             part=part(it, it.text))
                             yield event("response.output_item.done", output_index=idx, item=output_item(it))
-        except Exception as e:  # noqa: BLE001 - the stream has started: report the error in it
+        except Exception as e:
             resp.update(status="failed", error={"code": "server_error", "message": str(e)})
             yield event("response.failed", response=resp)
 
