@@ -255,14 +255,60 @@ def bench(out: Path, prompt: int, tokens: int, no_peers: bool, as_json: bool, **
     stderr.print(t)
 
 
+# ---- parity ---------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="JSON list of prompts: strings, token-id lists or conversations")
+@click.option("--positions", type=click.IntRange(min=1), help="length of the long pseudo-random sequence (default 320)")
+@click.option("--tokens", type=click.IntRange(min=0), default=8, show_default=True, help="greedy continuation steps")
+@click.option("--max-abs", type=float, help="override: max |diff| of logits")
+@click.option("--mean-abs", type=float, help="override: mean |diff|")
+@click.option("--min-cosine", type=float, help="override: minimum cosine")
+@click.option("--top1", type=float, help="override: minimum top-1 agreement (0..1)")
+@click.option("--max-kl", type=float, help="override: maximum KL divergence")
+@click.option("--greedy", "greedy_min", type=float, help="override: minimum greedy-continuation match (0..1)")
+@click.option("--verify-hashes", is_flag=True,
+              help="check the sha256 of every file OUT's edgec.json records (default: sizes, headers, small files)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON on stdout")
+@click.option("--report", "report_file", type=click.Path(path_type=Path), help="write the JSON report to a file")
+@click.option("--junit", "junit_file", type=click.Path(path_type=Path), help="write a JUnit XML report")
+@with_options(backend_flags())
+def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_abs, min_cosine, top1, max_kl,
+           greedy_min, verify_hashes, as_json, report_file, junit_file, **runtime) -> None:
+    """Check that OUT (an edgec output) computes what SRC (the source checkpoint, HF or original/) computes.
+    Exit 1 on failure (a non-finite logit always fails)."""
+    from .errors import ParityFailure
+    from .parity import json_safe, junit_xml, render, run_parity
+
+    overrides = {"max_abs": max_abs, "mean_abs": mean_abs, "min_cosine": min_cosine, "top1": top1, "max_kl": max_kl,
+                 "greedy": greedy_min}
+    report = run_parity(src, out, prompts_file, positions, tokens, overrides, full_verify=verify_hashes,
+                        progress=True, options=backend_options(**runtime))
+    text = json.dumps(json_safe(report), indent=2)
+    try:
+        if report_file:
+            Path(report_file).write_text(text + "\n")
+        if junit_file:
+            Path(junit_file).write_text(junit_xml(report))
+    except OSError as e:
+        raise EdgecError(f"{e.filename}: cannot write the report ({e.strerror})") from None
+    if as_json:
+        click.echo(text)
+    render(report)
+    if not report["passed"]:
+        raise ParityFailure(f"{out}: parity failed against {src}: " + "; ".join(report["failures"]))
+
+
+
 def _register_commands() -> None:
     """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
-    from . import parity
     from .harmony import cli as harmony_cli
     from .runtime import cli as runtime_cli
     from .serve import cli as serve_cli
 
-    for m in (harmony_cli, runtime_cli, serve_cli, parity):
+    for m in (harmony_cli, runtime_cli, serve_cli):
         for cmd in m.COMMANDS:
             main.add_command(cmd)
 
