@@ -274,3 +274,21 @@ def test_cpu_moe_is_planned_off_the_gpu():
     gpu = MlxBackend.plan(cfg, 8192, w, compute="float16", kv_dtype="float16", device="gpu", cpu_moe=12)
     assert gpu.offloaded == w.experts // 2 and gpu.device_total == gpu.total - w.experts // 2
     assert MlxBackend.plan(cfg, 8192, w, device="cpu", cpu_moe=12).offloaded == 0
+
+
+def test_weights_over_a_gpu_budget_suggest_the_cpu_moe_that_fits(tiny_mlx):
+    """A Mac whose Metal working set cannot hold the weights: the refusal names the smallest --cpu-moe N whose plan
+    leaves the rest on the GPU within the budget (priced by the same plan; forced device gpu on this CPU)."""
+    from edgec.memory import MIN_CONTEXT, Budget
+    from edgec.runtime.base import config_of
+    from edgec.runtime.cli import _recipes
+    from edgec.runtime.mlx_backend import MlxBackend
+
+    opts = {**MlxBackend.defaults(tiny_mlx, device="gpu"), "device": "gpu"}
+    full = MlxBackend.plan_folder(tiny_mlx, MIN_CONTEXT, **opts).device_total
+    one = MlxBackend.plan_folder(tiny_mlx, MIN_CONTEXT, **{**opts, "cpu_moe": 1}).device_total
+    cfg = config_of(tiny_mlx)
+    lines = _recipes(MlxBackend, tiny_mlx, "mlx", cfg, Budget((full + one) // 2, "test"), opts)
+    assert len(lines) == 1 and lines[0].startswith("--cpu-moe 1 "), lines
+    lines = _recipes(MlxBackend, tiny_mlx, "mlx", cfg, Budget(one - 1, "test"), opts)
+    assert not lines[0].startswith("--cpu-moe 1 "), lines

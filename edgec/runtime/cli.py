@@ -105,19 +105,26 @@ def plan_context(model: Path, max_context: int | None, memory_budget: str | None
         raise EdgecError(f"--max-context must be between 2 and the model's {limit} (got {max_context})")
     budget = cls.budget({**cls.defaults(model), **opts}, parse_size(memory_budget) if memory_budget else None)
     context, line = fit_context(lambda c: cls.plan_folder(model, c, **opts), budget, limit, max_context,
-                                lambda: _recipes(model, target, cfg, budget, {**cls.defaults(model), **opts}))
+                                lambda: _recipes(cls, model, target, cfg, budget, {**cls.defaults(model), **opts}))
     (say or (lambda m: stderr.print(f"[dim]{escape(m)}[/]", highlight=False)))(line)
     return context, opts
 
 
-def _recipes(model: Path, target: str, cfg, budget, opts: dict) -> list[str]:
-    """What would fit when the folder's weights do not: the target's other recipes, priced the same way."""
+def _recipes(cls, model: Path, target: str, cfg, budget, opts: dict) -> list[str]:
+    """What would fit when the folder's weights do not: the experts of N layers on the CPU (mlx on a GPU, unified
+    memory), else the target's other recipes, priced the same way."""
     from ..jsonio import load_json
     from ..memory import MIN_CONTEXT, gib, plan_recipe
     from ..targets import load_profile
 
     if target == "source":
         return []
+    if opts.get("device") == "gpu" and "cpu_moe" in cls.options(model) and not opts.get("cpu_moe"):
+        for n in range(1, cfg.num_hidden_layers + 1):
+            p = cls.plan_folder(model, MIN_CONTEXT, **{**opts, "cpu_moe": n})
+            if p.device_total <= (budget.bytes or 0):
+                return [f"--cpu-moe {n} (the experts of {n} layers on the CPU side of unified memory, as llama.cpp's "
+                        f"--n-cpu-moe) leaves {gib(p.device_total)} on the GPU at {MIN_CONTEXT} tokens"]
     profile = load_profile(target)
     recipe = load_json(model / "edgec.json").get("recipe") or {}
     have = (recipe.get("dense"), recipe.get("experts"))
