@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,50 +55,48 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
     out = Path(out)
     check_output(out, force, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out) as record:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.edgec-tmp-", dir=out.parent))
-        trash = out.parent / f".{out.name}.edgec-old-{os.getpid()}"
-        record(tmp, trash)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    tmp = out.parent / f".{out.name}.edgec-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    trash = out.parent / f".{out.name}.edgec-old-{os.getpid()}"
 
-        def _term(signum, frame):
-            raise KeyboardInterrupt
+    def _term(signum, frame):
+        raise KeyboardInterrupt
 
-        old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
-        try:
-            yield tmp
-            if out.exists():
-                os.replace(out, trash)
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except KeyboardInterrupt:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise Interrupted(f"{out}: interrupted; no partial output was left behind") from None
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno == errno.ENOSPC:
-                inside = [Path(f) for f in (e.filename, e.filename2) if f and Path(tmp) in Path(f).parents]
-                where = out / inside[0].relative_to(tmp) if inside else out
-                raise EdgecError(f"{where}: disk full while writing the output; no partial output was left "
-                                 "behind") from None
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+    old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
+    try:
+        with _locked(out, tmp, trash):  # both names are recorded before either exists
+            try:
+                os.mkdir(tmp, 0o777)  # permissions as a folder the user makes (umask)
+                yield tmp
+                if out.exists():
+                    os.replace(out, trash)
+                    os.replace(tmp, out)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if trash.is_dir() and not out.exists():  # stopped between the two renames: the old output returns
+                    os.replace(trash, out)
+                raise
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out}: interrupted; no partial output was left behind") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            inside = [Path(f) for f in (e.filename, e.filename2) if f and tmp in Path(f).parents]
+            where = out / inside[0].relative_to(tmp) if inside else out
+            raise EdgecError(f"{where}: disk full while writing the output; no partial output was left behind") \
+                from None
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 @contextmanager
-def _locked(out: Path) -> Iterator:
+def _locked(out: Path, *folders: Path) -> Iterator[None]:
     """Hold `.NAME.edgec-lock` beside `out` (an OS lock: released even when the process is killed). The file names
-    the temporary folders its holder writes; a holder that was killed leaves it behind, and the next holder removes
-    the folders it names (those are provably edgec's) and says so. Yields `record(*folders)`."""
+    the temporary `folders` its holder writes; a holder that was killed leaves it behind, and the next holder removes
+    the folders it names (those are provably edgec's) and says so."""
     path = out.parent / f".{out.name}.edgec-lock"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -114,13 +112,10 @@ def _locked(out: Path) -> Iterator:
         os.close(fd)  # the previous holder removed the file between our open and lock: take the new one
     try:
         _remove_stale(out, os.read(fd, 1 << 16).decode("utf-8", "replace").splitlines())
-
-        def record(*folders: Path) -> None:
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, "".join(f"{p.name}\n" for p in folders).encode())
-
-        yield record
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, "".join(f"{p.name}\n" for p in folders).encode())
+        yield
     finally:
         try:
             os.unlink(path)  # while still locked (POSIX); Windows cannot delete an open file: after closing
@@ -197,3 +192,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (and waited-for children are not included)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024

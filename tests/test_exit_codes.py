@@ -17,6 +17,11 @@ EDGEC = [sys.executable, "-m", "edgec"]
 BLOCK = "import sys; [sys.modules.__setitem__(m, None) for m in {mods}]; "
 
 
+def ctrl_c_on() -> None:
+    """In the child: SIGINT as a terminal delivers it (a suite started in the background inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def edgec(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*EDGEC, *args], capture_output=True, text=True, timeout=600)
 
@@ -77,8 +82,8 @@ def test_3_missing_execution_provider(tiny_onnx, tmp_path):
 
 def test_130_ctrl_c_in_synth(tmp_path):
     out = tmp_path / "m"
-    proc = subprocess.Popen([*EDGEC, "synth", str(out), "--preset", "small", "--layers", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*EDGEC, "synth", str(out), "--preset", "20b", "--layers", "1", "--vocab", "32000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_on)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".m.edgec-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -91,7 +96,7 @@ def test_130_ctrl_c_in_synth(tmp_path):
 def test_130_ctrl_c_in_generate(tiny_mlx):
     """Ctrl-C while tokens stream: what was generated stays on screen, the exit code says it was cut."""
     proc = subprocess.Popen([*EDGEC, "generate", str(tiny_mlx), "--prompt", "hi", "--max-tokens", "100000",
-                             "--show-analysis"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--show-analysis"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_on)
     os.set_blocking(proc.stdout.fileno(), False)
     deadline, got = time.monotonic() + 120, b""
     while not got and proc.poll() is None and time.monotonic() < deadline:

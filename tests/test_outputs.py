@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import make_ckpt
 from test_checkpoint import assert_one_line_error, run
+from test_exit_codes import ctrl_c_on
 
 from edgec.errors import EdgecError, Interrupted
 from edgec.fsutil import atomic_dir
@@ -159,7 +160,7 @@ def test_ctrl_c_and_sigterm_mid_conversion_exit_130(tmp_path, sig):
     make_ckpt(src, "small", layout="hf", num_hidden_layers=8)  # ~0.2 GB: converting takes a few seconds
     out = tmp_path / "out"
     proc = subprocess.Popen(EDGEC + ["convert", str(src), "-t", "onnx-cpu", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_on)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.edgec-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
