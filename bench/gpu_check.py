@@ -109,9 +109,7 @@ CLI = {
     "synth": lambda out, preset, layers: ["synth", out, "--preset", preset, *(["--layers", layers] if layers else [])],
     "convert": lambda src, target, experts, out: ["convert", src, "-t", target, "-o", out, "--json",
                                                   *(["--experts", experts] if experts else [])],
-    # `edgec parity --json PATH` today; the parity-flags branch moves the file to `--report PATH` (detected below)
-    "parity": lambda src, out, report, new_flags, extra: ["parity", src, out, "--report" if new_flags else "--json",
-                                                          report, *extra],
+    "parity": lambda src, out, report, extra: ["parity", src, out, "--report", report, *extra],
 }
 # dry run: edgec's loop on the CPU provider whatever the folder's target (the CLI has no provider option)
 FORCE_CPU = ("import functools, edgec.runtime.onnx_backend as b; b.OnnxBackend.__init__ = functools.partialmethod("
@@ -1046,17 +1044,13 @@ def builder(c: Check) -> None:
 
 def parity(c: Check, model: str) -> None:
     """`edgec parity` on each output: edgec's own loop, and for ONNX also onnxruntime-genai's generator."""
-    new_flags = "--report" in (run_quiet([PY, *EDGEC, "parity", "--help"], env=c.env) or "")
     extra: list[str] = []
     if c.quick:  # one 160-token sequence (past the 128-token window) and 4 greedy steps instead of the built-in set
         prompts = c.work / "quick-prompts.json"
         prompts.write_text(json.dumps([{"name": "random-160", "ids": [i * 7919 % 199998 for i in range(1, 161)]}]))
         extra = ["--prompts", str(prompts), "--tokens", "4"]
     src = model_dir(c, model)
-    names = [n for n, _, _ in CONVERSIONS[model]]
-    if model == "slice":
-        names = ["onnx-cuda-mxfp4", "mlx"]
-    for name in names:
+    for name, _, _ in CONVERSIONS[model]:
         folder = conv_dir(c, model, name)
         runtimes_ = ["edgec-loop", "genai"] if name.startswith("onnx") else ["edgec-mlx"]
         for rt in runtimes_:
@@ -1073,7 +1067,7 @@ def parity(c: Check, model: str) -> None:
                 gpu_gate(c, "mlx" if name == "mlx" else "onnx")
                 report = c.work / "logs" / (step.replace("/", "__") + ".json")
                 report.unlink(missing_ok=True)
-                cmd = c.edgec(*CLI["parity"](str(src), str(folder), str(report), new_flags, extra), cpu=c.dry,
+                cmd = c.edgec(*CLI["parity"](str(src), str(folder), str(report), extra), cpu=c.dry,
                               genai=rt == "genai")
                 r = c.sh(step, cmd, limit, gpu=not c.dry, ok_rcs=(0, 1))  # 1: parity failed (its report says why)
                 if not report.is_file():
