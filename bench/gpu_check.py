@@ -372,11 +372,10 @@ class GenaiBackend:
     def __init__(self, folder: str | Path, max_context: int | None = None, cpu: bool = False):
         import onnxruntime_genai as og
 
-        from edgec.jsonio import load_json
-        from edgec.spec import GptOssConfig
+        from edgec import manifest
 
         self.og, self.folder = og, Path(folder)
-        self.config = GptOssConfig.from_dict(load_json(self.folder / "edgec.json")["config"], str(self.folder))
+        self.config = manifest.read(self.folder).config
         cfg = og.Config(str(self.folder))
         if cpu:
             cfg.clear_providers()
