@@ -57,8 +57,9 @@ always written.
 
 `--dry-run` (CPU, what the test suite runs): no installs; the tiny model plays the slice too; every ONNX graph runs
 on onnxruntime's CPU provider where it has kernels (fp16 GQA, int8/int4 QMoE do), the onnx-cuda mxfp4 graph is
-recorded as an expected skip (fp4 QMoE has no CPU kernel); MLX runs on mlx[cpu]. Exit code: 0 when every step
-passed or was skipped with a reason, 1 when a parity bound failed (a finding, in the report), 2 when a step broke.
+recorded as an expected skip (onnxruntime's CPU fp4 QMoE kernel runs onnx-cpu's row-major fp32 graphs, not onnx-cuda's
+N-packed fp16 one); MLX runs on mlx[cpu]. Exit code: 0 when every step passed or was skipped with a reason, 1 when a
+parity bound failed (a finding, in the report), 2 when a step broke.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ FORCE_CPU = ("import functools, edgec.runtime.onnx_backend as b; b.OnnxBackend._
 WITH_GENAI = ("import sys; sys.path.insert(0, {here!r}); import gpu_check; gpu_check.use_genai_backend(cpu={cpu})"
               "; from edgec.cli import main; main()")
 
-NO_FP4_CPU = "fp4 QMoE (onnx-cuda mxfp4) has no CPU kernel in onnxruntime: needs the CUDA provider"
+NO_FP4_CPU = ("onnx-cuda's fp4 QMoE (N-packed, fp16) needs the CUDA provider: onnxruntime's CPU fp4 kernel runs only "
+              "onnx-cpu's row-major fp32 layout")
 
 # ---- sizes -------------------------------------------------------------------------------------------------------
 GPU_SIZES = {"prompt": 512, "tokens": 128}
