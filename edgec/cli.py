@@ -150,10 +150,15 @@ def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None
 def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
     if (ids is None) == (ids_file is None):
         raise EdgecError("give exactly one of --ids or --ids-file")
-    try:
-        tokens = [int(t) for t in ids.split(",") if t.strip()] if ids is not None else json.loads(ids_file.read_text())
-    except ValueError as e:
-        raise EdgecError(f"could not read token ids ({e})") from None
+    if ids_file is not None:
+        from .jsonio import read_json
+
+        tokens = read_json(ids_file)
+    else:
+        try:
+            tokens = [int(t) for t in ids.split(",") if t.strip()]
+        except ValueError as e:
+            raise EdgecError(f"could not read token ids ({e})") from None
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
         raise EdgecError("token ids must be a non-empty list of integers")
     return tokens

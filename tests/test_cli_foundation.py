@@ -147,6 +147,8 @@ def test_inspect_an_edgec_output_folder(tiny, tmp_path):
     (["logits", "{m}", "--ids", "1,999999", "--out", "{t}/x.npy"], "token id 999999 is outside the vocabulary"),
     (["logits", "{m}", "--ids", "1,a", "--out", "{t}/x.npy"], "could not read token ids"),
     (["logits", "{m}", "--ids-file", "{m}/config.json", "--out", "{t}/x.npy"], "non-empty list of integers"),
+    (["logits", "{m}", "--ids-file", "{m}/original", "--out", "{t}/x.npy"], "original: is a folder, not a regular"),
+    (["logits", "{m}", "--ids-file", "{t}/deep.json", "--out", "{t}/x.npy"], "deep.json: JSON nested too deeply"),
     (["logits", "{m}", "--ids", "1", "--out", "{t}/no/such/dir/x.npy"], "cannot write"),
     (["synth", "{t}/new", "--hidden", "100"], "multiples of 32"),
     (["synth", "{t}/new", "--layers", "0"], "num_hidden_layers must be at least 1"),
