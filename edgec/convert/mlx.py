@@ -27,6 +27,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..errors import EdgecError, require
 from ..fsutil import atomic_dir, fsync_folder
+from ..jsonio import load_json
 from ..progress import byte_progress
 from ..safetensors_io import SafetensorsWriter
 from .common import copy_tokenizer_files, write_manifest
@@ -162,7 +163,7 @@ def _shards(entries: list[Plan], limit: int) -> list[list[Plan]]:
 def mlx_config(ckpt: Checkpoint, dense: str, group: int) -> dict[str, Any]:
     """The source config.json plus the `quantization` block mlx-lm reads (and `quantization_config` mirroring it,
     as mlx-lm's own save_config writes)."""
-    cfg = json.loads((ckpt.path / "config.json").read_text()) if ckpt.layout == "hf" else ckpt.config.to_hf()
+    cfg = load_json(ckpt.path / "config.json") if ckpt.layout == "hf" else ckpt.config.to_hf()
     quant: dict[str, Any] = dict(MXFP4)
     if dense == "q8":
         q8 = {"group_size": group, "bits": 8, "mode": "affine"}
