@@ -61,7 +61,7 @@ def tiny_mlx(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny, tmp_path_factory) -> Path:
-    """`tiny` converted with `edgec convert -t onnx-cpu` (exact experts, fp32 dense; read-only)."""
+    """`tiny` converted with `edgec convert -t onnx-cpu` (MXFP4 experts as stored, fp32 dense; read-only)."""
     from edgec.convert import run_convert
 
     return Path(run_convert(tiny, "onnx-cpu", tmp_path_factory.mktemp("conv") / "tiny-onnx", progress=False)["out"])
