@@ -3,19 +3,10 @@ tokenizer files; the two graphs' interface is declared in `onnx_graph.py`).
 
 Per layer: SimplifiedLayerNorm / SkipSimplifiedLayerNorm, fused qkv MatMul+Add, com.microsoft.GroupQueryAttention
 (sinks as `head_sink`, rotary from YaRN cos/sin caches, `local_window_size` on sliding layers), o_proj, router
-MatMul+Add, then com.microsoft.QMoE (swiglu, interleaved fusion) or, where the provider has no MoE kernel
-(DirectML), the MoE from standard ops. Expert formats (from the MXFP4 blocks, one expert at a time):
-  mxfp4  QMoE quant_type fp4 + FLOAT8E8M0 scales: the checkpoint's bytes, either as stored (row-major [E, N, K/2],
-         `weights_prepacked=1`: onnxruntime's CPU kernel, exact at any scale spread) or repacked N-major to
-         [E, K, N/2] for CUDA (profile key `[experts] mxfp4_layout`); with `[experts] ops = "standard"` (DirectML)
-         the checkpoint's bytes as they are, decoded in the graph by a Gather on a (scale, byte) table for the
-         experts the tokens of a run route to (`_moe_mxfp4_lut`)
-  exact  INT8 QMoE, blocks of 32 (zero point 128, scale 2**(s-128) in the io dtype): every MXFP4 value exactly,
-         whatever the scale spread, as long as the io dtype holds the scale (fp16: E8M0 104..143; else warned)
-  int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`; lossy)
-  decomposed  dequantized expert matrices in the io dtype (exact)
-Dense matrices (attention q/k/v/o) and lm_head: the io dtype, or int8/int4 MatMulNBits blocks of 32; lm_head may
-take its own format (`--lm-head`; the `--experts int4` recipe is int8 attention + int4 lm_head).
+MatMul+Add, then the MoE in the expert format of the recipe (`onnx_moe.py`: com.microsoft.QMoE, or standard ops where
+the provider has no MoE kernel). Dense matrices (attention q/k/v/o) and lm_head: the io dtype, or int8/int4
+MatMulNBits blocks of 32; lm_head may take its own format (`--lm-head`; the `--experts int4` recipe is int8 attention +
+int4 lm_head).
 """
 
 from __future__ import annotations
@@ -26,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import mxfp4
 from ..checkpoint import Checkpoint
-from ..errors import EdgecError, require
+from ..errors import require
 from ..fsutil import atomic_dir
 from ..jsonio import load_json
 from ..progress import byte_progress
@@ -40,8 +30,6 @@ from .onnx_graph import (
     DATA,
     EDGEC,
     EDGEC_GRAPH,
-    FLOAT,
-    FLOAT8E8M0,
     GENAI,
     GENAI_GRAPH,
     GRAPH_FORMAT,
@@ -59,8 +47,11 @@ from .onnx_graph import (
     UINT8,
     ExternalData,
     Graph,
+    bf16_to_io,
+    keep_scales,
     to_io,
 )
+from .onnx_moe import moe, moe_kind
 
 ROWS = 8192  # rows per chunk when streaming the embedding / lm_head
 
@@ -90,7 +81,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         recipe = {"dense": dense, "lm_head": lm_head or dense, "experts": experts, "io_dtype": io_dtype(dense),
                   "context_length": ctx, "graph_format": GRAPH_FORMAT,
                   "execution_provider": profile.get("execution_provider"),
-                  "ort_device": profile.get("ort_device", "cpu"), "moe": _moe_kind(profile, experts),
+                  "ort_device": profile.get("ort_device", "cpu"), "moe": moe_kind(profile, experts),
                   "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy}
         write_manifest(tmp, ckpt, profile, recipe)
     return {"files": [GENAI_GRAPH, EDGEC_GRAPH, DATA, "genai_config.json", *tok], "recipe": recipe,
@@ -129,16 +120,6 @@ class SourceMeter:
         self.advance(sum(self.left.pop(n) for n in names))
 
 
-def _moe_kind(profile: dict[str, Any], experts: str) -> str:
-    if _standard_ops(profile) and experts == "mxfp4":
-        return "MXFP4 bytes decoded in the graph (standard ops)"
-    return MOE_KIND[experts]
-
-
-MOE_KIND = {"mxfp4": "QMoE fp4 (the checkpoint's MXFP4 bytes)", "exact": "QMoE int8, blocks of 32 (exact MXFP4)",
-            "int4": "QMoE int4, blocks of 32 (lossy)", "decomposed": "decomposed MatMuls (dense experts)"}
-
-
 def lossy_steps(experts: str, dense: str, lm_head: str, scale_clipped: dict[int, int]) -> list[str]:
     """Every step of this conversion that does not keep the checkpoint's values, one line each (convert prints
     them as warnings; edgec.json keeps them in recipe.lossy)."""
@@ -155,11 +136,6 @@ def lossy_steps(experts: str, dense: str, lm_head: str, scale_clipped: dict[int,
     return out
 
 
-def _standard_ops(profile: dict[str, Any]) -> bool:
-    """Whether the target's provider lacks a MoE kernel, so experts are built from standard ONNX ops."""
-    return (profile.get("experts") or {}).get("ops") == "standard"
-
-
 def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: int, profile: dict[str, Any],
           lm_head: str, meter: SourceMeter | None = None) -> Graph:
     """Write every weight through `ext` (in model order) and return the graph that uses them (both variants)."""
@@ -168,7 +144,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     io = io_dtype(dense)
     # MatMulNBits accuracy_level for int8/int4 dense: 4 = int8 activations (fast int8 dot kernels, lossy), 0 = fp32
     acc = int(profile.get("dense_accuracy_level", 0))
-    H, V, _E, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts, cfg.num_key_value_heads, cfg.head_dim
+    H, V, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_key_value_heads, cfg.head_dim
     code = IO_CODE[io]
     g = Graph()
     g.input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
@@ -197,7 +173,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     total = g.node("Cast", [width], to=INT32)[0]
 
     emb = ckpt.raw("model.embed_tokens.weight")
-    ext.add("model.embed_tokens.weight", code, (V, H), (_dense(emb[r:r + ROWS], io) for r in range(0, V, ROWS)))
+    ext.add("model.embed_tokens.weight", code, (V, H), (bf16_to_io(emb[r:r + ROWS], io) for r in range(0, V, ROWS)))
     x = g.node("Gather", ["model.embed_tokens.weight", INPUT_IDS], name="/model/embed_tokens/Gather")[0]
     meter.done("model.embed_tokens.")
     cos, sin = cos_sin(cfg, ctx)
@@ -208,7 +184,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     g.scale_clipped = {}  # layer -> expert blocks whose scale the io dtype cannot hold (exact INT8 in fp16)
     for i in range(cfg.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"/model/layers.{i}"
-        ext.add(p + "input_layernorm.weight", code, (H,), _dense(ckpt.raw(p + "input_layernorm.weight"), io))
+        ext.add(p + "input_layernorm.weight", code, (H,), bf16_to_io(ckpt.raw(p + "input_layernorm.weight"), io))
         if pending is None:
             h = _rms_norm(g, x, p + "input_layernorm.weight", q + "/input_layernorm", cfg.rms_norm_eps, io)
         else:
@@ -218,7 +194,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
         w = np.concatenate([ckpt.f32(a + f"{n}_proj.weight") for n in "qkv"], axis=0)
         b = np.concatenate([ckpt.f32(a + f"{n}_proj.bias") for n in "qkv"])
         qkv = _linear(g, ext, h, p + "attn.qkv", q + "/attn/qkv", w, b, io, dense, acc)
-        ext.add(p + "attn.sinks", code, (cfg.num_attention_heads,), _dense(ckpt.raw(a + "sinks"), io))
+        ext.add(p + "attn.sinks", code, (cfg.num_attention_heads,), bf16_to_io(ckpt.raw(a + "sinks"), io))
         attrs = dict(num_heads=cfg.num_attention_heads, kv_num_heads=nkv, scale=float(hd ** -0.5),
                      local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1, softcap=0.0, do_rotary=1,
                      rotary_interleaved=0)
@@ -243,21 +219,16 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
         o = _linear(g, ext, att, p + "attn.o_proj", q + "/attn/o_proj", ckpt.f32(a + "o_proj.weight"),
                     ckpt.f32(a + "o_proj.bias"), io, dense, acc)
         ext.add(p + "post_attention_layernorm.weight", code, (H,),
-                _dense(ckpt.raw(p + "post_attention_layernorm.weight"), io))
+                bf16_to_io(ckpt.raw(p + "post_attention_layernorm.weight"), io))
         h2, residual = _skip_norm(g, residual, o, p + "post_attention_layernorm.weight",
                                   q + "/post_attention_layernorm", cfg)
         # router
         r = _linear(g, ext, h2, p + "moe.router", q + "/moe/router", ckpt.f32(p + "mlp.router.weight"),
                     ckpt.f32(p + "mlp.router.bias"), io, "fp32" if dense in INT_BITS else dense)
-        if experts == "decomposed":
-            pending = _moe_decomposed(g, ext, ckpt, i, h2, r, io)
-        elif experts == "mxfp4" and _standard_ops(profile):
-            pending = _moe_mxfp4_lut(g, ext, ckpt, i, h2, r, io)
-        else:
-            pending = _qmoe(g, ext, ckpt, i, h2, r, io, experts, profile)
+        pending = moe(g, ext, ckpt, i, h2, r, io, experts, profile)
         meter.done(p)
 
-    ext.add("model.norm.weight", code, (H,), _dense(ckpt.raw("model.norm.weight"), io))
+    ext.add("model.norm.weight", code, (H,), bf16_to_io(ckpt.raw("model.norm.weight"), io))
     y, _ = _skip_norm(g, residual, pending, "model.norm.weight", "/model/norm", cfg)
     # lm_head's input: every position (onnxruntime-genai), or positions LOGITS_FROM.. (edgec: -1 = the last only)
     y_lm = "/lm_head/input"
@@ -268,14 +239,14 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     if lm_head in INT_BITS:  # MatMulNBits, quantized block by block as the rows stream in
         sc: list[np.ndarray] = []
         bits = INT_BITS[lm_head]
-        chunks = (_keep(quantize_rows(bf16_to_f32(lm[r:r + ROWS]), bits), sc) for r in range(0, V, ROWS))
+        chunks = (keep_scales(quantize_rows(bf16_to_f32(lm[r:r + ROWS]), bits), sc) for r in range(0, V, ROWS))
         ext.add("lm_head.qweight", UINT8, (V, H // 32, 32 * bits // 8), chunks)
         ext.add("lm_head.scales", code, (V, H // 32), (to_io(x_, io) for x_ in sc))
         g.node("MatMulNBits", [y_lm, "lm_head.qweight", "lm_head.scales"], name="/lm_head/MatMulNBits",
                domain="com.microsoft", outputs=[LOGITS], K=H, N=V, bits=bits, block_size=32,
                accuracy_level=acc)
     else:
-        ext.add("lm_head.weight", code, (V, H), (_dense(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
+        ext.add("lm_head.weight", code, (V, H), (bf16_to_io(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
         flat = g.node("Reshape", [y_lm, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
         lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
         shape = g.node("Concat", [g.node("Shape", [y_lm], end=1)[0], g.i64(-1, V)], axis=0)[0]  # [batch, -1, V]
@@ -340,14 +311,6 @@ def _linear(g: Graph, ext: ExternalData, x: str, wname: str, name: str, w: np.nd
     return g.node("Add", [y, wname + ".bias"], name=name + "/Add")[0]
 
 
-def _dense(bf16: np.ndarray, io: str) -> np.ndarray:
-    if io == "bf16":
-        return np.ascontiguousarray(bf16, dtype=np.uint16)
-    from ..safetensors_io import bf16_to_f32
-
-    return to_io(bf16_to_f32(bf16), io)
-
-
 def _rms_norm(g: Graph, x: str, weight: str, name: str, eps: float, io: str) -> str:
     """The first RMSNorm from standard ops, x / sqrt(mean(x^2) + eps) * w (onnx.checker rejects
     SimplifiedLayerNormalization, an onnxruntime op registered in the standard domain)."""
@@ -362,194 +325,6 @@ def _skip_norm(g: Graph, residual: str, new: str, weight: str, name: str, cfg) -
                  domain="com.microsoft",
                  outputs=[name + "/output_0", "", "", name + "/output_3"])
     return out[0], out[3]
-
-
-def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str, experts: str,
-          profile: dict[str, Any]) -> str:
-    cfg = ckpt.config
-    E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    p, code = f"model.layers.{i}.", IO_CODE[io]
-    rows = experts == "mxfp4" and profile.get("experts", {}).get("mxfp4_layout") == "rows"
-    names = []
-    for which, n, k in (("gate_up_proj", 2 * inter, H), ("down_proj", H, inter)):
-        src = p + f"mlp.experts.{which}"
-        blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
-        dst = p + f"moe.experts.{which}"
-        if experts == "mxfp4":  # dims are the logical [E, K, N/2] in both layouts
-            pack = np.asarray if rows else mxfp4.to_qmoe_fp4
-            ext.add(dst + ".qweight", UINT8, (E, k, n // 2), (pack(blocks[e]) for e in range(E)))
-            ext.add(dst + ".scales", FLOAT8E8M0, (E, n, k // 32), (np.asarray(scales[e]) for e in range(E)))
-        else:
-            conv = _int8 if experts == "exact" else mxfp4.to_qmoe_int4
-            # weights and scales go to two tensors: write weights first, keeping only the small scales
-            sc: list[np.ndarray] = []
-            pack = 1 if experts == "exact" else 2
-            ext.add(dst + ".qweight", UINT8, (E, n, k // pack),
-                    (_keep(conv(blocks[e], scales[e]), sc) for e in range(E)))
-            ext.add(dst + ".scales", code, (E, n, k // 32), (to_io(s_, io) for s_ in sc))
-            if experts == "exact" and io == "fp16":  # 2**(s-128) is exact in fp16 for E8M0 104..143 only
-                bad = sum(int(((s_ < 2.0 ** -24) | (s_ > 2.0 ** 15)).sum()) for s_ in sc)
-                if bad:
-                    g.scale_clipped[i] = g.scale_clipped.get(i, 0) + bad
-        ext.add(dst + ".bias", code, (E, n), _dense(ckpt.raw(src + "_bias"), io))
-        names.append(dst)
-    (w1, w2) = names
-    probs = g.node("Reshape", [router, g.i64(-1, E)], name=f"/model/layers.{i}/moe/router/Reshape")[0]
-    inputs = [h, probs, w1 + ".qweight", w1 + ".scales", w1 + ".bias", w2 + ".qweight", w2 + ".scales", w2 + ".bias",
-              "", "", "", "", "", ""]
-    attrs = dict(activation_alpha=cfg.swiglu_alpha, activation_beta=1.0, activation_type="swiglu",
-                 expert_weight_bits=8 if experts == "exact" else 4, k=cfg.num_experts_per_tok, block_size=32,
-                 normalize_routing_weights=1, swiglu_fusion=1, use_sparse_mixer=0, swiglu_limit=cfg.swiglu_limit)
-    if experts == "mxfp4":
-        for nm in (w1, w2):
-            ext.add(nm + ".global_scales", FLOAT, (E,), np.ones(E, dtype=np.float32))
-        inputs += ["", w1 + ".global_scales", w2 + ".global_scales"]
-        attrs["quant_type"] = "fp4"
-        if rows:
-            attrs["weights_prepacked"] = 1  # "row-major MXFP4": the layout onnxruntime's CPU kernel runs
-    elif profile.get("execution_provider") == "CUDAExecutionProvider":  # integer experts on CUDA: absent means
-        attrs["weights_prepacked"] = 0  # CUTLASS-prepacked; ours are raw [E, N, K/pack], as the builder marks them
-    return g.node("QMoE", inputs, name=f"/model/layers.{i}/moe/QMoE", domain="com.microsoft", **attrs)[0]
-
-
-def _int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact INT8 blocks of 32 for QMoE: uint8 [N, K] with zero point 128, float32 scales [N, K/32]."""
-    q, s = mxfp4.to_int8(blocks, scales)
-    return q.view(np.uint8) ^ np.uint8(0x80), s
-
-
-def _keep(pair: tuple[np.ndarray, np.ndarray], scales: list[np.ndarray]) -> np.ndarray:
-    scales.append(pair[1])
-    return pair[0]
-
-
-def _moe_decomposed(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str) -> str:
-    """MoE without a MoE kernel (DirectML): TopK, Softmax, Gather of the chosen experts' dense matrices, MatMul."""
-    cfg = ckpt.config
-    E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    k = cfg.num_experts_per_tok
-    p, q, code = f"model.layers.{i}.", f"/model/layers.{i}/moe", IO_CODE[io]
-    for which, shape in (("gate_up_proj", (E, 2 * inter, H)), ("down_proj", (E, H, inter))):
-        src = p + f"mlp.experts.{which}"
-        ext.add(p + f"moe.experts.{which}.weight", code, shape,
-                (to_io(ckpt.experts(i, which, [e])[0], io) for e in range(E)))
-        ext.add(p + f"moe.experts.{which}.bias", code, shape[:2], _dense(ckpt.raw(src + "_bias"), io))
-    vals, idx = g.node("TopK", [router, g.i64(k)], n_out=2, name=q + "/TopK", axis=-1, largest=1, sorted=1)
-    w = g.node("Softmax", [vals], name=q + "/Softmax", axis=-1)[0]
-    xe = g.node("Unsqueeze", [h, g.i64(2, 4)])[0]  # [B,S,1,H,1]
-    w1 = g.node("Gather", [p + "moe.experts.gate_up_proj.weight", idx], axis=0)[0]  # [B,S,k,2I,H]
-    b1 = g.node("Gather", [p + "moe.experts.gate_up_proj.bias", idx], axis=0)[0]  # [B,S,k,2I]
-    hh = g.node("Add", [g.node("Squeeze", [g.node("MatMul", [w1, xe])[0], g.i64(-1)])[0], b1])[0]
-    act = _swiglu(g, hh, -1, cfg, io)
-    w2 = g.node("Gather", [p + "moe.experts.down_proj.weight", idx], axis=0)[0]  # [B,S,k,H,I]
-    b2 = g.node("Gather", [p + "moe.experts.down_proj.bias", idx], axis=0)[0]
-    y = g.node("MatMul", [w2, g.node("Unsqueeze", [act, g.i64(-1)])[0]])[0]
-    y = g.node("Add", [g.node("Squeeze", [y, g.i64(-1)])[0], b2])[0]  # [B,S,k,H]
-    y = g.node("Mul", [y, g.node("Unsqueeze", [w, g.i64(-1)])[0]])[0]
-    return g.node("ReduceSum", [y, g.i64(2)], name=q + "/ReduceSum", keepdims=0)[0]
-
-
-def _swiglu(g: Graph, hh: str, axis: int, cfg, io: str) -> str:
-    """gpt-oss's clamped SwiGLU on gate/up rows interleaved along `axis` (gate = even, up = odd)."""
-    big, lim = np.iinfo(np.int64).max, cfg.swiglu_limit
-    gate = g.node("Slice", [hh, g.i64(0), g.i64(big), g.i64(axis), g.i64(2)])[0]
-    up = g.node("Slice", [hh, g.i64(1), g.i64(big), g.i64(axis), g.i64(2)])[0]
-    gate = g.node("Clip", [gate, "", g.scalar(lim, io)])[0]
-    up = g.node("Clip", [up, g.scalar(-lim, io), g.scalar(lim, io)])[0]
-    sig = g.node("Sigmoid", [g.node("Mul", [gate, g.scalar(cfg.swiglu_alpha, io)])[0]])[0]
-    return g.node("Mul", [g.node("Mul", [gate, sig])[0], g.node("Add", [up, g.scalar(1.0, io)])[0]])[0]
-
-
-# Bytes of expert values the MXFP4-in-graph MoE decodes at once (all experts a run routes to, a slice of their rows):
-# the transient it adds on the device is about three times this (int32 table indices, decoded values), per layer.
-DECODE_BYTES = 128 << 20
-FP16_MAX = 65504.0
-
-
-def _moe_mxfp4_lut(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str) -> str:
-    """MoE from standard ONNX ops on the checkpoint's MXFP4 bytes (4.25 bits/weight), for providers without a MoE
-    kernel (DirectML). Routing picks the top-k experts per token; the run's experts are the union U of those (k
-    for one decoded token, at most E for a prompt chunk), gathered once as bytes; each slice of their rows is decoded
-    by one Gather on a [256 scales x 256 bytes, 2] table (exactly LUT[code] * 2**(scale-127) in the io dtype) and
-    multiplied with every token; a token's output weighs each of the U experts by its routing weight (0 when it did
-    not choose it). Work is |U|/k times the sparse MoE's (the same for decode), the decoded transient is bounded by
-    DECODE_BYTES whatever the prompt length, and activations grow as [U, 2I, tokens]."""
-    cfg = ckpt.config
-    E, H, inter, k = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
-    p, q, code = f"model.layers.{i}.", f"/model/layers.{i}/moe", IO_CODE[io]
-    if "mxfp4.table" not in ext.names:
-        ext.add("mxfp4.table", code, (256 * 256, 2), _mxfp4_table(io))
-    mats = {}
-    for which, n, kk in (("gate_up_proj", 2 * inter, H), ("down_proj", H, inter)):
-        src, dst = p + f"mlp.experts.{which}", p + f"moe.experts.{which}"
-        blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
-        if io == "fp16":
-            for e in range(E):
-                _check_fp16(blocks[e], scales[e], f"{src}_blocks[{e}]")
-        ext.add(dst + ".blocks", UINT8, (E, n, kk // 32, 16), (np.asarray(blocks[e]) for e in range(E)))
-        ext.add(dst + ".scales", UINT8, (E, n, kk // 32), (np.asarray(scales[e]) for e in range(E)))
-        ext.add(dst + ".bias", code, (E, n), _dense(ckpt.raw(src + "_bias"), io))
-        mats[which] = (dst, n, kk)
-    # routing: top-k per token, softmax over the k, the union of chosen experts, each token's weight per union slot
-    vals, idx = g.node("TopK", [router, g.i64(k)], n_out=2, name=q + "/TopK", axis=-1, largest=1, sorted=1)
-    w = g.node("Reshape", [g.node("Softmax", [vals], name=q + "/Softmax", axis=-1)[0], g.i64(-1, k, 1)])[0]  # [T,k,1]
-    idx = g.node("Reshape", [idx, g.i64(-1, k, 1)])[0]  # [T,k,1]
-    hit = g.node("Equal", [idx, g.const("/const/i64/experts", np.arange(E, dtype=np.int64))])[0]  # [T,k,E]
-    used = g.node("ReduceMax", [g.node("Cast", [hit], to=INT32)[0], g.i64(0, 1)], keepdims=0)[0]  # [E]
-    sel = g.node("Reshape", [g.node("NonZero", [used], name=q + "/Union")[0], g.i64(-1)])[0]  # [U] expert ids
-    chose = g.node("Cast", [g.node("Equal", [idx, sel])[0]], to=code)[0]  # [T,k,U]
-    weight = g.node("ReduceSum", [g.node("Mul", [chose, w])[0], g.i64(1)], keepdims=0)[0]  # [T,U]
-    weight = g.node("Unsqueeze", [g.node("Transpose", [weight], perm=[1, 0])[0], g.i64(1)])[0]  # [U,1,T]
-
-    def experts(which: str, x: str) -> str:
-        """[U, n, T]: the union's `which` matrices (decoded slice by slice) times x ([K, T] or [U, K, T]), + bias."""
-        dst, n, kk = mats[which]
-        b = g.node("Gather", [dst + ".blocks", sel], axis=0)[0]  # [U, n, K/32, 16] uint8
-        s = g.node("Gather", [dst + ".scales", sel], axis=0)[0]  # [U, n, K/32] uint8
-        rows = max(1, DECODE_BYTES // (E * kk * np.dtype(_NP[io]).itemsize))
-        parts = []
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            bs = g.node("Slice", [b, g.i64(r0), g.i64(r1), g.i64(1)])[0]
-            ss = g.node("Slice", [s, g.i64(r0), g.i64(r1), g.i64(1)])[0]
-            row = g.node("Mul", [g.node("Cast", [ss], to=INT32)[0], g.const("/const/i32/256", np.int32(256))])[0]
-            at = g.node("Add", [g.node("Cast", [bs], to=INT32)[0], g.node("Unsqueeze", [row, g.i64(-1)])[0]])[0]
-            vals_ = g.node("Gather", ["mxfp4.table", at], axis=0, name=f"{q}/{which}/Decode_{r0}")[0]
-            wts = g.node("Reshape", [vals_, g.i64(-1, r1 - r0, kk)])[0]  # [U, rows, K]
-            parts.append(g.node("MatMul", [wts, x], name=f"{q}/{which}/MatMul_{r0}")[0])
-        y = parts[0] if len(parts) == 1 else g.node("Concat", parts, axis=1)[0]
-        bias = g.node("Gather", [dst + ".bias", sel], axis=0)[0]  # [U, n]
-        return g.node("Add", [y, g.node("Unsqueeze", [bias, g.i64(-1)])[0]])[0]
-
-    xt = g.node("Transpose", [g.node("Reshape", [h, g.i64(-1, H)])[0]], perm=[1, 0])[0]  # [H, T]
-    act = _swiglu(g, experts("gate_up_proj", xt), 1, cfg, io)  # [U, I, T]
-    y = g.node("Mul", [experts("down_proj", act), weight])[0]  # [U, H, T]
-    y = g.node("Transpose", [g.node("ReduceSum", [y, g.i64(0)], keepdims=0)[0]], perm=[1, 0])[0]  # [T, H]
-    return g.node("Reshape", [y, g.node("Shape", [h])[0]], name=q + "/Output")[0]
-
-
-_NP = {"fp32": np.float32, "fp16": np.float16}
-
-
-def _mxfp4_table(io: str) -> np.ndarray:
-    """[256 * 256, 2]: row scale * 256 + byte holds the byte's two values (low nibble first), LUT * 2**(scale-127),
-    rounded once to the io dtype (what the dequantized expert matrices would hold)."""
-    byte = np.arange(256)
-    pair = np.stack([mxfp4.LUT[byte & 15], mxfp4.LUT[byte >> 4]], axis=-1)  # [256, 2]
-    with np.errstate(over="ignore", invalid="ignore"):  # scales past the io dtype's range: inf (255, NaN: unused)
-        vals = pair[None] * np.ldexp(np.float32(1), np.arange(256) - 127).astype(np.float32)[:, None, None]
-        return vals.reshape(-1, 2).astype(_NP[io])
-
-
-def _check_fp16(blocks: np.ndarray, scales: np.ndarray, where: str) -> None:
-    """An fp16 graph holds |value| <= 65504: refuse (one line) an expert whose MXFP4 values overflow it."""
-    hot = np.asarray(scales) > 127 + 13  # 6 * 2**13 fits; above, it depends on the block's largest code
-    if not hot.any():
-        return
-    mags = np.abs(mxfp4.decode(np.asarray(blocks)[hot][:, None], np.asarray(scales)[hot][:, None]))
-    if not np.isfinite(mags).all() or mags.max() > FP16_MAX:
-        raise EdgecError(f"{where}: MXFP4 values up to {float(mags.max()):.3g} overflow float16 (max 65504); "
-                         f"convert with --dense fp32")
 
 
 def genai_config(ckpt: Checkpoint, profile: dict[str, Any], ctx: int) -> dict[str, Any]:

@@ -48,6 +48,22 @@ def to_io(x: np.ndarray, io: str) -> np.ndarray:
     return f32_to_bf16(x)
 
 
+def bf16_to_io(bf16: np.ndarray, io: str) -> np.ndarray:
+    """A checkpoint's BF16 values (uint16 bits) -> the bytes of the io dtype (bf16: as they are)."""
+    if io == "bf16":
+        return np.ascontiguousarray(bf16, dtype=np.uint16)
+    from ..safetensors_io import bf16_to_f32
+
+    return to_io(bf16_to_f32(bf16), io)
+
+
+def keep_scales(pair: tuple[np.ndarray, np.ndarray], scales: list[np.ndarray]) -> np.ndarray:
+    """For a (weights, scales) stream written as two tensors: return the weights, keep the (small) scales in
+    `scales` to be written after them."""
+    scales.append(pair[1])
+    return pair[0]
+
+
 IO_CODE = {"fp32": FLOAT, "fp16": FLOAT16, "bf16": BFLOAT16}
 
 
