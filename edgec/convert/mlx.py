@@ -187,7 +187,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
     shards = _shards(entries, int(profile.get("shard_bytes", 5_000_000_000)))
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    total = ckpt.source_bytes()
+    total = sum(t.nbytes for t in ckpt.specs())  # the bar's true total: the tensor bytes the plan consumes
     weight_map: dict[str, str] = {}
     written = 0
     sha: dict[str, str] = {}
@@ -221,4 +221,4 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str = "
         write_manifest(tmp, ckpt, profile, recipe, known_sha256=sha)
         fsync_folder(tmp)  # the shards fsynced as they closed; now the small files and the folder
     return {"files": names + ["model.safetensors.index.json", "config.json", *tokenizer, "edgec.json"],
-            "tensors": len(weight_map), "bytes_written": written, "source_bytes": total}
+            "tensors": len(weight_map), "bytes_written": written, "source_bytes": ckpt.source_bytes()}
