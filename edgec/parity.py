@@ -157,8 +157,8 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
     m = mf.verify(out, full=full_verify)
     ref = ReferenceBackend(src)
     if ref.config != m.config:
-        diff = [f"{k} {v} vs {m.config.as_dict()[k]}" for k, v in ref.config.as_dict().items()
-                if v != m.config.as_dict()[k]]
+        theirs = m.config.as_dict()
+        diff = [f"{k} {v} vs {theirs[k]}" for k, v in ref.config.as_dict().items() if v != theirs[k]]
         raise EdgecError(f"{out}: was converted from another model than {src} ({', '.join(diff)})")
     tok_folder = ref.ckpt.tokenizer_folder() or out  # beside the weights, above original/, or the copy in OUT
     prompts = load_prompts(prompts_file, tok_folder) if prompts_file else builtin_prompts(tok_folder, positions)
