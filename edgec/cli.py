@@ -306,7 +306,6 @@ def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_
         raise ParityFailure(f"{out}: parity failed against {src}: " + "; ".join(report["failures"]))
 
 
-
 def _register_commands() -> None:
     """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
     from .harmony import cli as harmony_cli
