@@ -627,6 +627,8 @@ class Check:
         self.site = DEVICE_HOME / "site"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         TOKENIZERS_PARALLELISM="false")
+        if self.dry:  # onnxruntime's CPU block-wise INT8 QMoE (onnx-cuda exact) otherwise rounds activations to int8:
+            self.env["ORT_QMOE_CPU_QNBIT_GEMM"] = "fp32"  # the CPU proxy then computes what the graph says
         self.set_paths()
 
     def set_paths(self) -> None:

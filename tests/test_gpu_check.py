@@ -83,7 +83,7 @@ def test_dry_run_runs_every_cpu_step(dry):
     steps = {s["name"]: s for s in doc["steps"]}
     assert doc["mode"] == "dry-run" and doc["counts"]["error"] == 0 and doc["counts"]["timeout"] == 0, \
         [(s["name"], s.get("error")) for s in doc["steps"] if s["status"] in ("error", "timeout")]
-    assert r.returncode in (0, 1), r.stdout[-2000:]  # 1: a parity bound failed (a finding, reported), not plumbing
+    assert r.returncode == 0, r.stdout[-2000:]  # every CPU-runnable step passes, parity bounds included
     expected = {"install", "runtimes", "synth/tiny", "builder/cuda-int4",
                 *(f"convert/tiny/{n}" for n in ("onnx-cuda-mxfp4", "onnx-cuda-exact", "onnx-trt-rtx", "mlx")),
                 *(f"parity/tiny/{n}/{rt}" for n in ("onnx-cuda-mxfp4", "onnx-cuda-exact", "onnx-trt-rtx")
@@ -95,7 +95,7 @@ def test_dry_run_runs_every_cpu_step(dry):
     assert skipped == {"install", "parity/tiny/onnx-cuda-mxfp4/edgec-loop", "parity/tiny/onnx-cuda-mxfp4/genai"}
     assert all("fp4" in steps[n]["reason"] for n in skipped - {"install"})
     assert all(s["status"] == "ok" for n, s in steps.items() if not n.startswith("parity/") and n not in skipped)
-    assert all(s["status"] in ("ok", "fail") for n, s in steps.items() if n.startswith("parity/") and n not in skipped)
+    assert all(s["status"] == "ok" for n, s in steps.items() if n.startswith("parity/") and n not in skipped)
     assert doc["info"]["runtimes"]["onnxruntime"]["providers"]
     assert doc["info"]["runtimes"]["mlx"]["sum"] == 256.0 * 256 * 256  # mlx ran a kernel
 
