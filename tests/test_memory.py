@@ -218,15 +218,15 @@ def test_inspect_prices_each_target_with_its_runtime_plan(tiny_mlx, tiny):
 
 # ---- resident memory against the plan -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory) -> Path:
+def big_vocab(tmp_path_factory) -> Path:
     """A model whose weights dwarf the interpreter: 20b's vocabulary and head layout, hidden 512, 2 layers."""
-    return make_ckpt(tmp_path_factory.mktemp("wide") / "src", "small", layout="hf", num_hidden_layers=2,
+    return make_ckpt(tmp_path_factory.mktemp("big-vocab") / "src", "small", layout="hf", num_hidden_layers=2,
                      hidden_size=512, intermediate_size=512, num_attention_heads=64, num_key_value_heads=8,
                      num_local_experts=8)
 
 
 @pytest.mark.parametrize("target", ["mlx", "onnx-cpu"])
-def test_resident_memory_against_the_plan(wide, target, tmp_path):
+def test_resident_memory_against_the_plan(big_vocab, target, tmp_path):
     """RSS in a fresh process (less the interpreter and the backend's library, measured before loading) after
     loading and after 1,000 tokens, against the backend's plan. MLX reads every weight at load: it holds its plan's
     weights then, and its plan (weights + KV + per-step temporaries) after 1,000 tokens, within 10%. onnxruntime maps
@@ -237,7 +237,7 @@ def test_resident_memory_against_the_plan(wide, target, tmp_path):
     from edgec.bench import measure_memory
     from edgec.convert import run_convert
 
-    out = Path(run_convert(wide, target, tmp_path / target, progress=False)["out"])
+    out = Path(run_convert(big_vocab, target, tmp_path / target, progress=False)["out"])
     r = measure_memory(out, 1024, 1000)
     loaded = r["rss_after_load_bytes"] - r["rss_before_load_bytes"]
     after = r["rss_after_tokens_bytes"] - r["rss_before_load_bytes"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgecError
+from ..jsonio import loads, read_json
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = ("low", "medium", "high")
@@ -240,21 +241,14 @@ class Conversation:
 
     @classmethod
     def from_json(cls, text: str) -> Conversation:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise EdgecError(f"conversation is not valid JSON ({e})") from None
-        return cls.from_obj(data)
+        return cls.from_obj(loads(text, "conversation"))
 
     @classmethod
     def load(cls, path: str | Path) -> Conversation:
         p = Path(path)
+        data = read_json(p)
         try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise EdgecError(f"{p}: cannot read ({e.strerror})") from None
-        try:
-            return cls.from_json(text)
+            return cls.from_obj(data)
         except EdgecError as e:
             raise EdgecError(f"{p}: {e}") from None
 
@@ -293,13 +287,7 @@ def load_tools(source: str | Path | list | None) -> list[ToolDescription]:
     if source is None:
         return []
     if isinstance(source, str | Path):
-        p = Path(source)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise EdgecError(f"{p}: cannot read ({e.strerror})") from None
-        except ValueError as e:
-            raise EdgecError(f"{p}: not valid JSON ({e})") from None
+        data = read_json(Path(source))
     else:
         data = source
     if isinstance(data, dict) and "tools" in data:

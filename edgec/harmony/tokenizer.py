@@ -29,6 +29,7 @@ from pathlib import Path
 import regex
 
 from ..errors import EdgecError
+from ..jsonio import read_json
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_PATTERN = "|".join([
@@ -294,10 +295,7 @@ def _from_file(path: str, size: int, mtime_ns: int) -> Tokenizer:
     cached = _cache_path()
     if cached is not None and cached.is_file() and cached.stat().st_size == size and _same_file(path, cached):
         return Tokenizer.default()  # byte-identical to the file we generate: skip parsing 27 MB of JSON
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EdgecError(f"{path}: cannot read tokenizer.json ({e})") from None
+    data = read_json(Path(path))
     return Tokenizer.from_tokenizer_json(data, path)
 
 
