@@ -36,6 +36,11 @@ def _safe_member(root: Path, name: str, where: str) -> Path:
     return root / p
 
 
+
+def nonfinite_line(path: Path | str, name: str, count: int) -> str:
+    """The one line that reports a tensor's non-finite values (inspect, convert)."""
+    return f"{path}: tensor {name}: {count} non-finite values (NaN/Inf)"
+
 @dataclass
 class Checkpoint:
     """An opened, validated checkpoint. Read tensors with `raw`, `f32` or `experts`."""
@@ -177,6 +182,13 @@ class Checkpoint:
             if t.nbytes >= SCAN_CHUNK:
                 self.release_pages()
         return out
+
+    def tokenizer_problem(self) -> str | None:
+        """One line when no tokenizer.json is beside the weights (or above original/), else None."""
+        if self.tokenizer_folder() is not None:
+            return None
+        return (f"{self.path}: no tokenizer.json (nor in the parent folder of original/): chat, generate and parity "
+                "need it")
 
     def source_bytes(self) -> int:
         return sum(f.path.stat().st_size for f in self.files.values())

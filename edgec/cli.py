@@ -109,8 +109,10 @@ def inspect(src: Path, context: int | None, as_json: bool, strict: bool) -> None
     else:
         render_report(report)
     if not strict:
+        from .checkpoint import nonfinite_line
+
         for name, n in report.get("nonfinite", {}).items():
-            warn(f"{src}: tensor {name}: {n} non-finite values (NaN/Inf); --strict makes this an error")
+            warn(nonfinite_line(src, name, n) + "; --strict makes this an error")
     if problems := report.get("problems"):
         more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
         stderr.print(f"[bold red]error:[/] {escape(problems[0] + more)}", highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, nonfinite_line
 from .errors import EdgecError
 from .memory import facts_kv_bytes, format_bits, plan_folder, plan_recipe
 from .spec import GptOssConfig, hf_tensors
@@ -141,10 +141,9 @@ def inspect_report(path: str | Path, context: int | None = None, strict: bool = 
         problems = ckpt.problems()
         nonfinite = ckpt.nonfinite() if not problems else {}  # only a checkpoint whose tensors all fit the spec
         if strict:
-            problems += [f"{path}: tensor {t}: {n} non-finite values (NaN/Inf)" for t, n in nonfinite.items()]
-        if ckpt.tokenizer_folder() is None:
-            problems.append(f"{path}: no tokenizer.json (nor in the parent folder of original/): chat, generate "
-                            "and parity need it")
+            problems += [nonfinite_line(path, t, n) for t, n in nonfinite.items()]
+        if problem := ckpt.tokenizer_problem():
+            problems.append(problem)
         expected = ckpt.expected()
         shards = [{"name": n, "bytes": f.path.stat().st_size, "tensors": len(f.entries)}
                   for n, f in sorted(ckpt.files.items())]

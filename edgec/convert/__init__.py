@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, nonfinite_line
 from ..errors import EdgecError
 from ..fsutil import check_output
 from ..memory import peak_rss_bytes
@@ -42,12 +42,11 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
 
 def checkpoint_warnings(ckpt: Checkpoint, strict: bool = False) -> list[str]:
     """What a conversion would carry over silently: non-finite weights (an error with `strict`), no tokenizer."""
-    out = [f"{ckpt.path}: tensor {name}: {n} non-finite values (NaN/Inf)" for name, n in ckpt.nonfinite().items()]
+    out = [nonfinite_line(ckpt.path, name, n) for name, n in ckpt.nonfinite().items()]
     if out and strict:
         raise EdgecError(out[0] + (f" (and {len(out) - 1} more tensors)" if len(out) > 1 else "") + "; --strict")
-    if ckpt.tokenizer_folder() is None:
-        out.append(f"{ckpt.path}: no tokenizer.json (nor in the parent folder of original/): chat, generate and "
-                   "parity need it; copy it into the output")
+    if problem := ckpt.tokenizer_problem():
+        out.append(problem + "; copy it into the output")
     return out
 
 
