@@ -2,7 +2,8 @@
 
 1. Resident memory vs the plan (default, `--slice S`): for each folder (an MLX and an onnx-cpu conversion of S,
    made if missing), RSS in a fresh process before loading (interpreter + the backend's library), after loading and
-   after a 1,000-token prompt, beside the backend's own plan (`Backend.plan`, what `edgec inspect` and chat's
+   after a 1,000-token prompt (less the embedding pages onnxruntime mapped for the tokens seen, reported apart; Linux
+   only), beside the backend's own plan (`Backend.plan`, what `edgec inspect` and chat's
    start-up line print) at a 1,024-token context.
 
        .venv/bin/python bench/bench_memory.py --slice /tmp/s20      # edgec synth /tmp/s20 --preset 20b --layers 2
@@ -36,10 +37,11 @@ def resident(folders: list[Path], context: int, tokens: int) -> list[dict]:
     rows = []
     for f in folders:
         r = measure_memory(f, context, tokens)
-        base, plan = r["rss_before_load_bytes"], r["plan"]
-        rows.append({"folder": str(f), "runtime": plan["runtime"], "base": base,
-                     "after_load": r["rss_after_load_bytes"] - base, "after_tokens": r["rss_after_tokens_bytes"] - base,
-                     "peak": r["peak_rss_bytes"] - base, "plan_at_load": plan["weights_bytes"] + r["kv_at_load_bytes"],
+        base, plan, mapped = r["rss_before_load_bytes"], r["plan"], r["rss_mapped_rows_bytes"] or 0
+        rows.append({"folder": str(f), "runtime": plan["runtime"], "base": base, "mapped_rows": mapped,
+                     "after_load": r["rss_after_load_bytes"] - base,
+                     "after_tokens": r["rss_after_tokens_bytes"] - base - mapped,
+                     "peak": r["peak_rss_bytes"] - base, "plan_at_load": plan["at_load_bytes"] + r["kv_at_load_bytes"],
                      "plan": plan["total_bytes"], "plan_held": plan["weights_bytes"] + plan["kv_bytes"],
                      "raw": r})
     return rows
@@ -81,13 +83,15 @@ def main() -> None:
             folders.append(out)
         res["resident"] = resident(folders, 1024, a.tokens)
         print(f"RSS less the interpreter and library (measured before loading), {a.tokens}-token prompt, "
-              f"context 1024; plan = Backend.plan")
+              f"context 1024; plan = Backend.plan (at load: less the experts onnxruntime pages in as routed to); "
+              f"after tokens: less the embedding rows mapped (the plan's `mapped`, shown apart)")
         print(f"{'runtime':8s} {'after load':>11s} {'plan (w+KV)':>12s} {'ratio':>6s} {'after tokens':>13s} "
               f"{'plan':>8s} {'ratio':>6s} {'peak':>8s}")
         for r in res["resident"]:
             print(f"{r['runtime']:8s} {r['after_load'] / GB:9.3f}GB {r['plan_at_load'] / GB:10.3f}GB "
                   f"{r['after_load'] / r['plan_at_load']:6.2f} {r['after_tokens'] / GB:11.3f}GB "
-                  f"{r['plan'] / GB:6.3f}GB {r['after_tokens'] / r['plan']:6.2f} {r['peak'] / GB:6.3f}GB")
+                  f"{r['plan'] / GB:6.3f}GB {r['after_tokens'] / r['plan']:6.2f} {r['peak'] / GB:6.3f}GB  "
+                  f"rows mapped {r['mapped_rows'] / GB:.3f}GB")
     if a.full:
         f = res["full"] = full(a.full, a.max_context)
         e, m, p = f["edgec"]["peak_rss_bytes"], f["mlx_lm"]["peak_rss_bytes"], f["plan"]["total_bytes"]

@@ -89,7 +89,7 @@ def run_bench(folder: Path, prompt: int = 128, tokens: int = 16, peers: bool = T
 MEMORY_PROBE = r"""
 import importlib, json, sys
 import numpy as np
-from edgec.memory import peak_rss_bytes, rss_bytes
+from edgec.memory import mapped_rss_bytes, peak_rss_bytes, rss_bytes
 from edgec.runtime.base import RUNTIMES, load_backend, runtime_of
 folder, context, tokens, options = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 cls = RUNTIMES[runtime_of(folder)].split(":")
@@ -102,7 +102,11 @@ loaded, kv_at_load = rss_bytes(), b.kv_bytes()
 ids = [int(t) for t in np.random.default_rng(0).integers(0, b.config.vocab_size, size=tokens)]
 b.forward(ids)
 after = rss_bytes()
+rows = None  # onnxruntime's map of the embedding table (read by rows; the plan's `mapped`), where measurable
+if hasattr(b, "embedding_range"):
+    rows = mapped_rss_bytes(*b.embedding_range())
 print(json.dumps({"rss_before_load_bytes": base, "rss_after_load_bytes": loaded, "rss_after_tokens_bytes": after,
+                  "rss_mapped_rows_bytes": rows,
                   "peak_rss_bytes": peak_rss_bytes(), "kv_bytes": b.kv_bytes(), "tokens": tokens,
                   "plan": b.memory_plan(context).as_dict(), "kv_at_load_bytes": kv_at_load}))
 """

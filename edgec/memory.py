@@ -137,6 +137,7 @@ class Plan:
     weights_label: str = ""
     offloaded: int = 0  # bytes of weights kept off the accelerator (MLX --cpu-moe): in `weights`, not on the GPU
     mapped: int = 0  # bytes of weights left memory-mapped and read by rows (an embedding table): not in `weights`
+    paged: int = 0  # bytes of `weights` memory-mapped and read in when first used (experts): resident once routed to
 
     @property
     def total(self) -> int:
@@ -146,10 +147,16 @@ class Plan:
     def device_total(self) -> int:
         return self.total - self.offloaded
 
+    @property
+    def at_load(self) -> int:
+        """The weights resident right after loading (the paged ones come in as they are used)."""
+        return self.weights - self.paged
+
     def describe(self) -> str:
         kv = f" ({self.kv_label})" if self.kv_label else ""
         w = f" ({self.weights_label})" if self.weights_label else ""
         off = f", {gib(self.offloaded)} of it on the CPU" if self.offloaded else ""
+        off += f", {gib(self.paged)} of it read in as first used" if self.paged else ""
         mapped = f" (+ {gib(self.mapped)} mapped, read by rows)" if self.mapped else ""
         return (f"weights {gib(self.weights)}{w}{off}{mapped} + KV {gib(self.kv)} at {self.context} tokens{kv} + "
                 f"per-step temporaries {gib(self.transient)} = {gib(self.total)}")
@@ -157,7 +164,8 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "context": self.context, "weights_bytes": self.weights,
                 "kv_bytes": self.kv, "transient_bytes": self.transient, "total_bytes": self.total,
-                "offloaded_bytes": self.offloaded, "mapped_bytes": self.mapped, "kv": self.kv_label,
+                "offloaded_bytes": self.offloaded, "mapped_bytes": self.mapped, "paged_bytes": self.paged,
+                "at_load_bytes": self.at_load, "kv": self.kv_label,
                 "weights": self.weights_label}
 
 
@@ -367,3 +375,22 @@ def peak_rss_bytes() -> int:
         return rss_bytes() or 0
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+def mapped_rss_bytes(path: str | Path, start: int, end: int) -> int | None:
+    """Resident bytes of this process's memory maps of bytes [start, end) of file `path` (an embedding table read by
+    rows: how many pages a row brings in is the OS's choice). Linux only (/proc/self/smaps); None elsewhere."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    target, total, hit = str(Path(path).resolve()), 0, False
+    for line in lines:
+        head = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            offset = int(head[2], 16)
+            hit = len(head) > 5 and head[5] == target and offset < end and offset + hi - lo > start
+        elif hit and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total

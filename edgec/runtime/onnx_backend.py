@@ -34,6 +34,7 @@ from ..memory import Plan, Weights, kv_bytes, position_bytes
 from ..spec import GptOssConfig
 from .base import WindowedBackend
 
+EMBEDDING = "model.embed_tokens.weight"
 IO_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -67,23 +68,40 @@ class OnnxBackend(WindowedBackend):
 
     @classmethod
     def held_weights(cls, folder: Path) -> Weights:
-        """The weights file's bytes (and the graphs'); `embedding`: the embedding table's bytes in it."""
-        onnx = require("onnx", "onnx")
+        """The weights file's bytes (and the graphs'); `embedding`: the embedding table's bytes in it; `experts`:
+        the expert weights' bytes that the CPU provider runs as stored (see `_extents`)."""
         folder = Path(folder)
         total = sum((folder / f).stat().st_size for f in (G.EDGEC_GRAPH, G.DATA) if (folder / f).is_file())
-        graph = onnx.load(str(folder / G.EDGEC_GRAPH), load_external_data=False).graph
-        embed = next((t for t in graph.initializer if t.name == "model.embed_tokens.weight"), None)
-        ext = {e.key: e.value for e in embed.external_data} if embed is not None else {}
-        return Weights(total, embedding=int(ext.get("length", 0)))
+        extents, experts = cls._extents(folder)
+        return Weights(total, embedding=extents.get(EMBEDDING, (0, 0))[1],
+                       experts=sum(extents.get(i, (0, 0))[1] for i in experts))
+
+    @staticmethod
+    def _extents(folder: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
+        """(offset, length) in model.onnx.data of each initializer stored there, and the names of the expert weights
+        that onnxruntime's CPU QMoE runs as stored (`weights_prepacked=1`: read through the map as routed to; the
+        other QMoE layouts and the block scales it repacks at load)."""
+        as_stored = lambda n: any(a.name == "weights_prepacked" and a.i == 1 for a in n.attribute)
+        graph = require("onnx", "onnx").load(str(folder / G.EDGEC_GRAPH), load_external_data=False).graph
+        ext = {t.name: {e.key: e.value for e in t.external_data} for t in graph.initializer if t.external_data}
+        experts = {n.input[i] for n in graph.node if n.op_type == "QMoE" and as_stored(n) for i in (2, 5)}
+        return {k: (int(e.get("offset", 0)), int(e.get("length", 0))) for k, e in ext.items()}, experts
+
+    def embedding_range(self) -> tuple[Path, int, int]:
+        """The embedding table's bytes in model.onnx.data: (file, start, end)."""
+        offset, length = self._extents(self.folder)[0].get(EMBEDDING, (0, 0))
+        return self.folder / G.DATA, offset, offset + length
 
     @classmethod
     def plan(cls, cfg: GptOssConfig, context: int, weights: Weights, recipe: dict[str, Any] | None = None,
              **_: Any) -> Plan:
-        """Weights as the folder stores them (on the CPU provider onnxruntime maps model.onnx.data: its pages become
-        resident as they are used, all of them soon but the embedding table's, of which only the rows of tokens
-        seen; a GPU provider copies them all to the device), KV by the loop's allocation rule in the graph's io
-        dtype, and a step's temporaries: on the CPU provider GroupQueryAttention's scores for a prefill chunk over
-        the whole context (its CPU kernel materializes them), and the logits."""
+        """Weights as the folder stores them, KV by the loop's allocation rule in the graph's io dtype, and a step's
+        temporaries: on the CPU provider GroupQueryAttention's scores for a prefill chunk over the whole context (its
+        CPU kernel materializes them), and the logits.
+        A GPU provider copies every initializer to the device. The CPU provider maps model.onnx.data: the matrices it
+        repacks are read at load, QMoE's experts (which it runs as stored) page in as they are first routed to (all
+        of them within a few hundred tokens), and of the embedding table only the pages of tokens seen (`mapped`:
+        clean file pages, reread if the OS drops them; how many a row brings in is the OS's choice)."""
         recipe = recipe or {}
         dtype = cls.kv_dtype_of(recipe)
         value = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
@@ -91,11 +109,11 @@ class OnnxBackend(WindowedBackend):
         per = position_bytes(cfg, value)
         cpu = recipe.get("execution_provider") in (None, "CPUExecutionProvider")
         temps = cfg.num_attention_heads * cls.PREFILL_CHUNK * context * 4 * cpu + 2 * cfg.vocab_size * 4
-        if not cpu:  # a GPU provider copies every initializer to the device
-            return Plan("onnx", context, weights.total, kv_bytes(cfg, full, sliding, per, per), temps, dtype,
-                        "as stored, on the device")
-        return Plan("onnx", context, weights.total - weights.embedding, kv_bytes(cfg, full, sliding, per, per), temps,
-                    dtype, "as stored, memory-mapped", mapped=weights.embedding)
+        kv = kv_bytes(cfg, full, sliding, per, per)
+        if not cpu:
+            return Plan("onnx", context, weights.total, kv, temps, dtype, "as stored, on the device")
+        return Plan("onnx", context, weights.total - weights.embedding, kv, temps, dtype, "as stored, memory-mapped",
+                    mapped=weights.embedding, paged=weights.experts)
 
     @classmethod
     def plan_folder(cls, folder: Path, context: int, **options: Any) -> Plan:
