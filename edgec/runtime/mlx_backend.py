@@ -1,21 +1,27 @@
 """gpt-oss in MLX: the whole forward pass and its KV cache in one file.
 
-Weights are held exactly as the folder stores them (bf16 or q8 dense, MXFP4 experts) unless `compute` says
-otherwise. `compute` (the defaults per device live in targets/mlx.toml `[runtime_defaults]`, copied into edgec.json):
-  bfloat16        (GPU default) bf16 matrices multiply bf16 activations (fp32 accumulation inside MLX's kernels):
-                  no copy of any weight is made; attention runs on the bf16 cache.
+Weights are held as the folder stores them (bf16 or q8 dense, MXFP4 experts) unless `compute` says otherwise.
+`compute` (the defaults per device live in targets/mlx.toml `[runtime_defaults]`, copied into edgec.json):
+  float16         (GPU default) bf16 matrices are converted once, at load, to float16 (the same bytes, read from
+                  the file's map a block at a time) and multiply float16 activations (fp32 accumulation inside MLX's
+                  kernels): float16 keeps 11 significant bits where bf16 keeps 8, which on the synthetic models
+                  gives ~15x less error than bf16 math. The conversion is exact for |values| >= 2**-14; smaller
+                  ones round to float16's subnormal step 2**-24; a matrix holding a value beyond float16's range
+                  stays bf16.
+  bfloat16        bf16 matrices multiply bf16 activations, no weight converted (mlx-lm's precision).
   float32         (CPU default) bf16 matrices are widened to float32 block by block as they are used (at most
                   WIDEN_BYTES at a time): float32 math without holding a float32 copy. On MLX's CPU a bf16 GEMM with
-                  more than one row is ~50x slower than float32 (bench/bench_mlx_policies.py), and `x_f32 @ w_bf16`
-                  would widen the whole matrix per call (2.3 GB for 20b's lm_head).
+                  more than one row is ~50x slower than float32 (bench/bench_mlx.py), and `x_f32 @ w_bf16` would
+                  widen the whole matrix per call (2.3 GB for 20b's lm_head).
   float32-upcast  dense matrices widened once at load (+1x their bytes): for parity work.
 Whatever the policy, these stay float32: the residual stream, RMSNorm (fast.rms_norm accumulates in fp32), RoPE
 (exact YaRN from `edgec.rope`, float32 angles), the router (its logits choose the experts) and its softmax, and the
 activations of the quantized (MXFP4 experts, q8 dense) matmuls, which read only the quantized weights.
 
-KV cache (`kv_dtype` bfloat16 or float32; `kv_bits=8` stores the full-attention layers' K and V with MLX affine
-8-bit quantization (`mx.quantize`: uint32-packed codes + float16 scale and bias per group along the head dim; see
-`kv8_layout`) and attends with `mx.quantized_matmul`, the sink logit added to the softmax denominator here).
+KV cache (`kv_dtype` float16, clamped to its range, bfloat16 or float32; `kv_bits=8` stores the full-attention
+layers' K and V with MLX affine 8-bit quantization (`mx.quantize`: uint32-packed codes + float16 scale and bias per
+group along the head dim; see `kv8_layout`) and attends with `mx.quantized_matmul`, the sink logit added to the
+softmax denominator here).
 Allocation (the rule `WindowedBackend` states and `plan` prices): full layers grow in FULL_CHUNK steps (x1.5 at
 least) up to `max_context`; sliding layers hold window + ROLLBACK_MARGIN + PREFILL_CHUNK positions. `truncate(n)`
 is exact. On the CPU device, attention runs in blocks of queries so the scores it materializes stay under
@@ -233,7 +239,8 @@ class MlxBackend(WindowedBackend):
         mx.eval([self.w[k] for k in names])
 
     def _fp16_blocks(self, name: str) -> list | None:
-        """A bf16 matrix as fp16 row blocks (exact: bf16 values in fp16's range are fp16 values), read from the
+        """A bf16 matrix as fp16 row blocks (exact for |values| >= 2**-14, smaller ones rounded to fp16's subnormal
+        step 2**-24), read from the
         file's memory map F16_BLOCK bytes at a time, so no whole bf16 copy is ever beside the result. None when a
         value is beyond fp16's range (the matrix then stays bf16)."""
         mx, f = self.mx, self.files[name]
