@@ -240,9 +240,8 @@ class MlxBackend(WindowedBackend):
 
     def _fp16_blocks(self, name: str) -> list | None:
         """A bf16 matrix as fp16 row blocks (exact for |values| >= 2**-14, smaller ones rounded to fp16's subnormal
-        step 2**-24), read from the
-        file's memory map F16_BLOCK bytes at a time, so no whole bf16 copy is ever beside the result. None when a
-        value is beyond fp16's range (the matrix then stays bf16)."""
+        step 2**-24), read from the file's memory map F16_BLOCK bytes at a time, so no whole bf16 copy is ever beside
+        the result. None when a value is beyond fp16's range (the matrix then stays bf16)."""
         mx, f = self.mx, self.files[name]
         raw = f.raw(name)  # uint16 view of the bf16 bits
         rows, blocks = max(1, F16_BLOCK // (raw.shape[1] * 2)), []

@@ -113,7 +113,7 @@ class OnnxBackend(WindowedBackend):
         if not cpu:
             return Plan("onnx", context, weights.total, kv, temps, dtype, "as stored, on the device")
         return Plan("onnx", context, weights.total - weights.embedding, kv, temps, dtype, "as stored, memory-mapped",
-                    mapped=weights.embedding, paged=weights.experts)
+                    mapped=weights.embedding, paged=weights.experts if recipe.get("experts") == "mxfp4" else 0)
 
     @classmethod
     def plan_folder(cls, folder: Path, context: int, **options: Any) -> Plan:
