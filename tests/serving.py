@@ -142,7 +142,7 @@ class InProcess:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        self.engine.stop()
+        self.engine.shutdown()
 
 
 def scripted_servers():

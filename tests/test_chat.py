@@ -331,6 +331,18 @@ def test_generate_reads_an_openai_conversation_with_the_reasoning_flag(tiny, tmp
     assert [(m["channel"], m["text"]) for m in out["messages"]] == [("final", "Hi!")]
 
 
+def test_generate_says_when_the_conversation_file_replaces_the_command_lines_instructions(tiny, tmp_path,
+                                                                                            monkeypatch):
+    import edgec.runtime.base as base
+
+    backend = Replay(tokenizer().encode("<|channel|>final<|message|>Hi!<|return|>", allowed_special="all"))
+    monkeypatch.setattr(base, "load_backend", lambda *a, **k: backend)
+    path = tmp_path / "openai.json"
+    path.write_text(json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]))
+    r = invoke(["generate", tiny, "--conversation", path, "--system", "Be long.", "--max-context", 4096])
+    assert "replaced the developer message" in r.stderr and r.stdout.strip() == "Hi!"
+
+
 # ---- issue 14: a chat that tells the truth ---------------------------------------------------------------------------
 def _replay(monkeypatch, text: str = "", times: int = 1) -> Replay:
     """Make every command run on a Replay backend speaking `text` (Harmony, after `<|start|>assistant`) `times`

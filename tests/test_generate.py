@@ -68,7 +68,9 @@ def _draws(s: Sampling, n: int) -> list[int]:
 
 
 def test_sampling_settings_are_validated():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0)):
+    nan, inf = float("nan"), float("inf")
+    for bad in (dict(temperature=-1), dict(temperature=nan), dict(temperature=inf), dict(top_p=0), dict(top_p=1.5),
+                dict(top_p=nan), dict(top_k=-1), dict(max_tokens=0)):
         with pytest.raises(EdgecError):
             Sampling(**bad)
 

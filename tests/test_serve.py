@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -139,6 +140,15 @@ def test_bad_input_gets_openai_errors_and_the_server_goes_on(live):
     assert httpx.get(url + "/v1/models").status_code == 401
     r = httpx.post(url + "/v1/chat/completions", content=b" " * (5 << 20), headers=h)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    for bad, param in (('"temperature": NaN', "temperature"), ('"top_p": Infinity', "top_p"),
+                       ('"frequency_penalty": 1.5', "frequency_penalty"),
+                       ('"presence_penalty": -1', "presence_penalty"),
+                       ('"logit_bias": {"50256": -100}', "logit_bias"), ('"stream": "false"', "stream"),
+                       ('"stream_options": {"include_usage": true}', "stream_options")):
+        raw = f'{{"model": "{name}", "messages": [{{"role": "user", "content": "hi"}}], {bad}}}'.encode()
+        r = httpx.post(url + "/v1/chat/completions", content=raw, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    assert c.chat.completions.create(model=name, messages=ok, max_tokens=2, frequency_penalty=0).choices
     assert c.chat.completions.create(model=name, messages=ok, max_tokens=2).choices[0].finish_reason == "length"
 
 
@@ -253,6 +263,27 @@ def test_tool_choice_forces_the_call_or_removes_the_tools(scripted):
     assert e.value.param == "tool_choice"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_cut_off_in_its_header_shows_no_markup(scripted, stream):
+    """tool_choice "required" opens the reply with `<|channel|>commentary to=functions.`; when generation ends
+    before the model finishes that header, nothing of it becomes content."""
+    srv = scripted(["get_weather <|constrain|>json<|message|>{}<|call|>"] * 2)
+    c = client(srv.url, "unused")
+    kw = {"model": "scripted", "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER_TOOL],
+          "tool_choice": "required", "max_tokens": 1}
+    if stream:
+        chunks = list(c.chat.completions.create(**kw, stream=True))
+        assert "".join(k.choices[0].delta.content or "" for k in chunks if k.choices) == ""
+        assert not any(k.choices[0].delta.tool_calls for k in chunks if k.choices)
+    else:
+        r = c.chat.completions.create(**kw)
+        assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == (None, None)
+        assert r.choices[0].finish_reason == "length"
+    out = c.responses.create(model="scripted", input="Weather?", tools=[{"type": "function", **WEATHER_TOOL[
+        "function"]}], tool_choice="required", max_output_tokens=1)
+    assert out.output == [] and out.status == "incomplete"
+
+
 def test_responses_function_call_with_previous_response_id(scripted):
     srv = scripted([CALL, FINAL, FINAL])
     c = client(srv.url, "unused")
@@ -326,6 +357,43 @@ def test_stop_strings_cut_the_content_and_end_the_generation(scripted):
         c.chat.completions.create(**{**kw, "stop": ["a", "b", "c", "d", "e"]})
 
 
+def test_a_stop_string_in_the_last_token_is_a_stop_and_nothing_is_generated_after_it(scripted):
+    """The worker checks the stop strings itself before the next token: usage counts the tokens up to the one that
+    completed the stop string, and finish_reason is "stop" even when that token was the last max_tokens allowed."""
+    reply = "<|channel|>final<|message|>Sunny, 21 C. Then rain, rain and more rain all week long.<|return|>"
+    upto = len(ENC.encode("<|channel|>final<|message|>Sunny, 21 C.", allowed_special="all"))
+    srv = scripted([reply] * 4)
+    c = client(srv.url, "unused")
+    kw = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "stop": " C."}
+    for n, finish in ((300, "stop"), (upto, "stop"), (upto - 1, "length")):
+        r = c.chat.completions.create(**kw, max_tokens=n)
+        assert r.choices[0].finish_reason == finish, (n, r)
+        assert r.usage.completion_tokens == min(n, upto), (n, r.usage)
+    chunks = list(c.chat.completions.create(**kw, max_tokens=upto, stream=True))
+    assert [k.choices[0].finish_reason for k in chunks if k.choices and k.choices[0].finish_reason] == ["stop"]
+
+
+def test_a_requests_effort_sets_its_default_budget():
+    """Without max_tokens of its own, a request's reasoning effort picks its budget as chat's /effort does (when
+    the server was given no --max-tokens); an explicit max_tokens wins."""
+    from types import SimpleNamespace
+
+    from edgec.runtime.generate import Sampling
+    from edgec.serve.app import Server
+
+    srv = Server.__new__(Server)
+    srv.engine = SimpleNamespace(session=SimpleNamespace(sampling=Sampling(max_tokens=8192), auto_max_tokens=True,
+                                                         max_context=131072))
+    keys = ("max_tokens",)
+    assert [srv.sampling({}, e, keys).max_tokens for e in ("low", "medium", "high", None)] == [2048, 8192, 32768,
+                                                                                                8192]
+    assert srv.sampling({"max_tokens": 5}, "high", keys).max_tokens == 5
+    srv.engine.session.max_context = 8192
+    assert srv.sampling({}, "high", keys).max_tokens == 4096  # at most half the context
+    srv.engine.session.auto_max_tokens = False  # --max-tokens given to the server: it is every request's default
+    assert srv.sampling({}, "high", keys).max_tokens == 8192
+
+
 def test_full_queue_is_429_and_a_waiting_client_that_leaves_gives_its_place_back(scripted):
     srv = scripted([], delay=0.02, max_queue=1)
     body = {"model": "scripted", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100}
@@ -353,6 +421,7 @@ def test_full_queue_is_429_and_a_waiting_client_that_leaves_gives_its_place_back
     later = pool.submit(client(srv.url, "unused").chat.completions.create, **{**body, "max_tokens": 3})
     assert later.result().usage.completion_tokens == 3 and running.result().status_code == 200
     assert len(srv.backend.prefills) == 4  # the one that left was skipped
+    assert not srv.engine.live  # and no job is left behind
     pool.shutdown()
 
 
@@ -387,13 +456,18 @@ def test_a_backend_failure_is_a_500_and_the_next_request_is_served(scripted):
     assert r.choices[0].message.content == "Sunny, 21 C." and r.usage.prompt_tokens_details.cached_tokens > 0
 
 
-def test_serve_cli_refuses_chat_only_options_and_missing_folders(tiny_mlx, tmp_path):
+def test_serve_cli_has_no_chat_only_options_and_refuses_missing_folders(tiny_mlx, tmp_path):
     from click.testing import CliRunner
 
     from edgec.cli import main
 
-    r = CliRunner().invoke(main, ["serve", str(tiny_mlx), "--tools", str(tmp_path / "t.json")])
-    assert r.exit_code == 2 and "chat options" in r.output
+    r = CliRunner().invoke(main, ["serve", "--help"])
+    assert r.exit_code == 0 and "--identity" in r.output
+    for chat_only in ("--tools", "--system", "--developer", "--show-analysis"):
+        assert chat_only not in r.output
+        r = CliRunner().invoke(main, ["serve", str(tiny_mlx), chat_only, *([] if chat_only == "--show-analysis"
+                                                                           else ["x"])])
+        assert r.exit_code == 2 and "No such option" in r.output
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
     assert r.exit_code == 2
 
@@ -403,9 +477,43 @@ def test_ctrl_c_stops_the_server_with_exit_130(tiny_mlx):
     proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(tiny_mlx), "--port", str(port),
                              "--max-context", "512"], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    wait_ready(f"http://127.0.0.1:{port}", proc)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130 and "interrupted" in proc.stderr.read()
+
+
+def test_ctrl_c_during_a_stream_ends_it_at_once_without_a_traceback(tiny_mlx):
+    """The running job and the waiting ones end (their streams close), the worker leaves the model, then exit 130:
+    no graceful-shutdown timeout, no CancelledError traceback, no abort from the runtime's threads."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(tiny_mlx), "--port", str(port),
+                             "--max-context", "4096", "--max-tokens", "2000"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    body = {"model": tiny_mlx.name, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    pool = ThreadPoolExecutor(2)
+    first = threading.Event()
+
+    def stream() -> list[str]:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = [] if r.status_code == 200 else [r.read().decode()]
+            for line in r.iter_lines():
+                lines.append(line)
+                first.set()
+            return lines
+
+    streams = [pool.submit(stream) for _ in range(2)]  # one running, one waiting
+    assert first.wait(60)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc, err = proc.wait(30), proc.stderr.read()
+    assert rc == 130 and time.monotonic() - t < 4, (rc, err)
+    assert "Traceback" not in err and "CancelledError" not in err and "terminate called" not in err, err
+    for f in streams:  # each ended properly (a request that came in after the signal gets a 503 instead)
+        lines = [x for x in f.result(30) if x]
+        assert lines[-1] == "data: [DONE]" or '"server_shutting_down"' in lines[-1], lines[-3:]
 
 
 def test_web_page_is_served(live):

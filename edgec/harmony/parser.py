@@ -196,11 +196,12 @@ class StreamParser:
             out += self.feed(t)
         return out
 
-    def finish(self) -> list[Event]:
-        """End of stream: close a message that had no end token (a header without <|message|> becomes text)."""
+    def finish(self, header_as_text: bool = True) -> list[Event]:
+        """End of stream: close a message that had no end token (a header without <|message|> becomes text, or is
+        dropped with header_as_text=False)."""
         if self._state == "content":
             return self._close(None)
-        if self._state == "header" and self._header_tokens:
+        if self._state == "header" and self._header_tokens and header_as_text:
             return self._header_as_text() + self._close(None)
         self._state = "start"
         return []

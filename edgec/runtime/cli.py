@@ -17,29 +17,36 @@ from ..progress import stderr
 MAX_TOOL_ROUNDS = 8  # tool calls answered in a row before the turn is handed back to the user
 
 
-def sampling_options(f):
-    for opt in reversed([
-        click.option("--max-tokens", type=int, default=None,
-                     help="tokens to generate at most, reasoning included (default: 2048 at low effort, 8192 at "
-                          "medium, 32768 at high; at most half the context)"),
-        click.option("--temperature", "--temp", type=float, default=1.0, show_default=True, help="0 = greedy"),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
-        click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
-        *runtime_options(),
-        click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
-                     show_default=True),
-        click.option("--developer", "--system", "developer",
-                     help="instructions for the model: the developer message, which is where gpt-oss's chat template "
-                          "puts a system prompt"),
-        click.option("--identity", "system", help="the model identity line of Harmony's system message (default: "
-                                                  "You are ChatGPT, a large language model trained by OpenAI.)"),
-        click.option("--tools", "tools_file", type=click.Path(path_type=Path),
-                     help='JSON list of functions [{"name", "description", "parameters", "mock"?}]'),
-        click.option("--show-analysis", is_flag=True, help="show the model's reasoning (dimmed)"),
-    ]):
-        f = opt(f)
-    return f
+def sampling_options(f=None, *, conversation: bool = True):
+    """The sampling, runtime and conversation options of chat and generate; serve (`conversation=False`) takes
+    neither the instructions nor the tools (a request carries its own) nor --show-analysis."""
+    def add(f):
+        for opt in reversed([
+            click.option("--max-tokens", type=int, default=None,
+                         help="tokens to generate at most, reasoning included (default: 2048 at low effort, 8192 at "
+                              "medium, 32768 at high; at most half the context)"),
+            click.option("--temperature", "--temp", type=float, default=1.0, show_default=True, help="0 = greedy"),
+            click.option("--top-p", type=float, default=1.0, show_default=True),
+            click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
+            click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
+            *runtime_options(),
+            click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
+                         show_default=True),
+            click.option("--identity", "system", help="the model identity line of Harmony's system message "
+                                                      "(default: You are ChatGPT, a large language model trained by "
+                                                      "OpenAI.)"),
+            *([click.option("--developer", "--system", "developer",
+                            help="instructions for the model: the developer message, which is where gpt-oss's chat "
+                                 "template puts a system prompt"),
+               click.option("--tools", "tools_file", type=click.Path(path_type=Path),
+                            help='JSON list of functions [{"name", "description", "parameters", "mock"?}]'),
+               click.option("--show-analysis", is_flag=True, help="show the model's reasoning (dimmed)")]
+              if conversation else []),
+        ]):
+            f = opt(f)
+        return f
+
+    return add(f) if f is not None else add
 
 
 def runtime_options() -> list:
@@ -142,8 +149,8 @@ def _recipes(cls, model: Path, target: str, cfg, budget, opts: dict) -> list[str
 
 
 def open_session(model: Path, max_tokens: int | None, temperature: float, top_p: float, top_k: int, seed: int | None,
-                 max_context: int | None, reasoning: str, system: str | None, developer: str | None,
-                 tools_file: Path | None, memory_budget: str | None = None, say=None,
+                 max_context: int | None, reasoning: str, system: str | None, developer: str | None = None,
+                 tools_file: Path | None = None, memory_budget: str | None = None, say=None,
                  **runtime: Any):
     """Plan memory (choosing the context), load the backend and the tokenizer, and start a ChatSession."""
     from ..harmony.tokenizer import Tokenizer
@@ -469,7 +476,7 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
     planned: list[str] = []  # --json: the memory plan goes into the JSON, not onto stderr
     session = open_session(resolve(model, target), say=planned.append if as_json else None, **kw)
     if conversation is not None:
-        session.load(conversation)
+        say(session.load(conversation))  # what the file replaced (a --system it overrides, say), on stderr
         if click.get_current_context().get_parameter_source("reasoning") == click.core.ParameterSource.COMMANDLINE:
             session.reasoning = kw["reasoning"]  # an explicit --reasoning wins over the file's system message
     else:

@@ -8,6 +8,7 @@ The stop token itself is not fed to the cache (Harmony stores a finished reply w
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,8 +33,8 @@ class Sampling:
     max_tokens: int = 512
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise EdgecError(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise EdgecError(f"--temperature must be a finite number >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise EdgecError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:

@@ -9,6 +9,7 @@ routes; `chat.py` and `responses.py` hold the two generation routes, `common.py`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as _dt
 import hmac
 import time
@@ -28,8 +29,10 @@ from ..errors import EdgecError
 from ..harmony.conversation import Message
 from ..harmony.openai import RequestError, conversation, forced_start
 from ..harmony.render import render_conversation
+from ..runtime.generate import Sampling
+from ..runtime.session import default_max_tokens
 from .chat import ChatCompletions
-from .common import Settings
+from .common import Settings, sampling_of
 from .engine import Done, Engine, Job
 from .responses import Responses, Stored
 
@@ -71,6 +74,15 @@ class Server(ChatCompletions, Responses):
             raise RequestError(f"This model's maximum context length is {s.max_context} tokens. However, your "
                                f"messages resulted in {len(prompt)} tokens.", param, "context_length_exceeded")
         return prompt
+
+    def sampling(self, body: dict, effort: str | None, max_keys: tuple[str, ...]) -> Sampling:
+        """The request's sampling over the server's defaults; without a max_tokens of its own (and none given to
+        the server) a request's reasoning effort sets its budget, as chat's /effort does."""
+        s = self.session
+        default = s.sampling
+        if effort and getattr(s, "auto_max_tokens", False):
+            default = dataclasses.replace(default, max_tokens=default_max_tokens(effort, s.max_context))
+        return sampling_of(body, default, max_keys)
 
     def forced(self, choice: str | None) -> list[int]:
         text = forced_start(choice)

@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..harmony.openai import Reply, RequestError, effort_of, from_chat, new_id, parse_tools, tool_call, tool_choice
-from .common import read_body, refuse, sampling_of, sse, timings
-from .engine import Done, Job
+from .common import flag, read_body, refuse, refuse_unsupported, sse, timings
+from .engine import Done, Job, StopText
 
 
 def stop_strings(body: dict) -> list[str]:
@@ -21,31 +21,6 @@ def stop_strings(body: dict) -> list[str]:
     return [x for x in stops or [] if x]
 
 
-class StopText:
-    """Cuts the answer's text at the first stop string, holding back a tail that could begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.keep = stops, max((len(x) for x in stops), default=1) - 1
-        self.pending, self.hit = "", False
-
-    def feed(self, text: str) -> str:
-        """The text that can go out now."""
-        if self.hit:
-            return ""
-        self.pending += text
-        cuts = [i for i in (self.pending.find(x) for x in self.stops) if i >= 0]
-        if cuts:
-            out, self.pending, self.hit = self.pending[:min(cuts)], "", True
-            return out
-        n = len(self.pending) - self.keep
-        out, self.pending = (self.pending[:n], self.pending[n:]) if n > 0 else ("", self.pending)
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.hit else self.pending), ""
-        return out
-
-
 def usage_chat(done: Done) -> dict:
     st = done.stats
     return {"prompt_tokens": st.prompt, "completion_tokens": st.decode, "total_tokens": st.prompt + st.decode,
@@ -53,7 +28,9 @@ def usage_chat(done: Done) -> dict:
             "completion_tokens_details": {"reasoning_tokens": done.reasoning_tokens}}
 
 
-def finish_reason(reply: Reply, done: Done) -> str:
+def finish_reason(reply: Reply, done: Done, cut: bool) -> str:
+    if cut:  # a stop string ended the content (the worker stopped there too: stats.stop "stop_string")
+        return "stop"
     if done.stats.stop in ("max_tokens", "context"):
         return "length"
     return "tool_calls" if any(i.kind == "call" for i in reply.items) else "stop"
@@ -68,18 +45,22 @@ class ChatCompletions:
         refuse(body, "n", (None, 1))
         refuse(body, "logprobs", (None, False))
         refuse(body, "response_format", (None, {"type": "text"}))
+        refuse_unsupported(body)
+        stream = flag(body, "stream")
+        if body.get("stream_options") is not None and not stream:
+            raise RequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                               "stream_options", "invalid_value")
         effort = effort_of(body.get("reasoning_effort"), "reasoning_effort") or effort_of(
             (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None,
             "reasoning.effort")
         choice = tool_choice(body.get("tool_choice"), parse_tools(body.get("tools")))
         messages = from_chat(body.get("messages"), None if choice == "none" else body.get("tools"))
-        sampling = sampling_of(body, self.session.sampling, ("max_completion_tokens", "max_tokens"))
+        sampling = self.sampling(body, effort, ("max_completion_tokens", "max_tokens"))
         forced = self.forced(choice)
         prompt = await self.prompt_of(messages, effort, "messages", forced)
-        stream = bool(body.get("stream"))
         opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         stops = stop_strings(body)
-        job = self.engine.submit(prompt, sampling, forced)
+        job = self.engine.submit(prompt, sampling, forced, stops)
         head = {"id": new_id("chatcmpl").replace("_", "-", 1), "created": int(time.time()),
                 "model": self.settings.model_id, "system_fingerprint": f"edgec-{self.session.backend.name}"}
         if stream:
@@ -94,13 +75,11 @@ class ChatCompletions:
                 for what, it, delta in reply.feed(ev):
                     if it.kind == "text":
                         content += cut.feed(delta) + (cut.flush() if what == "done" else "")
-                        if cut.hit:
-                            job.cancel.set()
         if done is None:  # the client left
             return Response(status_code=499)
         message = {**reply.chat_message(), "content": (content + cut.flush()) or None}
         return JSONResponse({**head, "object": "chat.completion", "choices": [
-            {"index": 0, "message": message, "finish_reason": finish_reason(reply, done), "logprobs": None}],
+            {"index": 0, "message": message, "finish_reason": finish_reason(reply, done, cut.hit), "logprobs": None}],
             "usage": usage_chat(done), "timings": timings(done)})
 
     async def chat_stream(self, job: Job, request: Request, head: dict, include_usage: bool, stops: list[str]
@@ -117,8 +96,9 @@ class ChatCompletions:
                 if isinstance(item, Done):
                     if rest := cut.flush():
                         yield chunk({"content": rest})
+                    finish = finish_reason(reply, item, cut.hit)
                     yield sse({**head, "object": "chat.completion.chunk", "choices": [
-                        {"index": 0, "delta": {}, "finish_reason": finish_reason(reply, item), "logprobs": None}],
+                        {"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None}],
                         "timings": timings(item), **({"usage": None} if include_usage else {})})
                     if include_usage:
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [],
@@ -137,8 +117,6 @@ class ChatCompletions:
                                 yield chunk({"reasoning_content": delta})
                         elif text := cut.feed(delta) + (cut.flush() if what == "done" else ""):
                             yield chunk({"content": text})
-                        if cut.hit:
-                            job.cancel.set()
         except Exception as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         yield sse("[DONE]")

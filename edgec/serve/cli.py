@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import EdgecError, require
+from ..errors import require
 from ..progress import stderr
 from ..runtime.cli import sampling_options
 
@@ -21,9 +21,9 @@ from ..runtime.cli import sampling_options
               help="requests waiting at most; more are answered 429")
 @click.option("--max-body", type=click.IntRange(1024), default=4 << 20, show_default=True,
               help="largest request body in bytes (413 above)")
-@sampling_options
+@sampling_options(conversation=False)
 def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int,
-          max_body: int, show_analysis: bool, **kw) -> None:
+          max_body: int, **kw) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) with a chat page at /.
 
     One model is loaded; requests queue and generate one at a time, each reusing the KV cache of the longest prefix
@@ -31,9 +31,6 @@ def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str 
     a request can override; --reasoning is the default effort, --identity the model identity."""
     require("uvicorn", "serve")
     require("starlette", "serve")
-    if kw.get("developer") or kw.get("tools_file") or show_analysis:
-        raise EdgecError("--developer/--system, --tools and --show-analysis are chat options: a request carries its "
-                         "own instructions and tools, and reasoning always comes back apart from the content")
     import uvicorn
 
     from ..runtime.cli import open_session
@@ -48,11 +45,16 @@ def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str 
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     stderr.print(f"edgec serve: {where}  model {settings.model_id!r} ({s.backend.name}, context {s.max_context})"
                  f"{'  API key required' if api_key else ''}", highlight=False)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C / SIGTERM: end the jobs so open streams close now
+            engine.shutdown(timeout=0)
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                                      access_log=False)).run()
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                              access_log=False)).run()
     finally:
-        engine.stop()
+        engine.shutdown()
 
 
 COMMANDS = [serve]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +46,9 @@ def _number(body: dict, key: str, kind: type, lo: float, hi: float | None = None
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not isinstance(v, int)):
-        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}", key, "invalid_type")
+    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not isinstance(v, int)) or (
+            not math.isfinite(v)):
+        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a finite number'}", key, "invalid_type")
     if v < lo or (hi is not None and v > hi):
         raise RequestError(f"{key} must be between {lo} and {hi if hi is not None else 'the context'} (got {v})", key,
                            "invalid_value")
@@ -73,6 +75,21 @@ def refuse(body: dict, key: str, allowed: tuple = (None,)) -> None:
     if body.get(key) not in allowed:
         raise RequestError(f"{key}={json.dumps(body.get(key))[:80]} is not supported by this server", key,
                            "unsupported_value")
+
+
+def flag(body: dict, key: str) -> bool:
+    """A boolean parameter (absent = false); "false" is not false."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise RequestError(f"{key} must be a boolean", key, "invalid_type")
+    return bool(v)
+
+
+def refuse_unsupported(body: dict) -> None:
+    """The sampling parameters both APIs share that this server does not implement (their neutral values pass)."""
+    for key in ("frequency_penalty", "presence_penalty"):
+        refuse(body, key, (None, 0))
+    refuse(body, "logit_bias", (None, {}))
 
 
 def timings(done: Done) -> dict:

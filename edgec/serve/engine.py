@@ -20,14 +20,40 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any
 
-from ..harmony.openai import RequestError
+from ..harmony.openai import Reply, RequestError
 from ..harmony.parser import StreamParser
 from ..runtime.generate import Sampling, Stats
 
 
+class StopText:
+    """Cuts the answer's text at the first stop string, holding back a tail that could begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.keep = stops, max((len(x) for x in stops), default=1) - 1
+        self.pending, self.hit = "", False
+
+    def feed(self, text: str) -> str:
+        """The text that can go out now."""
+        if self.hit:
+            return ""
+        self.pending += text
+        cuts = [i for i in (self.pending.find(x) for x in self.stops) if i >= 0]
+        if cuts:
+            out, self.pending, self.hit = self.pending[:min(cuts)], "", True
+            return out
+        n = len(self.pending) - self.keep
+        out, self.pending = (self.pending[:n], self.pending[n:]) if n > 0 else ("", self.pending)
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out
+
+
 @dataclass
 class Done:
-    """The end of a job: statistics (stop: return|call|max_tokens|context|cancelled), messages, reasoning tokens."""
+    """The end of a job: statistics (stop: return|call|max_tokens|context|stop_string|cancelled), messages, reasoning
+    tokens."""
 
     stats: Stats
     messages: list = field(default_factory=list)
@@ -35,12 +61,13 @@ class Done:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in a set
 class Job:
     prompt: list[int]
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     forced: list[int] = field(default_factory=list)  # the end of the prompt that starts the reply (tool_choice)
+    stops: list[str] = field(default_factory=list)  # stop strings: generation ends where the content holds one
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of parser events, then one Done
     cancel: threading.Event = field(default_factory=threading.Event)
     started: bool = False  # taken by the worker (until then it holds a place in the queue)
@@ -65,6 +92,8 @@ class Engine:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.session: Any = None
+        self.live: set[Job] = set()  # submitted and not yet done
+        self.closing = False  # shutdown began: no more jobs
         self._thread = threading.Thread(target=self._run, name="edgec-generate", daemon=True)
 
     def start(self) -> None:
@@ -74,9 +103,6 @@ class Engine:
         if self._error is not None:
             raise self._error
 
-    def stop(self) -> None:
-        self._jobs.put(None)
-
     def cancel(self, job: Job) -> None:
         """The job's client is gone: a waiting job gives its place in the queue back at once, a running one stops
         before its next token."""
@@ -85,17 +111,38 @@ class Engine:
                 self.waiting -= 1
             job.cancel.set()
 
-    def submit(self, prompt: list[int], sampling: Sampling, forced: list[int] | None = None) -> Job:
-        """Queue a job (`forced`: tokens already at the end of `prompt` that open the reply); a full queue is a
-        429."""
-        job = Job(prompt, sampling, asyncio.get_running_loop(), list(forced or []))
+    def submit(self, prompt: list[int], sampling: Sampling, forced: list[int] | None = None,
+               stops: list[str] | None = None) -> Job:
+        """Queue a job (`forced`: tokens already at the end of `prompt` that open the reply; `stops`: stop strings);
+        a full queue is a 429."""
+        job = Job(prompt, sampling, asyncio.get_running_loop(), list(forced or []), list(stops or []))
         with self._lock:
+            if self.closing:
+                raise RequestError("the server is shutting down", code="server_shutting_down", status=503,
+                                   type="server_error")
             if self.waiting >= self.max_queue:
                 raise RequestError(f"the server's queue is full ({self.max_queue} requests waiting); retry later",
                                    code="rate_limit_exceeded", status=429, type="rate_limit_error")
             self.waiting += 1
+            self.live.add(job)
         self._jobs.put(job)
         return job
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Server exit: end every job (a waiting one gets its Done now, the running one stops before its next token,
+        so open streams close at once), then wait for the worker to leave the model (the runtime's own threads must
+        not be torn down under a running step)."""
+        with self._lock:
+            self.closing = True
+            jobs = list(self.live)
+        for job in jobs:
+            waiting = not job.started
+            self.cancel(job)
+            if waiting:
+                job.put(Done(Stats(stop="cancelled")))
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # ---- the worker ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -109,6 +156,7 @@ class Engine:
         while (job := self._jobs.get()) is not None:
             with self._lock:
                 if job.cancel.is_set():  # its client left while it waited (its place is already given back)
+                    self.live.discard(job)
                     continue
                 self.waiting -= 1
                 job.started = self.busy = True
@@ -119,10 +167,13 @@ class Engine:
                 job.put(Done(self.session.gen.stats, error=e))
             finally:
                 self.busy = False
+                with self._lock:
+                    self.live.discard(job)
 
     def _generate(self, job: Job) -> Done:
         gen = self.session.gen
         parser = StreamParser(self.session.tokenizer, role="assistant", special_text=False)
+        reply, cut = Reply(), StopText(job.stops)  # the content as the routes see it, for the stop strings
         reasoning = 0
         if events := parser.feed_many(job.forced):
             job.put(events)
@@ -136,6 +187,15 @@ class Engine:
             reasoning += parser.current_channel == "analysis"
             if events:
                 job.put(events)
-        if events := parser.finish():
+            if job.stops:
+                for _, it, delta in (x for e in events for x in reply.feed(e)):
+                    if it.kind == "text":
+                        cut.feed(delta)
+                if cut.hit:  # the content holds a stop string: nothing after it is generated
+                    tokens.close()
+                    gen.stats.stop = "stop_string"
+                    break
+        # a tool call forced by tool_choice whose header the model left unfinished is dropped, not shown as text
+        if events := parser.finish(header_as_text=not job.forced):
             job.put(events)
         return Done(gen.stats, list(parser.messages), reasoning)

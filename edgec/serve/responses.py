@@ -21,7 +21,7 @@ from ..harmony.openai import (
     parse_tools,
     tool_choice,
 )
-from .common import read_body, refuse, sampling_of, sse, timings
+from .common import flag, read_body, refuse, refuse_unsupported, sse, timings
 from .engine import Done, Job
 
 STORED_RESPONSES = 256  # responses kept for previous_response_id, oldest dropped first
@@ -50,6 +50,8 @@ class Responses:
         body = await read_body(request, self.settings.max_body)
         self.check_model(body)
         refuse(body, "background", (None, False))
+        refuse_unsupported(body)
+        stream = flag(body, "stream")
         refuse(body, "text", (None, {"format": {"type": "text"}}))
         prev_id = body.get("previous_response_id")
         prev = None
@@ -64,7 +66,7 @@ class Responses:
         messages = from_responses(body.get("input"), body.get("instructions"),
                                   None if choice == "none" else body.get("tools"),
                                   prev.messages if prev else None, prev.calls if prev else None)
-        sampling = sampling_of(body, self.session.sampling, ("max_output_tokens",))
+        sampling = self.sampling(body, effort, ("max_output_tokens",))
         forced = self.forced(choice)
         prompt = await self.prompt_of(messages, effort, "input", forced)
         job = self.engine.submit(prompt, sampling, forced)
@@ -78,7 +80,7 @@ class Responses:
                 "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": None, "metadata":
                 body.get("metadata") or {}, "store": body.get("store", True)}
         history = messages[1:] if messages and messages[0].role == "developer" else messages
-        if body.get("stream"):
+        if stream:
             return StreamingResponse(self.responses_stream(job, request, resp, history, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         reply, done = Reply(), None
