@@ -341,6 +341,9 @@ def test_generate_says_when_the_conversation_file_replaces_the_command_lines_ins
     path.write_text(json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]))
     r = invoke(["generate", tiny, "--conversation", path, "--system", "Be long.", "--max-context", 4096])
     assert "replaced the developer message" in r.stderr and r.stdout.strip() == "Hi!"
+    monkeypatch.setattr(base, "load_backend", lambda *a, **k: pytest.fail("loaded a model for a missing file"))
+    r = invoke(["generate", tiny, "--conversation", tmp_path / "missing.json"], code=2)
+    assert "missing.json: file not found" in r.output
 
 
 # ---- issue 14: a chat that tells the truth ---------------------------------------------------------------------------

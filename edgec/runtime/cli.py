@@ -473,6 +473,10 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
         prompt = sys.stdin.read().rstrip("\n")
         if not prompt.strip():
             raise EdgecError("--prompt -: stdin was empty")
+    if conversation is not None:
+        from ..jsonio import regular_file
+
+        regular_file(conversation)  # a missing file is said before the model loads
     planned: list[str] = []  # --json: the memory plan goes into the JSON, not onto stderr
     session = open_session(resolve(model, target), say=planned.append if as_json else None, **kw)
     if conversation is not None:
