@@ -106,6 +106,11 @@ def test_responses_plain_streamed_and_previous_response_id(live):
     assert r2.previous_response_id == r.id and r2.usage.input_tokens > r.usage.input_tokens
     assert r2.usage.input_tokens_details.cached_tokens > 0
     assert c.responses.retrieve(r2.id).id == r2.id
+    c.responses.delete(r2.id)  # the client's own call (it returns nothing)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r2.id)
+    with pytest.raises(openai.BadRequestError):
+        c.responses.create(model=name, previous_response_id=r2.id, input="Again?", max_output_tokens=2)
 
 
 def test_bad_input_gets_openai_errors_and_the_server_goes_on(live):

@@ -195,7 +195,7 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         Route("/v1/models/{model:path}", s.model),
         Route("/v1/chat/completions", s.chat_completions, methods=["POST"]),
         Route("/v1/responses", s.responses, methods=["POST"]),
-        Route("/v1/responses/{id}", s.get_response),
+        Route("/v1/responses/{id}", s.get_response, methods=["GET", "DELETE"]),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     app = Starlette(routes=routes, exception_handlers={

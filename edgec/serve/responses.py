@@ -161,8 +161,12 @@ class Responses:
             yield event("response.failed", response=resp)
 
     async def get_response(self, request: Request) -> Response:
-        stored = self.stored.get(request.path_params["id"])
+        """GET returns a stored response, DELETE forgets it (a later previous_response_id naming it is a 400)."""
+        rid = request.path_params["id"]
+        stored = self.stored.get(rid)
         if stored is None:
-            raise RequestError(f"Response with id {request.path_params['id']!r} not found.", "id",
-                               "response_not_found", status=404)
+            raise RequestError(f"Response with id {rid!r} not found.", "id", "response_not_found", status=404)
+        if request.method == "DELETE":
+            del self.stored[rid]
+            return JSONResponse({"id": rid, "object": "response", "deleted": True})
         return JSONResponse(stored.body)
