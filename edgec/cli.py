@@ -7,6 +7,7 @@ them, and a missing one is reported as a one-line install hint.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,16 +133,25 @@ def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None
     from .runtime.base import load_backend
     from .spec import check_token_ids
 
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise EdgecError(f"{out}: is a symbolic link or not a regular file; edgec will not replace it")
+    if out.exists() and model.resolve() in out.resolve().parents:
+        raise EdgecError(f"{out}: is a file of the model folder {model}; edgec will not replace it")
     tokens = parse_ids(ids, ids_file)
     backend = load_backend(model, max_context=len(tokens))
     check_token_ids(tokens, backend.config.vocab_size)
     n = len(tokens) if last is None else max(1, min(last, len(tokens)))
     with np.errstate(all="ignore"):  # non-finite logits are counted and reported below, once
         result = backend.forward(tokens, all_logits=True)[-n:]
-    try:
-        np.save(out, result.astype(np.float32))
+    tmp = out.with_name(f".{out.name}.edgec-tmp-{os.getpid()}")
+    try:  # written beside, then renamed over: a link at `out` is replaced, never written through
+        with open(tmp, "wb") as f:
+            np.save(f, result.astype(np.float32))  # to a file object: the name stays as given (no .npy added)
+        os.replace(tmp, out)
     except OSError as e:
         raise EdgecError(f"{out}: cannot write ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     stderr.print(f"{backend.name}: wrote {out} {list(result.shape)} float32")
     if bad := int(np.count_nonzero(~np.isfinite(result))):
         pos = int(np.argwhere(~np.isfinite(result))[0][0]) + len(tokens) - n

@@ -28,12 +28,16 @@ def check_output(out: Path, force: bool | str = False, keep: Iterable[Path] = ()
     an existing output without `force`, or, unless force == "foreign", a folder edgec did not write."""
     out = Path(out)
     real = out.resolve()
+    keep = [Path(k).resolve() for k in keep]
     for k in keep:
-        k = Path(k).resolve()
         if k == real or real in k.parents:
             raise EdgecError(f"{out}: replacing it would destroy the source {k}; choose another output folder")
     if not out.exists() and not out.is_symlink():
         return
+    for folder in {k if k.is_dir() else k.parent for k in keep}:  # what already is in the source's folder: the user's
+        if real == folder or folder in real.parents:
+            raise EdgecError(f"{out}: is inside the source folder {folder}; edgec replaces nothing there (a new "
+                             f"folder there is fine)")
     if not force:
         raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
     if out.is_symlink() or not out.is_dir():
@@ -53,7 +57,9 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
     becomes a one-line EdgecError naming the output; in every failure case no partial output remains.
     """
     out = Path(out)
+    keep = list(keep)
     check_output(out, force, keep)
+    made = [p for p in reversed(out.parents) if not p.exists()]  # parent folders this run creates
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.edgec-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     trash = out.parent / f".{out.name}.edgec-old-{os.getpid()}"
@@ -67,6 +73,8 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
             try:
                 os.mkdir(tmp, 0o777)  # permissions as a folder the user makes (umask)
                 yield tmp
+                if out.exists() or out.is_symlink():  # again, under the lock: it may have appeared meanwhile
+                    check_output(out, force, keep)
                 if out.exists():
                     os.replace(out, trash)
                     os.replace(tmp, out)
@@ -90,6 +98,12 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+        if not out.exists():  # failed: the parent folders this run made go too (those still empty)
+            for p in reversed(made):
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
 
 @contextmanager

@@ -75,6 +75,63 @@ def test_force_foreign_replaces_a_foreign_folder_but_never_the_source(models):
     assert snapshot(models / "src") == before
 
 
+@pytest.mark.parametrize("inside", ["src/original", "src/notes"])
+def test_no_force_replaces_a_folder_inside_the_source(models, inside):
+    """The source's own original/ folder, or the user's notes kept beside the weights: any existing folder in the
+    source's folder is the user's, whatever --force says; a new folder there is fine."""
+    (models / "src" / "notes").mkdir()
+    (models / "src" / "notes" / "todo.txt").write_text("mine")
+    before = snapshot(models)
+    for force in ("--force", "--force-foreign"):
+        r = run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / inside), force)
+        assert_one_line_error(r, "is inside the source folder")
+    assert snapshot(models) == before
+    assert run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / "src" / "new")).returncode == 0
+
+
+def test_a_folder_that_appears_at_the_output_meanwhile_is_kept(tmp_path):
+    """The output's rules are checked again under the lock, just before the rename: a folder someone made at the
+    output while edgec wrote is refused (no --force) and kept, and the new output is dropped."""
+    out = tmp_path / "out"
+    with pytest.raises(EdgecError, match="output folder exists"), atomic_dir(out) as tmp:
+        (tmp / "model").write_bytes(b"x")
+        out.mkdir()
+        (out / "mydata.txt").write_text("precious")
+    assert (out / "mydata.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(EdgecError, match="not written by edgec"), atomic_dir(tmp_path / "o2", force=True) as tmp:
+        (tmp_path / "o2").mkdir()
+        (tmp_path / "o2" / "mine.txt").write_text("mine")
+    assert (tmp_path / "o2" / "mine.txt").read_text() == "mine"
+
+
+def test_a_failed_run_removes_the_parent_folders_it_made(tmp_path):
+    with pytest.raises(Interrupted), atomic_dir(tmp_path / "n1" / "n2" / "out"):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(Interrupted), atomic_dir(tmp_path / "keep" / "n2" / "out"):
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"] and not list((tmp_path / "keep").iterdir())
+
+
+def test_logits_never_writes_through_a_link_nor_over_the_models_files(models, tmp_path):
+    shard = next((models / "src").glob("*.safetensors"))
+    before = snapshot(models)
+    (tmp_path / "evil.npy").symlink_to(shard)
+    r = run("logits", str(models / "src"), "--ids", "1,2", "--out", str(tmp_path / "evil.npy"))
+    assert_one_line_error(r, "symbolic link")
+    r = run("logits", str(models / "src"), "--ids", "1,2", "--out", str(models / "src" / "config.json"))
+    assert_one_line_error(r, "is a file of the model folder")
+    assert snapshot(models) == before
+    r = run("logits", str(models / "src"), "--ids", "1,2", "--out", str(tmp_path / "l.bin"))
+    assert r.returncode == 0 and "wrote " + str(tmp_path / "l.bin") in r.stderr.replace("\n", "")
+    import numpy as np
+
+    assert np.load(tmp_path / "l.bin").shape == (2, 1024)  # the name as given: no .npy appended
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_force_replaces_an_earlier_output_and_an_empty_folder(models):
     out = models / "out"
     out.mkdir()
