@@ -39,6 +39,9 @@ class Manifest:
     edgec_version: str | None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data")  # what a runtime loads: each must be in `files`
+
+
 def read(folder: str | Path) -> Manifest:
     """The folder's edgec.json, every field type-checked (one-line EdgecError naming the file)."""
     folder = Path(folder)
@@ -52,6 +55,8 @@ def read(folder: str | Path) -> Manifest:
             raise EdgecError(f"{where}: {key!r} must be a JSON object, got {type(m[key]).__name__}")
     if not isinstance(m.get("config"), dict) or not isinstance(m.get("files"), dict):
         raise EdgecError(f"{where}: not an edgec manifest (no config / files)")
+    if m.get("runtime") is not None and not isinstance(m["runtime"], str):
+        raise EdgecError(f"{where}: 'runtime' must be a string, got {type(m['runtime']).__name__}")
     if "config_sha256" in m and m["config_sha256"] != config_sha256(m["config"]):
         raise EdgecError(f"{where}: its config was edited after conversion (convert again rather than edit it)")
     files = m["files"]
@@ -72,7 +77,8 @@ def problems(m: Manifest, full: bool = False) -> list[str]:
     that says another model than the manifest."""
     from .safetensors_io import SafetensorsFile
 
-    out = []
+    out = [f"{p}: not recorded in edgec.json (a weights file the runtime would load unchecked)"
+           for p in sorted(m.folder.iterdir()) if p.name not in m.files and p.suffix in WEIGHT_SUFFIXES]
     for name, info in sorted(m.files.items()):
         p = m.folder / name
         try:

@@ -23,7 +23,7 @@ INT_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "head_dim
               "max_position_embeddings", "initial_context_length", "bos_token_id", "eos_token_id", "pad_token_id")
 FLOAT_FIELDS = ("rope_theta", "swiglu_limit", "swiglu_alpha", "rms_norm_eps", "yarn.factor", "yarn.beta_fast",
                 "yarn.beta_slow")
-POSITIVE_FLOATS = ("rope_theta", "swiglu_limit", "rms_norm_eps", "yarn.factor")
+POSITIVE_FLOATS = ("rope_theta", "swiglu_limit", "rms_norm_eps", "yarn.factor", "yarn.beta_fast", "yarn.beta_slow")
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,10 @@ class GptOssConfig:
             if type(v) not in (int, float) or not math.isfinite(v) or (f in POSITIVE_FLOATS and v <= 0):
                 out.append(f"{f} must be a finite{' positive' if f in POSITIVE_FLOATS else ''} number, got {v!r}")
         if type(self.yarn.original_max_position_embeddings) is not int or \
-                self.yarn.original_max_position_embeddings < 1:
-            out.append("rope_scaling.original_max_position_embeddings must be a positive integer")
+                not 1 <= self.yarn.original_max_position_embeddings <= MAX_SIZE:
+            out.append(f"rope_scaling.original_max_position_embeddings must be an integer from 1 to {MAX_SIZE}")
+        if not out and self.rope_theta <= 1:  # RoPE's frequencies are powers of it (and YaRN divides by its log)
+            out.append(f"rope_theta must be greater than 1, got {self.rope_theta!r}")
         if not isinstance(self.layer_types, tuple) or not all(isinstance(t, str) for t in self.layer_types):
             out.append("layer_types must be a list of strings")
         return out

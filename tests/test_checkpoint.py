@@ -175,6 +175,12 @@ def edit_config(root, **kw):
     config(root, json.dumps(cfg))
 
 
+def edit_rope(root, **kw):
+    cfg = json.loads((root / "config.json").read_text())
+    (cfg.get("rope_scaling") or cfg["rope_parameters"]).update(kw)
+    config(root, json.dumps(cfg))
+
+
 def deep(n: int) -> str:
     return "[" * n + "]" * n
 
@@ -249,6 +255,14 @@ CORPUS = {
     "nan_rope_theta": (lambda r: config(r, (r / "config.json").read_text().replace('"rope_theta": 150000.0',
                                                                                      '"rope_theta": NaN')),
                        "rope_theta must be a finite positive number", False),
+    # configs inspect and convert accepted, that then divided by zero or overflowed in RoPE (edgec/rope.py)
+    "rope_theta_one": (lambda r: edit_config(r, rope_theta=1), "rope_theta must be greater than 1", False),
+    "rope_theta_true": (lambda r: edit_config(r, rope_theta=True), "rope_theta must be greater than 1", False),
+    "yarn_beta_fast_zero": (lambda r: edit_rope(r, beta_fast=0), "beta_fast must be a finite positive number", False),
+    "yarn_beta_slow_negative": (lambda r: edit_rope(r, beta_slow=-1), "beta_slow must be a finite positive number",
+                                False),
+    "yarn_original_context_huge": (lambda r: edit_rope(r, original_max_position_embeddings=10**400),
+                                   "original_max_position_embeddings must be an integer from 1 to", False),
     "deep_config": (lambda r: config(r, '{"model_type": "gpt_oss", "x": ' + deep(200_000) + "}"),
                     "config.json: JSON nested too deeply", False),
     "deep_config_under_recursion_limit": (lambda r: config(r, '{"model_type": "gpt_oss", "x": ' + deep(500) + "}"),

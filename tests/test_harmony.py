@@ -439,6 +439,10 @@ def test_cli_render_and_parse(tmp_path, enc):
     bad.write_text("{not json")
     r = runner.invoke(main, ["harmony", "render", str(bad)])
     assert r.exit_code == 2 and "bad.json" in r.output
+    for not_ids in ("[1e999]", "[1.5]", "[true]"):  # 1e999 was an OverflowError traceback
+        bad.write_text(not_ids)
+        r = runner.invoke(main, ["harmony", "parse", "--tokens-file", str(bad)])
+        assert r.exit_code == 2 and "expected a JSON list" in r.output and r.exception.__class__ is SystemExit
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -164,6 +164,12 @@ EDITS = {
         "was converted from another model"),
     "string recipe": ("tiny_mlx", lambda out: edit_manifest(out, lambda m: m.update(recipe="exact")), False,
                       "'recipe' must be a JSON object"),
+    "list runtime": ("tiny_mlx", lambda out: edit_manifest(out, lambda m: m.update(runtime=[1])), False,
+                     "'runtime' must be a string"),
+    "shard dropped from files": ("tiny_mlx", lambda out: edit_manifest(out, lambda m: m["files"].pop(
+        next(n for n in m["files"] if n.endswith(".safetensors")))), False, "not recorded in edgec.json"),
+    "no files at all": ("tiny_onnx", lambda out: edit_manifest(out, lambda m: m.update(files={})), False,
+                        "not recorded in edgec.json"),
     "onnx layers=1": ("tiny_onnx", lambda out: edit_manifest(
         out, lambda m: m["config"].update(num_hidden_layers=1, layer_types=["sliding_attention"]), digest=True),
         False, "genai_config.json: describes another model"),

@@ -130,3 +130,20 @@ def test_long_pieces_heap_merge_equals_scan(enc):
         assert tok._bpe_heap(piece) == tok._bpe_scan(piece)
     for text in ["=-" * 1500, " " * 3000 + "x", "§" * 2000, "!?" * 1000 + "\n" * 50, "ab" * 3000]:
         assert tok.encode(text) == enc.encode(text, disallowed_special=())
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ([1], "not a byte-level BPE tokenizer"),
+    ({"model": []}, "not a byte-level BPE tokenizer"),
+    ({"model": {"type": "BPE", "vocab": {"a": "x"}}}, "model.vocab: token id 'x' is not a non-negative integer"),
+    ({"model": {"type": "BPE", "vocab": {"a": 1}}, "added_tokens": [{"id": "x", "content": "y"}]},
+     "added_tokens: token id 'x'"),
+    ({"model": {"type": "BPE", "vocab": {"a": 1}}, "added_tokens": 5}, "added_tokens: must be a list of objects"),
+])
+def test_a_malformed_tokenizer_json_is_one_line(tmp_path, data, fragment):
+    from edgec.errors import EdgecError
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(EdgecError, match="tokenizer.json: " + fragment.split(":")[0]) as e:
+        Tokenizer.from_folder(tmp_path)
+    assert fragment in str(e.value) and "\n" not in str(e.value)

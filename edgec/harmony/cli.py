@@ -57,10 +57,9 @@ def _token_ids(text: str) -> list[int] | None:
         data = data.get("tokens") or data.get("ids")
     if not isinstance(data, list) or not data:
         return None
-    try:
-        return [int(t) for t in data]
-    except (TypeError, ValueError):
-        return None
+    if not all(type(t) is int or (isinstance(t, str) and t.strip().lstrip("-").isdigit()) for t in data):
+        return None  # 1e999, 1.5, true, null: not token ids
+    return [int(t) for t in data]
 
 
 def _read_tokens(path: Path) -> list[int]:

@@ -138,15 +138,24 @@ class Tokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, data: dict, where: str = "tokenizer.json") -> Tokenizer:
-        model = data.get("model") or {}
-        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-            raise EdgecError(f"{where}: not a byte-level BPE tokenizer (model.type={model.get('type')!r})")
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            kind = model.get("type") if isinstance(model, dict) else None
+            raise EdgecError(f"{where}: not a byte-level BPE tokenizer (model.type={kind!r})")
         dec = {c: b for b, c in _byte_encoder().items()}
         try:
-            ranks = {bytes(dec[c] for c in tok): int(i) for tok, i in model["vocab"].items()}
+            ranks = {bytes(dec[c] for c in tok): _token_id(i) for tok, i in model["vocab"].items()}
         except KeyError as e:
             raise EdgecError(f"{where}: vocabulary entry is not byte-level ({e})") from None
-        specials = {int(t["id"]): str(t["content"]) for t in data.get("added_tokens") or []}
+        except ValueError as e:
+            raise EdgecError(f"{where}: model.vocab: {e}") from None
+        added = data.get("added_tokens") or []
+        try:
+            if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+                raise ValueError("must be a list of objects")
+            specials = {_token_id(t.get("id")): str(t.get("content")) for t in added}
+        except ValueError as e:
+            raise EdgecError(f"{where}: added_tokens: {e}") from None
         pattern = _split_regex(data.get("pre_tokenizer")) or O200K_PATTERN
         try:
             return cls(ranks, specials, pattern)
@@ -404,3 +413,10 @@ def write_tokenizer_files(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+
+
+def _token_id(v: object) -> int:
+    """A token id from tokenizer.json: a non-negative integer (ValueError naming the value otherwise)."""
+    if type(v) is not int or v < 0:
+        raise ValueError(f"token id {v!r} is not a non-negative integer")
+    return v

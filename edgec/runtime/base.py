@@ -230,7 +230,7 @@ def runtime_of(folder: Path) -> str:
         manifest.verify(folder)  # sizes, headers, small files' sha256, the config: edgec.json is not taken on trust
     if target == "source":
         return "reference"
-    runtime = load_json(folder / "edgec.json").get("runtime")
+    runtime = manifest.read(folder).runtime
     if not runtime:
         from ..targets import load_profile
 
