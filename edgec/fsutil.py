@@ -69,7 +69,7 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
 
     old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
     try:
-        with _locked(out, tmp, trash):  # both names are recorded before either exists
+        with _locked(out, tmp, trash) as lock:  # both names are recorded before either exists
             try:
                 os.mkdir(tmp, 0o777)  # permissions as a folder the user makes (umask)
                 yield tmp
@@ -78,7 +78,13 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
                 if out.exists():
                     os.replace(out, trash)
                     os.replace(tmp, out)
-                    shutil.rmtree(trash, ignore_errors=True)
+                    try:
+                        shutil.rmtree(trash, ignore_errors=True)
+                    except KeyboardInterrupt:  # the new output is in place; the lock file keeps the old one's name
+                        lock["leftovers"] = True
+                        raise Interrupted(f"{out}: interrupted after the new output was in place; what is left of "
+                                          f"the old one ({trash.name}) is removed by the next edgec run here") \
+                            from None
                 else:
                     os.replace(tmp, out)
             except BaseException:
@@ -107,11 +113,12 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
 
 
 @contextmanager
-def _locked(out: Path, *folders: Path) -> Iterator[None]:
+def _locked(out: Path, *folders: Path) -> Iterator[dict]:
     """Hold `.NAME.edgec-lock` beside `out` (an OS lock: released even when the process is killed). The file names
     the temporary `folders` its holder writes; a holder that was killed leaves it behind, and the next holder removes
     the folders it names (those are provably edgec's) and says so."""
     path = out.parent / f".{out.name}.edgec-lock"
+    state = {"leftovers": False}  # set by the holder when it leaves a recorded folder behind
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
@@ -129,14 +136,15 @@ def _locked(out: Path, *folders: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, "".join(f"{p.name}\n" for p in folders).encode())
-        yield
+        yield state
     finally:
-        try:
-            os.unlink(path)  # while still locked (POSIX); Windows cannot delete an open file: after closing
-        except OSError:
-            pass
+        if not state["leftovers"]:  # else the record stays, for the next holder to clean up
+            try:
+                os.unlink(path)  # while still locked (POSIX); Windows cannot delete an open file: after closing
+            except OSError:
+                pass
         os.close(fd)
-        if path.exists() and os.name == "nt":
+        if path.exists() and os.name == "nt" and not state["leftovers"]:
             try:
                 os.unlink(path)
             except OSError:

@@ -236,3 +236,31 @@ def test_writing_needs_no_fcntl(base, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and (out / "edgec.json").is_file(), r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_interrupt_while_the_old_output_is_removed_is_told_and_cleaned_next_time(tmp_path, monkeypatch):
+    """Ctrl-C after the new output took the old one's place, while the old one is deleted: the run says so (exit
+    130), the lock file keeps the old one's name, and the next run removes what is left and says so."""
+    import edgec.fsutil as fsutil
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "edgec.json").write_text("{}")
+    real = shutil.rmtree
+
+    def interrupted(p, *a, **k):
+        if ".edgec-old-" in str(p):
+            (Path(p) / "edgec.json").unlink()  # partly removed
+            raise KeyboardInterrupt
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(fsutil.shutil, "rmtree", interrupted)
+    with pytest.raises(Interrupted, match="interrupted after the new output was in place") as e, \
+            atomic_dir(out, force=True) as tmp:
+        (tmp / "edgec.json").write_text('{"new": 1}')
+    assert e.value.exit_code == 130 and (out / "edgec.json").read_text() == '{"new": 1}'
+    assert len(list(tmp_path.glob(".out.edgec-old-*"))) == 1 and (tmp_path / ".out.edgec-lock").is_file()
+    monkeypatch.setattr(fsutil.shutil, "rmtree", real)
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "edgec.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
