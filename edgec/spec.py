@@ -26,6 +26,26 @@ FLOAT_FIELDS = ("rope_theta", "swiglu_limit", "swiglu_alpha", "rms_norm_eps", "y
 POSITIVE_FLOATS = ("rope_theta", "swiglu_limit", "rms_norm_eps", "yarn.factor", "yarn.beta_fast", "yarn.beta_slow")
 
 
+def _int(v: Any) -> int:
+    """An integer field of a config file: an int, or a float with an integral value (1.5, true, "24" are refused)."""
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise ValueError(f"{v!r} is not an integer")
+    return int(v)
+
+
+def _integer_fields(d: Any, where: str) -> None:
+    """Integer fields of a config file that hold something else, named in one line (before any is converted)."""
+    if not isinstance(d, dict):
+        return
+    for key in (*INT_FIELDS, "num_experts", "experts_per_token"):
+        v = d.get(key)
+        if key in d and (v is not None or key == "sliding_window") and not isinstance(v, list):  # eos may be a list
+            try:
+                _int(v)
+            except ValueError:
+                raise EdgecError(f"{where}: {key} must be an integer, got {v!r}") from None
+
+
 @dataclass(frozen=True)
 class Yarn:
     """YaRN RoPE scaling as the checkpoint states it (`rope_scaling` / `rope_parameters`)."""
@@ -164,12 +184,13 @@ class GptOssConfig:
             raise EdgecError(f"{where}: not a gpt-oss checkpoint (model_type={d.get('model_type')!r}, "
                              f"architectures={arch!r}); edgec converts GptOssForCausalLM only")
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        _integer_fields(d, where)
         try:
             yarn = Yarn(
                 factor=float(rope.get("factor", 32.0)),
                 beta_fast=float(rope.get("beta_fast", 32.0)),
                 beta_slow=float(rope.get("beta_slow", 1.0)),
-                original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)),
+                original_max_position_embeddings=_int(rope.get("original_max_position_embeddings", 4096)),
                 truncate=bool(rope.get("truncate", False)),
             )
             theta = d.get("rope_theta", rope.get("rope_theta", 150000.0))
@@ -178,29 +199,29 @@ class GptOssConfig:
                 if not eos:
                     raise ValueError("eos_token_id is an empty list")
                 eos = eos[0]
-            heads = int(d["num_attention_heads"])
+            heads = _int(d["num_attention_heads"])
             kw = dict(
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                head_dim=int(d.get("head_dim") or (int(d["hidden_size"]) // heads if heads > 0 else 0)),
+                num_hidden_layers=_int(d["num_hidden_layers"]),
+                hidden_size=_int(d["hidden_size"]),
+                intermediate_size=_int(d["intermediate_size"]),
+                head_dim=_int(d.get("head_dim") or (_int(d["hidden_size"]) // heads if heads > 0 else 0)),
                 num_attention_heads=heads,
-                num_key_value_heads=int(d["num_key_value_heads"]),
-                num_local_experts=int(d.get("num_local_experts", d.get("num_experts", 0))),
-                num_experts_per_tok=int(d.get("num_experts_per_tok", d.get("experts_per_token", 4))),
-                vocab_size=int(d["vocab_size"]),
-                sliding_window=int(d.get("sliding_window") or 128),
+                num_key_value_heads=_int(d["num_key_value_heads"]),
+                num_local_experts=_int(d.get("num_local_experts", d.get("num_experts", 0))),
+                num_experts_per_tok=_int(d.get("num_experts_per_tok", d.get("experts_per_token", 4))),
+                vocab_size=_int(d["vocab_size"]),
+                sliding_window=_int(d.get("sliding_window", 128)),
                 layer_types=tuple(d.get("layer_types") or ()),
                 rope_theta=float(theta),
                 yarn=yarn,
-                max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-                initial_context_length=int(d.get("initial_context_length", 4096)),
+                max_position_embeddings=_int(d.get("max_position_embeddings", 131072)),
+                initial_context_length=_int(d.get("initial_context_length", 4096)),
                 swiglu_limit=float(d.get("swiglu_limit", 7.0)),
                 swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                bos_token_id=int(d.get("bos_token_id") or 199998),
-                eos_token_id=int(eos),
-                pad_token_id=int(d.get("pad_token_id") or 199999),
+                bos_token_id=_int(d.get("bos_token_id") or 199998),
+                eos_token_id=_int(eos),
+                pad_token_id=_int(d.get("pad_token_id") or 199999),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise EdgecError(f"{where}: malformed gpt-oss config ({type(e).__name__}: {e})") from None
@@ -209,27 +230,28 @@ class GptOssConfig:
     @classmethod
     def from_original(cls, d: dict[str, Any], where: str = "original/config.json") -> GptOssConfig:
         """Read OpenAI's `original/config.json` (num_experts, experts_per_token, rope_ntk_*)."""
+        _integer_fields(d, where)
         try:
             kw = dict(
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                head_dim=int(d.get("head_dim", 64)),
-                num_attention_heads=int(d["num_attention_heads"]),
-                num_key_value_heads=int(d["num_key_value_heads"]),
-                num_local_experts=int(d["num_experts"]),
-                num_experts_per_tok=int(d["experts_per_token"]),
-                vocab_size=int(d["vocab_size"]),
-                sliding_window=int(d.get("sliding_window", 128)),
+                num_hidden_layers=_int(d["num_hidden_layers"]),
+                hidden_size=_int(d["hidden_size"]),
+                intermediate_size=_int(d["intermediate_size"]),
+                head_dim=_int(d.get("head_dim", 64)),
+                num_attention_heads=_int(d["num_attention_heads"]),
+                num_key_value_heads=_int(d["num_key_value_heads"]),
+                num_local_experts=_int(d["num_experts"]),
+                num_experts_per_tok=_int(d["experts_per_token"]),
+                vocab_size=_int(d["vocab_size"]),
+                sliding_window=_int(d.get("sliding_window", 128)),
                 rope_theta=float(d.get("rope_theta", 150000.0)),
                 yarn=Yarn(
                     factor=float(d.get("rope_scaling_factor", 32.0)),
                     beta_fast=float(d.get("rope_ntk_beta", 32.0)),
                     beta_slow=float(d.get("rope_ntk_alpha", 1.0)),
-                    original_max_position_embeddings=int(d.get("initial_context_length", 4096)),
+                    original_max_position_embeddings=_int(d.get("initial_context_length", 4096)),
                     truncate=False,
                 ),
-                initial_context_length=int(d.get("initial_context_length", 4096)),
+                initial_context_length=_int(d.get("initial_context_length", 4096)),
                 swiglu_limit=float(d.get("swiglu_limit", 7.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:

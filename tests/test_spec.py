@@ -117,7 +117,7 @@ def test_transformers_reads_our_config_the_same_way():
     ({"num_key_value_heads": 7}, "multiple of num_key_value_heads"),
     ({"hidden_size": 2000}, "multiples of 32"),
     ({"num_experts_per_tok": 40}, "num_experts_per_tok"),
-    ({"num_hidden_layers": "many"}, "malformed gpt-oss config"),
+    ({"num_hidden_layers": "many"}, "num_hidden_layers must be an integer, got 'many'"),
     ({"rope_scaling": [1, 2]}, "malformed gpt-oss config"),
     ({"layer_types": ["sliding_attention"] * 3}, "one type per layer"),
 ])
