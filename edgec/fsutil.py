@@ -38,11 +38,11 @@ def check_output(out: Path, force: bool | str = False, keep: Iterable[Path] = ()
         if real == folder or folder in real.parents:
             raise EdgecError(f"{out}: is inside the source folder {folder}; edgec replaces nothing there (a new "
                              f"folder there is fine)")
-    if not force:
-        raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
     if out.is_symlink() or not out.is_dir():
         raise EdgecError(f"{out}: is a {'symbolic link' if out.is_symlink() else 'file'}, not an output folder; "
                          "edgec will not replace it")
+    if not force:
+        raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
     if force != "foreign" and not any((out / m).is_file() for m in OWNED_MARKERS) and any(out.iterdir()):
         raise EdgecError(f"{out}: not written by edgec (no edgec.json); --force replaces only edgec outputs, "
                          "--force-foreign replaces any folder")

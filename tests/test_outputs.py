@@ -105,6 +105,14 @@ def test_a_folder_that_appears_at_the_output_meanwhile_is_kept(tmp_path):
     assert (tmp_path / "o2" / "mine.txt").read_text() == "mine"
 
 
+def test_a_dangling_link_at_the_output_gets_one_message_with_or_without_force(models):
+    (models / "dang").symlink_to(models / "nowhere")
+    for force in ([], ["--force"]):
+        r = run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / "dang"), *force)
+        assert_one_line_error(r, "is a symbolic link, not an output folder")
+    assert (models / "dang").is_symlink() and not (models / "nowhere").exists()
+
+
 def test_a_failed_run_removes_the_parent_folders_it_made(tmp_path):
     with pytest.raises(Interrupted), atomic_dir(tmp_path / "n1" / "n2" / "out"):
         raise KeyboardInterrupt
