@@ -34,16 +34,17 @@ def check_output(out: Path, force: bool | str = False, keep: Iterable[Path] = ()
             raise EdgecError(f"{out}: replacing it would destroy the source {k}; choose another output folder")
     if not out.exists() and not out.is_symlink():
         return
-    for folder in {k if k.is_dir() else k.parent for k in keep}:  # what already is in the source's folder: the user's
-        if real == folder or folder in real.parents:
-            raise EdgecError(f"{out}: is inside the source folder {folder}; edgec replaces nothing there (a new "
-                             f"folder there is fine)")
+    owned = out.is_dir() and not out.is_symlink() and any((out / m).is_file() for m in OWNED_MARKERS)
+    for folder in {k if k.is_dir() else k.parent for k in keep}:  # the source's folder: only edgec's outputs there
+        if (real == folder or folder in real.parents) and not owned:
+            raise EdgecError(f"{out}: is inside the source folder {folder} and not an edgec output; edgec replaces "
+                             f"nothing else there, whatever --force says")
     if out.is_symlink() or not out.is_dir():
         raise EdgecError(f"{out}: is a {'symbolic link' if out.is_symlink() else 'file'}, not an output folder; "
                          "edgec will not replace it")
     if not force:
         raise EdgecError(f"{out}: output folder exists (use --force to replace it)")
-    if force != "foreign" and not any((out / m).is_file() for m in OWNED_MARKERS) and any(out.iterdir()):
+    if force != "foreign" and not owned and any(out.iterdir()):
         raise EdgecError(f"{out}: not written by edgec (no edgec.json); --force replaces only edgec outputs, "
                          "--force-foreign replaces any folder")
 

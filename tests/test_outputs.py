@@ -77,16 +77,20 @@ def test_force_foreign_replaces_a_foreign_folder_but_never_the_source(models):
 
 @pytest.mark.parametrize("inside", ["src/original", "src/notes"])
 def test_no_force_replaces_a_folder_inside_the_source(models, inside):
-    """The source's own original/ folder, or the user's notes kept beside the weights: any existing folder in the
-    source's folder is the user's, whatever --force says; a new folder there is fine."""
+    """The source's own original/ folder, or the user's notes kept beside the weights: an existing folder in the
+    source's folder that edgec did not write is the user's, whatever --force says; a new folder there is fine, and
+    so is replacing it with --force once edgec wrote it."""
     (models / "src" / "notes").mkdir()
     (models / "src" / "notes" / "todo.txt").write_text("mine")
     before = snapshot(models)
     for force in ("--force", "--force-foreign"):
         r = run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / inside), force)
         assert_one_line_error(r, "is inside the source folder")
+        assert "and not an edgec output" in r.stderr
     assert snapshot(models) == before
-    assert run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / "src" / "new")).returncode == 0
+    for force in ([], ["--force"]):  # a new folder there, then that edgec output again
+        assert run("convert", str(models / "src"), "-t", "mlx", "-o", str(models / "src" / "new"),
+                   *force).returncode == 0
 
 
 def test_a_folder_that_appears_at_the_output_meanwhile_is_kept(tmp_path):
