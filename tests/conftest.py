@@ -34,6 +34,28 @@ def make_ckpt(root: Path, preset: str = "tiny", layout: str = "both", seed: int 
                       scale_spread=SCALE_SPREAD if scale_spread is None else scale_spread)
 
 
+def record_progress(monkeypatch, module) -> list[tuple[int, int]]:
+    """Replace `module.byte_progress` by a bar that asserts it never passes its total; the returned list gets each
+    finished bar's (done, total)."""
+    from contextlib import contextmanager
+
+    seen: list[tuple[int, int]] = []
+
+    @contextmanager
+    def progress(total, description, enabled=True):
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            assert done[0] <= total, (done[0], total)
+
+        yield advance
+        seen.append((done[0], total))
+
+    monkeypatch.setattr(module, "byte_progress", progress)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The shared test model: tiny preset with 3 layers (odd), 8 heads / 2 kv heads, top-4 of 8 experts, both

@@ -199,25 +199,12 @@ def test_bad_input(tiny, out, tmp_path, monkeypatch):
 
 def test_conversion_progress_has_a_true_total(tiny, tmp_path, monkeypatch):
     """The progress bar counts the checkpoint's tensor bytes: it ends exactly at its total (bf16 and q8 dense)."""
-    from contextlib import contextmanager
+    from conftest import record_progress
 
     from edgec.checkpoint import Checkpoint
     from edgec.convert import mlx as conv
 
-    seen: list[tuple[int, int]] = []
-
-    @contextmanager
-    def progress(total, description, enabled=True):
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            assert done[0] <= total, (done[0], total)
-
-        yield advance
-        seen.append((done[0], total))
-
-    monkeypatch.setattr(conv, "byte_progress", progress)
+    seen = record_progress(monkeypatch, conv)
     tensors = sum(t.nbytes for t in Checkpoint.open(tiny).specs())
     for dense in ("bf16", "q8"):
         run_convert(tiny, "mlx", tmp_path / dense, dense=dense, progress=False)

@@ -445,25 +445,12 @@ def test_old_folder_asks_for_reconversion(exact, tmp_path):
 
 def test_conversion_progress_has_a_true_total(tiny, tmp_path, monkeypatch):
     """The progress bar counts the checkpoint's tensor bytes: it ends exactly at its total, never past it."""
-    from contextlib import contextmanager
+    from conftest import record_progress
 
     from edgec.checkpoint import Checkpoint
     from edgec.convert import onnx as conv
 
-    seen: list[tuple[int, int]] = []
-
-    @contextmanager
-    def progress(total, description, enabled=True):
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            assert done[0] <= total, (done[0], total)
-
-        yield advance
-        seen.append((done[0], total))
-
-    monkeypatch.setattr(conv, "byte_progress", progress)
+    seen = record_progress(monkeypatch, conv)
     tensors = sum(t.nbytes for t in Checkpoint.open(tiny).specs())
     for target, extra in (("onnx-cpu", ()), ("onnx-cpu", ("--experts", "int4")), ("onnx-dml", ())):
         convert(tiny, tmp_path / f"{target}{len(extra)}", target, *extra)
