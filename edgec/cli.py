@@ -27,11 +27,24 @@ class EdgecGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgecError as e:
+            if e.exit_code == 130:
+                _quiet_exit()
             stderr.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
+            _quiet_exit()
             stderr.print("[bold red]interrupted[/]")
             sys.exit(130)
+
+
+def _quiet_exit() -> None:
+    """Leaving after Ctrl-C: a second Ctrl-C (or one still pending) must not turn exit 130 into death by SIGINT."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 @click.group(cls=EdgecGroup, context_settings={"help_option_names": ["-h", "--help"]})
