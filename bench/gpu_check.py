@@ -1045,6 +1045,21 @@ def builder(c: Check) -> None:
     c.step("builder/cuda-int4", 240, run, reuse=out / "genai_config.json")
 
 
+PARITY_FLAGS = {"max_abs": "--max-abs", "mean_abs": "--mean-abs", "min_cosine": "--min-cosine", "top1": "--top1",
+                "max_kl": "--max-kl", "greedy": "--greedy"}
+
+
+def cpu_proxy_bounds(folder: Path) -> list[str]:
+    """Dry run only: the folder's target profile's [parity."cpu-proxy"] bounds (its GPU graph run by onnxruntime's
+    CPU provider, measured there) as `edgec parity` flags; the GPU run keeps the profile's own bounds."""
+    import tomllib
+
+    target = json.loads((folder / "edgec.json").read_text()).get("target")
+    prof = REPO / "targets" / f"{target}.toml"
+    bounds = tomllib.loads(prof.read_text()).get("parity", {}).get("cpu-proxy", {}) if prof.is_file() else {}
+    return [a for k, v in bounds.items() for a in (PARITY_FLAGS[k], str(v))]
+
+
 def parity(c: Check, model: str) -> None:
     """`edgec parity` on each output: edgec's own loop, and for ONNX also onnxruntime-genai's generator."""
     extra: list[str] = []
@@ -1070,7 +1085,8 @@ def parity(c: Check, model: str) -> None:
                 gpu_gate(c, "mlx" if name == "mlx" else "onnx")
                 report = c.work / "logs" / (step.replace("/", "__") + ".json")
                 report.unlink(missing_ok=True)
-                cmd = c.edgec(*CLI["parity"](str(src), str(folder), str(report), extra), cpu=c.dry,
+                bounds = cpu_proxy_bounds(folder) if c.dry else []
+                cmd = c.edgec(*CLI["parity"](str(src), str(folder), str(report), extra + bounds), cpu=c.dry,
                               genai=rt == "genai")
                 r = c.sh(step, cmd, limit, gpu=not c.dry, ok_rcs=(0, 1))  # 1: parity failed (its report says why)
                 if not report.is_file():

@@ -119,3 +119,12 @@ def _hf_logits_cached(path: str, ids: tuple[int, ...]) -> np.ndarray:
 def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
     """transformers' GptOssForCausalLM logits in float32 (eager attention): the independent oracle."""
     return _hf_logits_cached(str(path), tuple(ids))
+
+
+def pytest_report_header(config) -> str:
+    """Which BLAS kernel numpy's float32 sums ran on (OPENBLAS_CORETYPE picks another; README "Tolerances")."""
+    import numpy  # noqa: F401  (loads the BLAS threadpoolctl reports)
+    from threadpoolctl import threadpool_info
+
+    return "blas: " + ", ".join(f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
+                                for i in threadpool_info())

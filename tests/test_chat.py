@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tolerance import assert_reordered
 
 from edgec.cli import main
 from edgec.harmony.conversation import Message
@@ -71,6 +72,7 @@ def test_eof_ends_cleanly_and_without_effort_change_reuse_covers_the_whole_first
 
 
 # ---- prompt reuse equals a fresh prefill ---------------------------------------------------------------------------
+@pytest.mark.float_sensitive
 def test_reuse_after_dropped_analysis_equals_fresh_prefill(kv_model):
     """Harmony drops the earlier analysis once a final answer exists: the new prompt is not an extension of the
     cached tokens. The session must roll back to the common prefix and give the logits of a fresh prefill."""
@@ -90,11 +92,12 @@ def test_reuse_after_dropped_analysis_equals_fresh_prefill(kv_model):
     logits = s.gen.prefill(prompt)
     assert s.gen.stats.reused == common_prefix(cached, prompt) >= analysis_at > 0
     assert s.gen.stats.prefill == len(prompt) - s.gen.stats.reused
-    fresh = load_backend(kv_model, max_context=2048).forward(prompt)[0]
-    np.testing.assert_allclose(logits, fresh, atol=1e-4, rtol=0)
+    fresh = (be := load_backend(kv_model, max_context=2048)).forward(prompt)[0]
+    assert_reordered(logits, fresh, be.config, len(prompt))  # cached vs fresh: the reorder bound, tests/tolerance.py
     assert int(np.argmax(logits)) == int(np.argmax(fresh))
 
 
+@pytest.mark.float_sensitive
 def test_rollback_past_the_sliding_history_equals_fresh_prefill(kv_model, ids_long):
     """A rollback far behind the sliding layers' kept positions: they must be rebuilt, exactly."""
     from edgec.runtime.base import load_backend
@@ -105,8 +108,8 @@ def test_rollback_past_the_sliding_history_equals_fresh_prefill(kv_model, ids_lo
     second = ids_long[:300] + ids_long[3000:3100]
     logits = g.prefill(second)
     assert (g.stats.reused, g.stats.prefill) == (300, 100)
-    fresh = load_backend(kv_model, max_context=4096).forward(second)[0]
-    np.testing.assert_allclose(logits, fresh, atol=1e-4, rtol=0)
+    fresh = (be := load_backend(kv_model, max_context=4096)).forward(second)[0]
+    assert_reordered(logits, fresh, be.config, len(second))  # the reorder bound, tests/tolerance.py
 
 
 # ---- context policy ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tolerance import assert_reordered
 
 from edgec.checkpoint import Checkpoint
 from edgec.cli import main
@@ -32,6 +33,7 @@ def cli(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.float_sensitive
 def test_done_when_sequence(tmp_path):
     """`edgec synth /tmp/m --preset tiny && edgec inspect /tmp/m && edgec logits /tmp/m --ids ... --out l.npy`"""
     m = tmp_path / "m"
@@ -43,15 +45,16 @@ def test_done_when_sequence(tmp_path):
     assert r.returncode == 0, r.stderr
     got = np.load(tmp_path / "l.npy")
     assert got.dtype == np.float32 and got.shape == (3, 201088)
-    want = Reference(Checkpoint.open(m)).logits([200006, 17360, 200008])
-    assert np.allclose(got, want, rtol=0, atol=1e-6)
+    want = Reference(ck := Checkpoint.open(m)).logits([200006, 17360, 200008])
+    assert_reordered(got, want, ck.config, 3)  # another process, maybe other BLAS threads: tests/tolerance.py
 
     r = cli("logits", str(m), "--ids", IDS, "--last", "1", "--out", str(tmp_path / "l1.npy"))
     assert r.exit_code == 0, r.output
-    assert np.allclose(np.load(tmp_path / "l1.npy"), want[-1:], atol=1e-6)
+    assert_reordered(np.load(tmp_path / "l1.npy"), want[-1:], ck.config, 3)
     (tmp_path / "ids.json").write_text("[200006, 17360, 200008]")
     r = cli("logits", str(m), "--ids-file", str(tmp_path / "ids.json"), "--out", str(tmp_path / "l2.npy"))
-    assert r.exit_code == 0 and np.allclose(np.load(tmp_path / "l2.npy"), want, atol=1e-6)
+    assert r.exit_code == 0
+    assert_reordered(np.load(tmp_path / "l2.npy"), want, ck.config, 3)
 
 
 def test_inspect_json(tiny):
