@@ -114,9 +114,12 @@ def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads,
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--strict", is_flag=True, help="non-finite weights (NaN/Inf) are a problem, not a warning")
 def inspect(src: Path, context: int | None, as_json: bool, strict: bool) -> None:
-    """Architecture, parameters, tensor inventory check and a memory plan per target."""
+    """Architecture, parameters, tensor inventory check and a memory plan per target. SRC: a checkpoint folder or a
+    Hugging Face id from the local cache (openai/gpt-oss-20b, ORG/NAME/original, ORG/NAME@REVISION)."""
+    from .hub import source_path
     from .report import inspect_report, render_report
 
+    src = source_path(src)
     report = inspect_report(src, context, strict=strict)
     if as_json:
         emit_json(report)
@@ -143,9 +146,11 @@ def logits(model: Path, ids: str | None, ids_file: Path | None, last: int | None
     """float32 logits [positions, vocab] of MODEL (a source checkpoint or an edgec output) for token ids."""
     import numpy as np
 
+    from .hub import source_path
     from .runtime.base import load_backend
     from .spec import check_token_ids
 
+    model = source_path(model)
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise EdgecError(f"{out}: is a symbolic link or not a regular file; edgec will not replace it")
     if out.exists() and model.resolve() in out.resolve().parents:
@@ -202,9 +207,12 @@ def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
 def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, lm_head: str | None,
             force: bool, force_foreign: bool, strict: bool, as_json: bool) -> None:
-    """Convert a gpt-oss checkpoint for a deployment target."""
+    """Convert a gpt-oss checkpoint for a deployment target. SRC: a checkpoint folder or a Hugging Face id from the
+    local cache (openai/gpt-oss-20b, ORG/NAME/original, ORG/NAME@REVISION); edgec never downloads."""
     from .convert import run_convert
+    from .hub import source_path
 
+    src = source_path(src)
     summary = run_convert(src, target, out, dense=dense, experts=experts, force=force_mode(force, force_foreign),
                           lm_head=lm_head, strict=strict, warn=warn)
     if as_json:
@@ -307,10 +315,14 @@ def bench(out: Path, prompt: int, tokens: int, no_peers: bool, as_json: bool, **
 @with_options(backend_flags())
 def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_abs, min_cosine, top1, max_kl,
            greedy_min, verify_hashes, as_json, report_file, junit_file, **runtime) -> None:
-    """Check that OUT (an edgec output) computes what SRC (the source checkpoint, HF or original/) computes.
+    """Check that OUT (an edgec output) computes what SRC (the source checkpoint, HF or original/, a folder or a
+    Hugging Face id) computes.
     Exit 1 on failure (a non-finite logit always fails)."""
     from .errors import ParityFailure
+    from .hub import source_path
     from .parity import json_safe, junit_xml, render, run_parity
+
+    src = source_path(src)
 
     overrides = {"max_abs": max_abs, "mean_abs": mean_abs, "min_cosine": min_cosine, "top1": top1, "max_kl": max_kl,
                  "greedy": greedy_min}

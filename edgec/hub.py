@@ -17,7 +17,10 @@ from pathlib import Path
 
 from .errors import EdgecError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$")
+# ORG/NAME, optionally /original (OpenAI's layout in the same repository), optionally @REVISION (a branch, tag or
+# commit; last, since a revision such as refs/pr/1 holds slashes)
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:/(?P<sub>original))?"
+                    r"(?:@(?P<rev>[A-Za-z0-9._/-]+))?$")
 TARGET_PREFERENCE = ("mlx", "onnx-cpu")  # which earlier conversion a run without --target opens first
 
 
@@ -46,18 +49,30 @@ def is_hub_id(arg: str) -> bool:
     return bool(HUB_ID.match(arg)) and not Path(arg).exists()
 
 
-def download_command(repo: str) -> str:
-    """The command that puts `repo` into the Hugging Face cache (the HF layout only: not original/ nor metal/)."""
+def download_command(repo: str, sub: str | None = None) -> str:
+    """The command that puts `repo` into the Hugging Face cache: the HF layout (not original/ nor metal/), or the
+    one folder `sub` of it."""
+    if sub:
+        return f'hf download {repo} --include "{sub}/*"'
     return f'hf download {repo} --exclude "original/*" --exclude "metal/*"'
 
 
+def parse_id(hub_id: str) -> tuple[str, str | None, str | None]:
+    """(ORG/NAME, folder or None, revision or None) of a Hugging Face id."""
+    m = HUB_ID.match(hub_id)
+    if not m:
+        raise EdgecError(f"{hub_id}: not a Hugging Face id (ORG/NAME, ORG/NAME/original, ORG/NAME@REVISION)")
+    return m["repo"], m["sub"], m["rev"]
+
+
 def snapshot(hub_id: str) -> tuple[Path, str]:
-    """(snapshot folder, commit) of `ORG/NAME[@REVISION]` in the local Hugging Face cache, or a one-line EdgecError
-    naming the download command."""
-    repo, _, revision = hub_id.partition("@")
+    """(checkpoint folder, commit) of `ORG/NAME[/FOLDER][@REVISION]` in the local Hugging Face cache: the snapshot,
+    or its FOLDER (`original`); else a one-line EdgecError naming the download command."""
+    repo, sub, revision = parse_id(hub_id)
     root = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
-    missing = EdgecError(f"{repo} is not in the Hugging Face cache ({hf_cache_dir()}); download it with: "
-                         f"{download_command(repo)}" + (f" --revision {revision}" if revision else ""))
+    what = f"{repo}/{sub}" if sub else repo
+    missing = EdgecError(f"{what} is not in the Hugging Face cache ({hf_cache_dir()}); download it with: "
+                         f"{download_command(repo, sub)}" + (f" --revision {revision}" if revision else ""))
     snaps = root / "snapshots"
     ref = root / "refs" / (revision or "main")
     if ref.is_file():
@@ -72,10 +87,19 @@ def snapshot(hub_id: str) -> tuple[Path, str]:
                                  f"name one: {repo}@{found[0]}")
             raise missing
         commit = found[0]
-    folder = snaps / commit
+    folder = snaps / commit / sub if sub else snaps / commit
     if not (folder / "config.json").is_file():
         raise missing
     return folder, commit
+
+
+def source_path(arg: str | Path) -> Path:
+    """A checkpoint argument as convert, inspect, parity and logits take it: a folder, else a Hugging Face id read
+    from the local cache (never downloaded)."""
+    path = Path(arg).expanduser()
+    if path.exists() or not HUB_ID.match(str(arg)):
+        return path
+    return snapshot(str(arg))[0]
 
 
 def converted_folder(repo: str, commit: str, target: str) -> Path:
@@ -102,7 +126,8 @@ def resolve_model(arg: str, target: str | None = None, announce=None) -> Path:
             raise EdgecError(f"--target {target}: {arg} is an edgec output for {have}")
         return path
     snap, commit = snapshot(arg)
-    repo = arg.partition("@")[0]
+    repo, sub, _ = parse_id(arg)
+    repo = f"{repo}/{sub}" if sub else repo  # original/ converts apart from the HF layout
     if target is None:
         done = [t for t in TARGET_PREFERENCE if (converted_folder(repo, commit, t) / "edgec.json").is_file()]
         return converted_folder(repo, commit, done[0]) if done else snap
@@ -119,5 +144,5 @@ def resolve_model(arg: str, target: str | None = None, announce=None) -> Path:
     return out
 
 
-__all__ = ["cache_dir", "converted_folder", "download_command", "hf_cache_dir", "is_hub_id", "resolve_model",
-           "snapshot"]
+__all__ = ["cache_dir", "converted_folder", "download_command", "hf_cache_dir", "is_hub_id", "parse_id",
+           "resolve_model", "snapshot", "source_path"]

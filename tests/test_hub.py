@@ -131,3 +131,36 @@ def test_revisions_and_targets_are_checked(hub, tiny, tiny_mlx):
     assert f"edgec convert {tiny} --target mlx -o OUT" in r.stderr
     r = invoke(["chat", tiny_mlx, "--target", "onnx-cpu"], code=2)
     assert "is an edgec output for mlx" in r.stderr
+
+
+def test_convert_inspect_parity_and_logits_take_hub_ids(hub, tmp_path):
+    """Every command that takes a checkpoint takes the same ids as chat: the snapshot is the source."""
+    repo, snap = hub
+    r = invoke(["inspect", repo, "--json", "--context", 256])
+    assert json.loads(r.stdout)["layout"] == json.loads(invoke(["inspect", snap, "--json", "--context", 256]).stdout)[
+        "layout"]
+    out = tmp_path / "m-mlx"
+    invoke(["convert", f"{repo}@main", "--target", "mlx", "-o", out])
+    manifest = json.loads((out / "edgec.json").read_text())
+    assert Path(manifest["source"]["path"]).resolve() == snap.resolve()
+    invoke(["parity", repo, out, "--positions", 16, "--tokens", 2])
+    invoke(["logits", repo, "--ids", "200006,17360", "--out", tmp_path / "l.npy"])
+    assert (tmp_path / "l.npy").stat().st_size > 0
+
+
+def test_original_subfolder_and_missing_ids_for_every_command(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snap = fill_hf_cache(tmp_path / "hf", "edgec-test/both", tiny)  # HF layout at the root, OpenAI's in original/
+    assert snapshot("edgec-test/both/original") == (snap / "original", COMMIT)
+    r = invoke(["inspect", "edgec-test/both/original", "--json", "--context", 256])
+    assert json.loads(r.stdout)["layout"] == "original"
+    for args in (["inspect", "openai/gpt-oss-20b"], ["parity", "openai/gpt-oss-20b", tmp_path],
+                 ["convert", "openai/gpt-oss-20b", "-t", "mlx", "-o", tmp_path / "o"],
+                 ["logits", "openai/gpt-oss-20b", "--ids", "1", "--out", tmp_path / "x.npy"]):
+        [line] = invoke(args, code=2).stderr.strip().splitlines()
+        assert line.endswith('hf download openai/gpt-oss-20b --exclude "original/*" --exclude "metal/*"'), line
+    [line] = invoke(["convert", "openai/gpt-oss-20b/original@v1", "-t", "mlx", "-o", tmp_path / "o"],
+                    code=2).stderr.strip().splitlines()
+    assert "openai/gpt-oss-20b/original is not in the Hugging Face cache" in line
+    assert line.endswith('hf download openai/gpt-oss-20b --include "original/*" --revision v1'), line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.npy").exists()
