@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -48,7 +49,10 @@ def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # Ctrl-C / SIGTERM: end the jobs so open streams close now
             engine.shutdown(timeout=0)
-            super().handle_exit(sig, frame)
+            # SIGTERM (systemd, launchd, docker stop) takes Ctrl-C's path: uvicorn stops accepting, the streams
+            # close with their final chunk and [DONE], and the signal it raises again once done is SIGINT, so edgec
+            # exits 130 as after Ctrl-C (re-raised, SIGTERM would kill the process: 143)
+            super().handle_exit(signal.SIGINT if sig == signal.SIGTERM else sig, frame)
 
     try:
         Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
