@@ -93,6 +93,17 @@ def snapshot(hub_id: str) -> tuple[Path, str]:
     return folder, commit
 
 
+def model_name(path: str | Path) -> str:
+    """A checkpoint's own name: the repository's NAME for a Hugging Face snapshot
+    (`.../models--ORG--NAME/snapshots/COMMIT[/original]`), else its folder's name (the parent's for original/)."""
+    path = Path(path).resolve()
+    if path.name == "original":
+        path = path.parent
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--")[-1]
+    return path.name
+
+
 def source_path(arg: str | Path) -> Path:
     """A checkpoint argument as convert, inspect, parity and logits take it: a folder, else a Hugging Face id read
     from the local cache (never downloaded)."""
@@ -144,5 +155,5 @@ def resolve_model(arg: str, target: str | None = None, announce=None) -> Path:
     return out
 
 
-__all__ = ["cache_dir", "converted_folder", "download_command", "hf_cache_dir", "is_hub_id", "parse_id",
+__all__ = ["cache_dir", "converted_folder", "download_command", "hf_cache_dir", "is_hub_id", "model_name", "parse_id",
            "resolve_model", "snapshot", "source_path"]

@@ -359,6 +359,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def family(cfg: GptOssConfig) -> str | None:
+    """`gpt-oss-20b` / `gpt-oss-120b` for a config with that model's per-layer shape (a layer slice included), else
+    None."""
+    for name in ("20b", "120b"):
+        ref = preset(name)
+        if all(getattr(cfg, k) == getattr(ref, k) for k in ("hidden_size", "intermediate_size", "num_local_experts",
+                                                    "num_experts_per_tok", "num_attention_heads",
+                                                    "num_key_value_heads", "head_dim", "vocab_size")):
+            return f"gpt-oss-{name}"
+    return None
+
+
 def preset(name: str, **overrides: Any) -> GptOssConfig:
     if name not in PRESETS:
         raise EdgecError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -44,11 +45,43 @@ def live(request, tiny_mlx, tiny_onnx):
     yield from live_server({"mlx": tiny_mlx, "onnx-cpu": tiny_onnx}[request.param], "--max-tokens", "16")
 
 
-def test_models(live):
+def test_models(live, tiny):
+    """The id is the source checkpoint's name (the manifest's), the output folder's name an alias; any other name is
+    a 404 that lists the served ones."""
     url, name = live
     models = client(url).models.list()
-    assert [m.id for m in models.data] == [name]
-    assert client(url).models.retrieve(name).id == name
+    folder = {"tiny-mlx", "tiny-onnx"}
+    assert name == tiny.name and [m.id for m in models.data][0] == name and folder & {m.id for m in models.data}
+    for alias in [m.id for m in models.data]:
+        assert client(url).models.retrieve(alias).id == alias
+        r = client(url).chat.completions.create(model=alias, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=1)
+        assert r.model == name
+    with pytest.raises(openai.NotFoundError) as e:
+        client(url).chat.completions.create(model="gpt-oss-20b", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found" and repr(name) in e.value.message, e.value.message
+
+
+def test_a_20b_shaped_output_answers_to_gpt_oss_20b_and_the_given_names(tmp_path):
+    """A 2-layer slice of the 20b shape (reduced vocabulary is not 20b's shape, so the slice keeps 201,088 rows) is
+    served as gpt-oss-20b, Ollama's gpt-oss:20b and --served-model-name's names (the first is the id replies carry)."""
+    from conftest import make_ckpt
+
+    from edgec.convert import run_convert
+
+    src = make_ckpt(tmp_path / "src", "20b", layout="hf", num_hidden_layers=1, scale_spread=0)
+    out = Path(run_convert(src, "mlx", tmp_path / "out", progress=False)["out"])
+    assert json.loads((out / "edgec.json").read_text())["source"]["name"] == "src"
+    gen = live_server(out, "--served-model-name", "my-ft", "--served-model-name", "team/ft", "--max-context", "128")
+    url, name = next(gen)
+    try:
+        ids = [m.id for m in client(url).models.list().data]
+        assert name == "my-ft" and ids == ["my-ft", "team/ft", "gpt-oss-20b", "gpt-oss:20b", "src", "out"], ids
+        r = client(url).chat.completions.create(model="gpt-oss-20b", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=1)
+        assert r.model == "my-ft" and r.choices[0].finish_reason == "length"
+    finally:
+        gen.close()
 
 
 def test_chat_plain_and_streamed_agree_and_prompt_is_harmony(live):
@@ -140,6 +173,12 @@ def test_bad_input_gets_openai_errors_and_the_server_goes_on(live):
     assert e.code == "context_length_exceeded" and "1024" in e.message
     e = status(openai.NotFoundError, model="gpt-4o")
     assert e.code == "model_not_found"
+    # an unsupported value is named, not echoed (a long object used to be cut off mid-JSON)
+    e = status(openai.BadRequestError, logit_bias={str(i): 1 for i in range(100)})
+    assert (e.code, e.param) == ("unsupported_value", "logit_bias"), e
+    assert e.body["message"] == "logit_bias: an object is not supported by this server", e.body
+    e = status(openai.BadRequestError, n=3)
+    assert e.body["message"] == "n: 3 is not supported by this server", e.body
     with pytest.raises(openai.AuthenticationError):
         client(url, "wrong").chat.completions.create(model=name, messages=ok)
     assert httpx.get(url + "/v1/models").status_code == 401

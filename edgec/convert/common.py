@@ -10,6 +10,7 @@ from typing import Any
 from .. import __version__
 from ..checkpoint import Checkpoint
 from ..fsutil import sha256_file
+from ..hub import model_name
 from ..manifest import NAME, config_sha256
 
 
@@ -35,7 +36,8 @@ def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe:
         "target": profile["name"],
         "runtime": profile.get("runtime"),
         "recipe": recipe,
-        "source": {"path": str(ckpt.path), "layout": ckpt.layout, "config_sha256": ckpt.config_hash()},
+        "source": {"path": str(ckpt.path), "name": model_name(ckpt.path), "layout": ckpt.layout,
+                   "config_sha256": ckpt.config_hash()},
         "config": config,
         "config_sha256": config_sha256(config),
         "files": files,

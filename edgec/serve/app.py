@@ -56,9 +56,13 @@ class Server(ChatCompletions, Responses):
         model = body.get("model")
         if model is None:
             raise RequestError("you must provide a model parameter", "model", "missing_required_parameter")
-        if model != self.settings.model_id:
-            raise RequestError(f"The model {model!r} does not exist; this server serves "
-                               f"{self.settings.model_id!r}", "model", "model_not_found", status=404)
+        self.known(model)
+
+    def known(self, model: object) -> None:
+        if model not in self.settings.names:
+            served = ", ".join(repr(n) for n in self.settings.names)
+            raise RequestError(f"The model {model!r} does not exist; this server serves {served}", "model",
+                               "model_not_found", status=404)
 
     async def prompt_of(self, messages: list[Message], effort: str | None, param: str, forced: list[int]
                         ) -> list[int]:
@@ -123,19 +127,17 @@ class Server(ChatCompletions, Responses):
         return JSONResponse({"status": "ok", "waiting": e.waiting, "busy": e.busy,
                              "cached_tokens": len(self.session.gen.tokens)})
 
-    def model_card(self) -> dict:
+    def model_card(self, name: str) -> dict:
         s = self.session
-        return {"id": self.settings.model_id, "object": "model", "created": self.settings.created,
-                "owned_by": "edgec", "backend": s.backend.name, "context_length": s.max_context}
+        return {"id": name, "object": "model", "created": self.settings.created, "owned_by": "edgec",
+                "root": self.settings.model_id, "backend": s.backend.name, "context_length": s.max_context}
 
-    async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+    async def models(self, request: Request) -> Response:  # every served name, as vLLM lists them; the id first
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in self.settings.names]})
 
     async def model(self, request: Request) -> Response:
-        if request.path_params["model"] != self.settings.model_id:
-            raise RequestError(f"The model {request.path_params['model']!r} does not exist", "model",
-                               "model_not_found", status=404)
-        return JSONResponse(self.model_card())
+        self.known(request.path_params["model"])
+        return JSONResponse(self.model_card(request.path_params["model"]))
 
 
 # ---- errors, authentication, the app ------------------------------------------------------------------------------

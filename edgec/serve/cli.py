@@ -17,13 +17,15 @@ from ..runtime.cli import sampling_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 exposes it)")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="EDGEC_API_KEY", help="require `Authorization: Bearer KEY` on /v1 (or EDGEC_API_KEY)")
-@click.option("--model-id", help="the model name clients send (default: the folder's name)")
+@click.option("--served-model-name", "--model-id", "served_names", multiple=True, metavar="NAME",
+              help="a name clients send as `model` (repeatable; the first is the id replies carry). Also served: "
+                   "gpt-oss-20b / gpt-oss:20b for that shape, the source checkpoint's name, the folder's name")
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="requests waiting at most; more are answered 429")
 @click.option("--max-body", type=click.IntRange(1024), default=4 << 20, show_default=True,
               help="largest request body in bytes (413 above)")
 @sampling_options(conversation=False)
-def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int,
+def serve(model: Path, host: str, port: int, api_key: str | None, served_names: tuple[str, ...], max_queue: int,
           max_body: int, **kw) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) with a chat page at /.
 
@@ -35,16 +37,19 @@ def serve(model: Path, host: str, port: int, api_key: str | None, model_id: str 
     import uvicorn
 
     from ..runtime.cli import open_session
+    from . import common
     from .app import Settings, create_app
     from .engine import Engine
 
     engine = Engine(lambda: open_session(model, **kw), max_queue=max_queue)
     engine.start()
     s = engine.session
-    settings = Settings(model_id or model.resolve().name, api_key, max_body)
+    primary, *aliases = common.served_names(model, s.backend.config, served_names)
+    settings = Settings(primary, api_key, max_body, aliases=tuple(aliases))
     app = create_app(engine, settings)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    stderr.print(f"edgec serve: {where}  model {settings.model_id!r} ({s.backend.name}, context {s.max_context})"
+    also = f" (also {', '.join(map(repr, aliases))})" if aliases else ""
+    stderr.print(f"edgec serve: {where}  model {settings.model_id!r}{also} ({s.backend.name}, context {s.max_context})"
                  f"{'  API key required' if api_key else ''}", highlight=False)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # Ctrl-C / SIGTERM: end the jobs so open streams close now

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -17,10 +18,35 @@ from .engine import Done
 
 @dataclass
 class Settings:
-    model_id: str
+    model_id: str  # the id /v1/models lists first and replies carry
     api_key: str | None = None
     max_body: int = 4 << 20
     created: int = field(default_factory=lambda: int(time.time()))
+    aliases: tuple[str, ...] = ()  # other names a request's `model` may use
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys((self.model_id, *self.aliases)))
+
+
+def served_names(folder: Path, config, given: tuple[str, ...] = ()) -> list[str]:
+    """The names a server of `folder` answers to, the id it reports first: `--served-model-name` values as given,
+    then the published model the config has the shape of (`gpt-oss-20b`, and Ollama's `gpt-oss:20b`), the source
+    checkpoint's own name (the manifest's, for an output), and the folder's name."""
+    from ..hub import model_name
+    from ..manifest import NAME
+    from ..spec import family
+
+    names = list(given)
+    if fam := family(config):
+        names += [fam, fam.replace("gpt-oss-", "gpt-oss:")]
+    source = None
+    if (folder / NAME).is_file():
+        from ..manifest import read
+
+        source = read(folder).source.get("name")
+    names += [source if isinstance(source, str) and source else model_name(folder), folder.resolve().name]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 # ---- request helpers ----------------------------------------------------------------------------------------------
@@ -70,10 +96,23 @@ def sampling_of(body: dict, default: Sampling, max_keys: tuple[str, ...]) -> Sam
                     max_tokens=default.max_tokens if max_tokens is None else max_tokens)
 
 
+def describe(value: Any) -> str:
+    """What a request value is, in a few words, never the value itself cut off mid-object: `true`, `3`, an object
+    of type 'json_schema', an object, a list of 2 items, a string."""
+    if isinstance(value, dict):
+        kind = value.get("type")
+        return f"an object of type {kind!r}" if isinstance(kind, str) and len(kind) <= 40 else "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else "a string"
+    return json.dumps(value)
+
+
 def refuse(body: dict, key: str, allowed: tuple = (None,)) -> None:
     """A parameter this server does not implement must not be silently ignored."""
     if body.get(key) not in allowed:
-        raise RequestError(f"{key}={json.dumps(body.get(key))[:80]} is not supported by this server", key,
+        raise RequestError(f"{key}: {describe(body.get(key))} is not supported by this server", key,
                            "unsupported_value")
 
 
