@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import hf_logits
+from tolerance import assert_reordered
 
 from edgec.cli import main
+from edgec.spec import preset
 
 STATS = re.compile(r"^prefill=(\d+) reused=(\d+) decode=(\d+) tok/s=(\d+\.\d)$", re.M)
 
@@ -40,7 +42,7 @@ def test_kv8_logits_vs_transformers_and_the_float32_cache(tiny_mlx, kv8_once, ti
     q8, f32 = kv8_once, backend(tiny_mlx, kv_dtype="float32").forward(ids300, all_logits=True)
     assert np.abs(q8 - ref).max() < 2 and np.abs(q8 - ref).mean() < 0.02
     assert (q8.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
-    assert np.abs(f32 - ref).max() < 1e-3  # the float32 cache it is compared with is the exact one
+    assert_reordered(f32, ref, preset("tiny", num_hidden_layers=3), 300)  # the float32 cache is the exact one
     assert np.abs(q8 - f32).max() > 1e-3  # the 8-bit path really ran (quantized storage, checked below too)
 
 

@@ -126,8 +126,9 @@ def test_float32_upcast_is_exact(tiny, out, ids300):
     """`--compute float32-upcast --kv-dtype float32` (parity work): max |diff| 2.7e-5 at 300 positions."""
     b = load_backend(out, compute="float32-upcast", kv_dtype="float32")
     ref = hf_logits(tiny, ids300)
-    d, _, top1 = _agree(b.forward(ids300, all_logits=True), ref)
-    assert d < 1e-3 and top1 == 1.0
+    got = b.forward(ids300, all_logits=True)
+    assert_reordered(got, ref, b.config, 300)  # float32 sums in MLX's order vs torch's: tests/tolerance.py
+    assert _agree(got, ref)[2] == 1.0
     assert b.held_bytes() == b.held_weights(out).total + b.held_weights(out).matrices
 
 
