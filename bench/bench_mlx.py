@@ -110,6 +110,9 @@ def main() -> None:
     ap.add_argument("--compute", default="float32,float32-upcast,float16,bfloat16",
                     help="edgec compute policies to measure (the first is reported against mlx-lm)")
     ap.add_argument("--skip-convert", action="store_true", help="skip the conversion comparison")
+    ap.add_argument("--full", type=Path, default=None,
+                    help="also convert the full 20b shape at this path (synthesized there first if missing, ~13 GB): "
+                         "its peak RSS is printed beside the slice's figures, so a regression shows")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     if not a.src.exists():
@@ -127,6 +130,14 @@ def main() -> None:
             res["convert_mlx_lm"] = timed([PY, "-m", "mlx_lm", "convert", "--hf-path", str(a.src),
                                            "--mlx-path", str(theirs)])
             shutil.rmtree(theirs, ignore_errors=True)
+        if a.full:
+            if not a.full.exists():
+                subprocess.run([EDGEC, "synth", str(a.full), "--preset", "20b"], check=True)
+            warm(a.full)
+            res["full_src"], res["full_src_bytes"] = str(a.full), sum(p.stat().st_size
+                                                                     for p in a.full.glob("*.safetensors"))
+            res["convert_edgec_full"] = timed([EDGEC, "convert", str(a.full), "-t", "mlx", "-o", str(work / "full")])
+            shutil.rmtree(work / "full", ignore_errors=True)
         rounds: dict[str, list[dict]] = {}
         for _ in range(a.rounds):
             warm(ours)
@@ -161,6 +172,10 @@ def show(res: dict, prompt: int, tokens: int, default: str) -> None:
         t.add_row("wall", f"{ce['wall_s']:.1f} s", f"{cm['wall_s']:.1f} s", f"{ce['wall_s'] / cm['wall_s']:.2f}x")
         t.add_row("peak RSS", gb(ce["peak_rss_bytes"]), gb(cm["peak_rss_bytes"]),
                   f"{ce['peak_rss_bytes'] / cm['peak_rss_bytes']:.2f}x")
+        if full := res.get("convert_edgec_full"):  # edgec on the whole 20b shape beside mlx-lm's slice figure
+            t.add_row(f"full 20b shape ({gb(res['full_src_bytes'])}): wall", f"{full['wall_s']:.1f} s", "", "")
+            t.add_row("full 20b shape: peak RSS", gb(full["peak_rss_bytes"]), f"(slice) {gb(cm['peak_rss_bytes'])}",
+                      f"{full['peak_rss_bytes'] / cm['peak_rss_bytes']:.2f}x")
         con.print(t)
     med = res["median"]
     peer = med["mlx-lm"]

@@ -43,14 +43,14 @@ Plan = tuple[str, str, tuple[int, ...], Callable[[], Iterator[tuple[np.ndarray, 
 
 class _Sha256:
     """sha256 fed on a worker thread (hashlib drops the GIL), so the manifest's digest costs no second read and
-    overlaps the writes. At most 4 buffers wait, which bounds the memory (and mapped pages) held."""
+    overlaps the writes. At most 2 buffers wait, which bounds the memory (and mapped pages) held."""
 
     def __init__(self, first: bytes, pool: ThreadPoolExecutor):
         self.h, self.pool = hashlib.sha256(first), pool
         self.pending: deque[Future] = deque()
 
     def update(self, b: np.ndarray) -> None:
-        while len(self.pending) >= 4:
+        while len(self.pending) >= 2:
             self.pending.popleft().result()
         self.pending.append(self.pool.submit(self.h.update, b))
 
