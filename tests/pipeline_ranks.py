@@ -2,7 +2,10 @@
 a prompt longer than the sliding window (chunked prefill), decode steps, a chat-style rollback (truncate) and
 re-prefill, and a reset, and saves every logits array to argv[2] (npz)."""
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,10 @@ if __name__ == "__main__":
     b = PipelineBackend(folder, read_hosts(hosts), max_context=1024, compute="float32", kv_dtype="float32")
     b.PREFILL_CHUNK = 64  # several chunks per prompt, the same on the single-process side
     if b.rank != 0:
+        if os.environ.get("EDGEC_TEST_DIE") == str(b.rank):  # the fault test: this rank dies before serving
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("EDGEC_TEST_HANG") == str(b.rank):  # alive but silent (an unreachable host)
+            time.sleep(40)
         b.serve_stage()
         sys.exit(0)
     ids = [int(v) for v in np.random.default_rng(0).integers(0, b.config.vocab_size, 600)]

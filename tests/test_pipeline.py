@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("mlx.core")  # the MLX extra: installed in CI (mlx[cpu])
 
-from edgec.runtime.mlx_backend import MlxBackend  # noqa: E402
-from edgec.runtime.pipeline import launch_command, split_layers  # noqa: E402
+from edgec.runtime.mlx_backend import MlxBackend
+from edgec.runtime.pipeline import launch_command, split_layers
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -28,13 +28,14 @@ def hostfile(tmp: Path, n: int) -> Path:
     return p
 
 
-def launch(tmp: Path, folder: Path, n: int, port: int, timeout: float = 240) -> subprocess.CompletedProcess:
+def launch(tmp: Path, folder: Path, n: int, port: int, timeout: float = 240, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
     hosts = hostfile(tmp, n)
     cmd = launch_command(hosts, "ring", [])[:-3]  # mlx.launch ... -- ; then the rank script
     cmd += ["--starting-port", str(port), "--", str(HERE / "pipeline_ranks.py"), str(folder),
             str(tmp / f"p{n}.npz"), str(hosts)]
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(HERE.parent), **(env or {})))
 
 
 def single(folder: Path) -> list[np.ndarray]:
@@ -64,3 +65,34 @@ def test_split_by_memory():
     assert split_layers([10] * 9, 0, [100, 50]) == [range(0, 6), range(6, 9)]
     with pytest.raises(Exception, match="does not fit"):
         split_layers([60] * 4, 0, [100, 100])
+
+
+def test_killed_rank_is_one_line_on_rank_0(tiny_mlx, tmp_path):
+    """Rank 1 dies (SIGKILL): mlx.launch ends rank 0, which says so in one line instead of hanging."""
+    r = launch(tmp_path, tiny_mlx, 2, 35300, timeout=60, env={"EDGEC_TEST_DIE": "1"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: rank 0 (127.0.0.1) stopped: another rank of the pipeline exited (mlx.launch's [WARN] "
+                     "line names it)"], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_silent_rank_times_out_naming_the_host(tiny_mlx, tmp_path):
+    """Rank 1 is alive but never answers (sleeps): rank 0's watchdog ends the wait in one line."""
+    r = launch(tmp_path, tiny_mlx, 2, 35400, timeout=60, env={"EDGEC_TEST_HANG": "1", "EDGEC_PIPELINE_TIMEOUT": "3"})
+    assert "error: rank 1 (127.0.0.1) did not answer within 3 s; is it running and reachable?" in r.stderr, \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_generate_cli_same_tokens(tiny_mlx, tmp_path):
+    """`edgec generate --hosts` (re-run under mlx.launch) gives the single process's tokens, greedy."""
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    args = [sys.executable, "-m", "edgec", "generate", str(tiny_mlx), "--prompt", "hi", "--temperature", "0",
+            "--max-tokens", "6", "--json", "--compute", "float32"]
+    one = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    two = subprocess.run(args + ["--hosts", str(hostfile(tmp_path, 2))], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 6
+    assert "per token: 2 hops" in b["memory"]

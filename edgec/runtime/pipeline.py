@@ -40,7 +40,7 @@ from .mlx_backend import MlxBackend
 
 RUN, RESET, TRUNCATE, STOP = 1, 2, 3, 4
 LOGITS = {"none": 0, "last": 1, "all": 2}
-TIMEOUT = 120.0  # seconds rank 0 waits for the ring to answer one chunk
+TIMEOUT = float(os.environ.get("EDGEC_PIPELINE_TIMEOUT", 120))  # seconds rank 0 waits for one chunk to come back
 
 
 def read_hosts(path: str | Path) -> list[dict[str, Any]]:
@@ -137,11 +137,13 @@ class PipelineBackend(MlxBackend):
     """One rank's stage. Rank 0 is the backend the loop drives; others call `serve_stage`."""
 
     def __init__(self, folder: str | Path, hosts: list[dict[str, Any]], group: Any = None,
-                 timeout: float = TIMEOUT, **options: Any):
+                 timeout: float | None = None, **options: Any):
         mx = require("mlx.core", "mlx")
+        rank = int(os.environ.get("MLX_RANK", 0))
+        on_sigterm(f"rank {rank} ({host_name(hosts[rank % len(hosts)])})")  # before mlx starts its threads
         self.group = group or mx.distributed.init(strict=True)
         self.rank, self.size = self.group.rank(), self.group.size()
-        self.hosts, self.timeout = hosts, timeout
+        self.hosts, self.timeout = hosts, timeout or TIMEOUT
         if self.size != len(hosts):
             raise EdgecError(f"{self.size} ranks running, the hosts file names {len(hosts)}")
         folder = Path(folder)
@@ -150,7 +152,7 @@ class PipelineBackend(MlxBackend):
         if bad:
             raise EdgecError(f"{folder}: model files on {', '.join(bad)} differ from {host_name(hosts[0])}'s "
                              "(sha256 in edgec.json); copy the same folder to every host")
-        budget = MlxBackend.budget(options or MlxBackend.defaults(folder)).bytes or 0
+        budget = MlxBackend.budget({**MlxBackend.defaults(folder), **options}).bytes or 0
         budgets = [int(b) for b in self._gather_bytes(np.int64(budget).tobytes(), decode=np.int64)]
         self.plan_ = plan(folder, budgets, options.get("max_context") or 4096)
         self.stage = range(*self.plan_["ranks"][self.rank]["layers"])
@@ -196,7 +198,8 @@ class PipelineBackend(MlxBackend):
                 sys.stderr.write(f"error: rank {self.prev} ({host}) did not answer within {self.timeout:g} s; "
                                  "is it running and reachable?\n")
                 sys.stderr.flush()
-                os._exit(4)
+                status(2)
+                os._exit(2)
 
         threading.Thread(target=watchdog, daemon=True).start()
         try:
@@ -274,5 +277,76 @@ def launch_command(hostfile: Path, backend: str, argv: list[str]) -> list[str]:
             str(hostfile), "--backend", backend, "--python", sys.executable, "--", "-m", "edgec", *argv]
 
 
-def in_launch() -> bool:
-    return "MLX_RANK" in os.environ
+def open_stage(model: Path, hosts_file: Path, backend: str, max_context: int | None, say: Any = None,
+               options: dict[str, Any] | None = None):
+    """--hosts: outside mlx.launch, re-run this command under it and exit with its status; inside, open this
+    rank's stage: rank 0 returns (backend, context) to the loop, the other ranks serve until rank 0 stops."""
+    import atexit
+
+    hosts = read_hosts(hosts_file)
+    if "MLX_RANK" not in os.environ:
+        sys.exit(relaunch(hosts_file, backend))
+    context = max_context or 4096
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    b = PipelineBackend(model, hosts, max_context=context, **given)
+    if b.rank != 0:
+        b.serve_stage()
+        sys.exit(0)
+    atexit.register(lambda: (b.close(), status(0)))
+    (say or (lambda m: sys.stderr.write(m + "\n")))(describe(b.plan_, hosts))
+    return b, context
+
+
+def relaunch(hosts_file: Path, backend: str) -> int:
+    """Run this command under mlx.launch; its exit status is rank 0's (mlx.launch itself exits 0 when a rank
+    failed), read from the file rank 0 writes, 1 when rank 0 wrote none (it died)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        rc_file = Path(d) / "rc"
+        cmd = launch_command(hosts_file, backend, sys.argv[1:])
+        cmd[cmd.index("--"):cmd.index("--")] = ["--env", f"EDGEC_PIPELINE_RC={rc_file}"]
+        rc = subprocess.call(cmd)
+        return int(rc_file.read_text()) if rc_file.is_file() else rc or 1
+
+
+def status(code: int) -> None:
+    """Rank 0 records its exit status for `relaunch` (first record wins)."""
+    p = os.environ.get("EDGEC_PIPELINE_RC")
+    if p and os.environ.get("MLX_RANK") == "0" and not Path(p).exists():
+        Path(p).write_text(str(code))
+
+
+def on_sigterm(who: str) -> None:
+    """mlx.launch ends every rank with SIGTERM when one exits with an error. The main thread may sit in mlx's
+    blocking recv, where no Python handler runs, so the signal's wakeup byte is read by a thread: one line, exit
+    130."""
+    import signal
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.set_wakeup_fd(w)
+
+    def wait() -> None:
+        os.read(r, 1)
+        sys.stderr.write(f"error: {who} stopped: another rank of the pipeline exited (mlx.launch's [WARN] line "
+                         "names it)\n")
+        sys.stderr.flush()
+        status(130)
+        os._exit(130)
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def describe(p: dict[str, Any], hosts: list[dict[str, Any]]) -> str:
+    """The plan in a few lines: each rank's layers and bytes, and the traffic per generated token."""
+    from ..memory import gib
+
+    lines = [f"rank {r['rank']} ({host_name(hosts[r['rank']])}): layers {r['layers'][0]}-{r['layers'][1] - 1}, "
+             f"weights {gib(r['weights'])}, KV {gib(r['kv'])} of {gib(r['budget'])}"
+             f"{' + embedding, lm_head' if r['rank'] == 0 else ''}" for r in p["ranks"]]
+    lines.append(f"per token: {p['hops_per_token']} hops of {p['activation_bytes']} bytes "
+                 f"({p['bytes_per_token']} bytes with headers)")
+    return "\n".join(lines)
