@@ -30,6 +30,11 @@ def sampling_options(f=None, *, conversation: bool = True):
             click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
             click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
             *runtime_options(),
+            click.option("--hosts", type=click.Path(path_type=Path), default=None,
+                         help="pipeline-parallel over these hosts (mlx.launch's hostfile; MLX folders): edgec "
+                              "re-runs itself on every host via mlx.launch, rank 0 talks to you"),
+            click.option("--dist-backend", type=click.Choice(["ring", "jaccl", "mpi"]), default="ring",
+                         show_default=True, help="mlx.distributed backend for --hosts"),
             click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
                          show_default=True),
             click.option("--identity", "system", help="the model identity line of Harmony's system message "
@@ -151,7 +156,7 @@ def _recipes(cls, model: Path, target: str, cfg, budget, opts: dict) -> list[str
 def open_session(model: Path, max_tokens: int | None, temperature: float, top_p: float, top_k: int, seed: int | None,
                  max_context: int | None, reasoning: str, system: str | None, developer: str | None = None,
                  tools_file: Path | None = None, memory_budget: str | None = None, say=None,
-                 **runtime: Any):
+                 hosts: Path | None = None, dist_backend: str = "ring", **runtime: Any):
     """Plan memory (choosing the context), load the backend and the tokenizer, and start a ChatSession."""
     from ..harmony.tokenizer import Tokenizer
     from .base import load_backend
@@ -161,8 +166,13 @@ def open_session(model: Path, max_tokens: int | None, temperature: float, top_p:
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                         max_tokens=1 if max_tokens is None else max_tokens)  # None: the session sets it by effort
     tools, mocks = read_tools(tools_file) if tools_file else ([], {})
-    context, opts = plan_context(model, max_context, memory_budget, backend_options(**runtime), say)
-    backend = load_backend(model, max_context=context, **opts)
+    if hosts is not None:
+        from .pipeline import open_stage
+
+        backend, context = open_stage(model, hosts, dist_backend, max_context, say, backend_options(**runtime))
+    else:
+        context, opts = plan_context(model, max_context, memory_budget, backend_options(**runtime), say)
+        backend = load_backend(model, max_context=context, **opts)
     tok = Tokenizer.from_folder(model)
     return ChatSession(backend, tok, reasoning=reasoning, system=system, developer=developer, tools=tools,
                        sampling=sampling, max_context=context, mocks=mocks, auto_max_tokens=max_tokens is None)

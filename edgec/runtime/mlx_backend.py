@@ -201,14 +201,14 @@ class MlxBackend(WindowedBackend):
         self.q8_group = next((v["group_size"] for v in quant.values() if isinstance(v, dict)), 64)
         self.w: dict = {}
         self.files: dict = {}  # tensor name -> its SafetensorsFile (read directly by compute float16)
-        for f in sorted(folder.glob("model*.safetensors")):
-            self.w.update(mx.load(str(f)))  # lazy: nothing is read until evaluated below, layer by layer
+        for f in sorted(folder.glob("model*.safetensors")):  # lazy: nothing is read until evaluated below
+            self.w.update({k: v for k, v in mx.load(str(f)).items() if self._holds(k)})
             sf = SafetensorsFile(f)
             self.files.update(dict.fromkeys(sf.entries, sf))
-        if not self.w:
+        if not self.files:
             raise EdgecError(f"{folder}: no model*.safetensors (not an MLX folder from `edgec convert -t mlx`)")
         upcast = self.compute == "float32-upcast"
-        for n in range(c.num_hidden_layers):  # one gather_qmm for gate and up: rows [gate | up]
+        for n in self.layers():  # one gather_qmm for gate and up: rows [gate | up]
             p = f"model.layers.{n}."
             for s in ("weight", "scales", "bias"):
                 e = p + "mlp.experts."
@@ -225,6 +225,14 @@ class MlxBackend(WindowedBackend):
         self.inv_freq = inv_freq.astype(np.float32)
         self.kv8_dim, self.kv8_group = kv8_layout(c.head_dim)
         self.reset()
+
+    def layers(self) -> range:
+        """The layers this process holds and runs (all of them; a pipeline stage holds a slice)."""
+        return range(self.config.num_hidden_layers)
+
+    def _holds(self, name: str) -> bool:
+        """Whether this process loads tensor `name` (everything; a pipeline stage only its own)."""
+        return True
 
     def _finish(self, names: list[str], upcast: bool) -> None:
         """Evaluate (read) these weights now, widening the dense matrices when upcasting, so load-time temporaries
@@ -482,25 +490,36 @@ class MlxBackend(WindowedBackend):
         return (y * weights[..., None]).sum(axis=1)
 
     def _run(self, ids: list[int], logits: str) -> np.ndarray | None:
-        mx, c = self.mx, self.config
-        start, n = self.length, len(ids)
+        mx = self.mx
+        with mx.stream(self.dev):
+            x = self._blocks(self._embed(mx.array(ids)), self.layers())
+            self.ids.extend(ids)
+            return self._head(x, logits)
+
+    def _blocks(self, x, layers: range):
+        """Run x (the positions after the cached ones) through `layers`, writing their KV; lazy."""
+        mx, start, n = self.mx, self.length, x.shape[0]
         self._slide(start, n)
         ang = np.arange(start, start + n, dtype=np.float32)[:, None] * self.inv_freq[None, :]
-        with mx.stream(self.dev):
-            cos = mx.array(np.cos(ang) * np.float32(self.concentration))
-            sin = mx.array(np.sin(ang) * np.float32(self.concentration))
-            x = self._embed(mx.array(ids))
-            for i in range(c.num_hidden_layers):
-                x = x + self._attention(i, self._norm(x, f"model.layers.{i}.input_layernorm.weight"), start, cos, sin)
-                x = x + self._moe(i, self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight"))
-            self.ids.extend(ids)
-            cache = [t for kv in self.cache for t in kv if t is not None]
-            if logits == "none":
-                mx.eval(cache)
-                return None
-            x = x if logits == "all" else x[-1:]
-            out = self._linear(self._norm(x, "model.norm.weight"), "lm_head", bias=False)
-            mx.eval(out, cache)
+        cos = mx.array(np.cos(ang) * np.float32(self.concentration))
+        sin = mx.array(np.sin(ang) * np.float32(self.concentration))
+        for i in layers:
+            x = x + self._attention(i, self._norm(x, f"model.layers.{i}.input_layernorm.weight"), start, cos, sin)
+            x = x + self._moe(i, self._norm(x, f"model.layers.{i}.post_attention_layernorm.weight"))
+        return x
+
+    def _cache_arrays(self) -> list:
+        return [t for kv in self.cache for t in kv if t is not None]
+
+    def _head(self, x, logits: str) -> np.ndarray | None:
+        """Evaluate the cache and (unless logits is "none") the logits of the last or all positions of x."""
+        mx = self.mx
+        if logits == "none":
+            mx.eval(self._cache_arrays())
+            return None
+        x = x if logits == "all" else x[-1:]
+        out = self._linear(self._norm(x, "model.norm.weight"), "lm_head", bias=False)
+        mx.eval(out, self._cache_arrays())
         return np.array(out.astype(mx.float32))
 
 
