@@ -1,0 +1,69 @@
+// The ONE in-browser model runner (browser parity and the chat page): onnxruntime-web over an onnx-webgpu output's
+// model.edgec.onnx (interface: edgec/convert/onnx_graph.py), KV cache held here, as edgec/runtime/onnx_backend.py.
+// First cut: every layer (sliding ones too) keeps a buffer of `maxContext` positions, fed back as past each run
+// (GQA's local_window_size limits what sliding layers attend to); sw_start stays 0.
+const VARIANTS = {fp16: 'model.edgec.onnx', fp32: 'model.edgec.f32.onnx'};
+
+export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {}) {
+  const base = baseUrl.endsWith('/') ? baseUrl : baseUrl + '/';
+  const gpuAdapter = await navigator.gpu.requestAdapter();
+  const info = gpuAdapter.info || {};
+  const features = [...gpuAdapter.features];
+  variant = variant || (gpuAdapter.features.has('shader-f16') ? 'fp16' : 'fp32');
+  const cfg = (await (await fetch(base + 'edgec.json')).json()).config;
+  const layers = cfg.num_hidden_layers, heads = cfg.num_key_value_heads, dim = cfg.head_dim;
+  const session = await ort.InferenceSession.create(base + VARIANTS[variant], {
+    executionProviders: ['webgpu'],
+    externalData: [{path: 'model.onnx.data', data: base + 'model.onnx.data'}],
+  });
+  const [dtype, Arr] = variant === 'fp16' ? ['float16', Uint16Array] : ['float32', Float32Array];
+  let kv = null, ids = [];
+  const reset = () => {
+    kv = {};
+    for (let i = 0; i < layers; i++) for (const k of ['key', 'value'])
+      kv[`past_key_values.${i}.${k}`] = new ort.Tensor(dtype, new Arr(heads * maxContext * dim), [1, heads, maxContext, dim]);
+    ids = [];
+  };
+  reset();
+  const i64 = (a, shape) => new ort.Tensor('int64', BigInt64Array.from(a.map(BigInt)), shape);
+  const i32 = (a, shape) => new ort.Tensor('int32', Int32Array.from(a), shape);
+  async function run(chunk, all) {
+    const start = ids.length, total = start + chunk.length;
+    if (total > maxContext) throw new Error(`context ${total} > maxContext ${maxContext}`);
+    const feeds = {
+      input_ids: i64(chunk, [1, chunk.length]),
+      attention_mask: i64(new Array(total).fill(1), [1, total]),
+      sliding_seqlens_k: i32([total - 1], [1]),
+      sliding_total_sequence_length: i32([total], []),
+      position_ids: i64(chunk.map((_, j) => start + j), [1, chunk.length]),
+      logits_from: i64([all ? 0 : -1], [1]),
+      ...kv,
+    };
+    for (const n of Object.keys(feeds)) if (!session.inputNames.includes(n)) delete feeds[n];
+    const out = await session.run(feeds);
+    for (const name of Object.keys(kv)) kv[name] = out[name.replace('past_key_values.', 'present.')];
+    ids.push(...chunk);
+    const logits = out.logits;
+    return logits.type === 'float16' ? Float32Array.from(logits.data, halfToFloat) : logits.data;
+  }
+  return {
+    variant, adapter: {vendor: info.vendor, architecture: info.architecture, description: info.description, features},
+    nodesTotal: null, nodesOnWebgpu: null,  // TODO: from ORT's placement log
+    async forward(chunk) {
+      const data = await run(chunk, false), v = data.length;
+      return data.slice(v - cfg.vocab_size);
+    },
+    async logitsAll(chunk) { return run(chunk, true); },
+    truncate(n) { ids = ids.slice(0, n); },  // full buffers: positions >= n are overwritten by the next run
+    get length() { return ids.length; },
+    reset,
+    release() { session.release(); },
+  };
+}
+
+function halfToFloat(h) {
+  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
+  if (e === 0) return s * f * 2 ** -24;
+  if (e === 31) return f ? NaN : s * Infinity;
+  return s * (1 + f / 1024) * 2 ** (e - 15);
+}
