@@ -57,11 +57,11 @@ def _browser_logits(folder, variant, ids):
 
 
 def test_model_js_fp32_runs_on_swiftshader_and_fp16_does_not(tmp_path, tiny):
-    """model.js on SwiftShader (no shader-f16). The fp16 graph fails in Gather (issue 21's report). A float32-
-    activation graph with int4 experts (onnx-cpu's recipe with --experts int4, standing in for the onnx-webgpu f32
-    variant that is not emitted yet) runs, and agrees with onnxruntime's CPU run of the same graph within
-    onnx-webgpu's [parity.int4] max_abs: both compute the same int4/int8 weights, CPU QMoE quantizes activations
-    to int8 (the CPU-proxy error in targets/onnx-webgpu.toml), WebGPU keeps them float32."""
+    """model.js on SwiftShader (no shader-f16). The fp16 graph fails in Gather (issue 21's report). The float32-
+    activation output (`--target onnx-webgpu --dense fp32`, the same int4 experts) runs, and agrees with onnx-cpu's
+    run of the same weights (int4 experts, fp32 dense and lm_head) within onnx-webgpu's [parity.int4] max_abs:
+    CPU QMoE quantizes activations to int8 (the CPU-proxy error in targets/onnx-webgpu.toml), WebGPU keeps them
+    float32."""
     import subprocess
     import sys
     import tomllib
@@ -73,11 +73,13 @@ def test_model_js_fp32_runs_on_swiftshader_and_fp16_does_not(tmp_path, tiny):
     f32 = tmp_path / "w32"
     run = [sys.executable, "-m", "edgec"]
     subprocess.run([*run, "convert", str(tiny), "--target", "onnx-webgpu", "-o", str(fp16)], check=True)
-    subprocess.run([*run, "convert", str(tiny), "--target", "onnx-cpu", "--experts", "int4", "-o", str(f32)],
+    subprocess.run([*run, "convert", str(tiny), "--target", "onnx-webgpu", "--dense", "fp32", "-o", str(f32)],
                    check=True)
-    subprocess.run([*run, "logits", str(f32), "--ids", "1,2,3", "--last", "1", "--out", str(tmp_path / "cpu.npy")],
+    cpu_out = tmp_path / "c32"
+    subprocess.run([*run, "convert", str(tiny), "--target", "onnx-cpu", "--experts", "int4", "--dense", "fp32",
+                    "--lm-head", "fp32", "-o", str(cpu_out)], check=True)
+    subprocess.run([*run, "logits", str(cpu_out), "--ids", "1,2,3", "--last", "1", "--out", str(tmp_path / "cpu.npy")],
                    check=True)
-    (f32 / "model.edgec.f32.onnx").write_bytes((f32 / "model.edgec.onnx").read_bytes())
     bad = _browser_logits(fp16, "fp16", ids)
     assert "requires f16 but the device does not support it" in bad.get("error", "")
     got = _browser_logits(f32, None, ids)  # picked from the adapter: SwiftShader has no shader-f16

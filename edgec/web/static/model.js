@@ -2,17 +2,22 @@
 // model.edgec.onnx (interface: edgec/convert/onnx_graph.py), KV cache held here, as edgec/runtime/onnx_backend.py.
 // First cut: every layer (sliding ones too) keeps a buffer of `maxContext` positions, fed back as past each run
 // (GQA's local_window_size limits what sliding layers attend to); sw_start stays 0.
-const VARIANTS = {fp16: 'model.edgec.onnx', fp32: 'model.edgec.f32.onnx'};
+// Variant = the output's io dtype (edgec.json recipe.io_dtype): `edgec convert SRC --target onnx-webgpu` gives fp16,
+// `--dense fp32` float32 activations with the same int4 experts, for adapters without shader-f16 (SwiftShader).
 
 export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {}) {
   const base = baseUrl.endsWith('/') ? baseUrl : baseUrl + '/';
   const gpuAdapter = await navigator.gpu.requestAdapter();
   const info = gpuAdapter.info || {};
   const features = [...gpuAdapter.features];
+  const manifest = await (await fetch(base + 'edgec.json')).json(), cfg = manifest.config;
+  const has = manifest.recipe.io_dtype === 'fp32' ? 'fp32' : 'fp16';
   variant = variant || (gpuAdapter.features.has('shader-f16') ? 'fp16' : 'fp32');
-  const cfg = (await (await fetch(base + 'edgec.json')).json()).config;
+  if (variant !== has) throw new Error(`this output is ${has}; the ${variant} variant needs ` +
+    (variant === 'fp32' ? '`edgec convert SRC --target onnx-webgpu --dense fp32` (the adapter has no shader-f16)' :
+     'an fp16 output (edgec convert SRC --target onnx-webgpu)'));
   const layers = cfg.num_hidden_layers, heads = cfg.num_key_value_heads, dim = cfg.head_dim;
-  const session = await ort.InferenceSession.create(base + VARIANTS[variant], {
+  const session = await ort.InferenceSession.create(base + 'model.edgec.onnx', {
     executionProviders: ['webgpu'],
     externalData: [{path: 'model.onnx.data', data: base + 'model.onnx.data'}],
   });
