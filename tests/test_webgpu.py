@@ -59,12 +59,14 @@ def _browser_logits(folder, variant, ids):
 def test_model_js_fp32_runs_on_swiftshader_and_fp16_does_not(tmp_path, tiny):
     """model.js on SwiftShader (no shader-f16). The fp16 graph fails in Gather (issue 21's report). The float32-
     activation output (`--target onnx-webgpu --dense fp32`, the same int4 experts) runs, and agrees with onnx-cpu's
-    run of the same weights (int4 experts, fp32 dense and lm_head) within onnx-webgpu's [parity.int4] max_abs:
-    CPU QMoE quantizes activations to int8 (the CPU-proxy error in targets/onnx-webgpu.toml), WebGPU keeps them
-    float32."""
+    run of the same weights (int4 experts, fp32 dense and lm_head): both compute in float32 from identical
+    weights, so they differ only by summation order. Error model: each reduction here runs over n <= 128 terms
+    (hidden 64, head dim 16, 2 x intermediate), losing <= n * 2**-24 ~ 8e-6 relative in the worst case; a few dozen
+    such steps through 2 layers give <= ~1e-4 on logits of magnitude ~10, so 1e-3 (and the same top-1) holds on any
+    vector width or BLAS kernel.
+    Measured: max|diff| 5.7e-6, mean 9.6e-7."""
     import subprocess
     import sys
-    import tomllib
 
     import numpy as np
 
@@ -85,7 +87,6 @@ def test_model_js_fp32_runs_on_swiftshader_and_fp16_does_not(tmp_path, tiny):
     got = _browser_logits(f32, None, ids)  # picked from the adapter: SwiftShader has no shader-f16
     assert got.get("variant") == "fp32" and got["arch"] == "swiftshader" and got["length"] == 3, got.get("error")
     web, cpu = np.asarray(got["logits"], dtype=np.float32), np.load(tmp_path / "cpu.npy")[-1]
-    bound = tomllib.loads((browser.HERE.parents[1] / "targets" / "onnx-webgpu.toml").read_text())["parity"]["int4"]
     assert web.shape == cpu.shape and np.isfinite(web).all()
-    assert np.abs(web - cpu).max() <= bound["max_abs"]
+    assert np.abs(web - cpu).max() <= 1e-3
     assert int(web.argmax()) == int(cpu.argmax())
