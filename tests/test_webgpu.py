@@ -42,7 +42,8 @@ RUN_JS = """const done = arguments[arguments.length - 1];
   const {loadModel} = await import('/static/model.js');
   const m = await loadModel('/model/', {ort, variant: arguments[0]});
   const l = await m.forward(arguments[1]);
-  return {variant: m.variant, arch: m.adapter.architecture, length: m.length, logits: Array.from(l)};
+  return {variant: m.variant, arch: m.adapter.architecture, length: m.length, logits: Array.from(l),
+          total: m.nodesTotal, onWebgpu: m.nodesOnWebgpu, placement: m.placement};
 })().then(done, e => done({error: String(e)}));"""
 
 
@@ -90,3 +91,10 @@ def test_model_js_fp32_runs_on_swiftshader_and_fp16_does_not(tmp_path, tiny):
     assert web.shape == cpu.shape and np.isfinite(web).all()
     assert np.abs(web - cpu).max() <= 1e-3
     assert int(web.argmax()) == int(cpu.argmax())
+    # ORT's own placement: every node counted; the MatMuls, QMoE and attention run on WebGPU (the few CPU nodes
+    # are int64 shape arithmetic)
+    on_gpu = {op for op, _ in got["placement"]["WebGpuExecutionProvider"]}
+    assert got["total"] == sum(len(v) for v in got["placement"].values()) and 0 < got["onWebgpu"] <= got["total"]
+    assert {"QMoE", "GroupQueryAttention"} <= on_gpu and on_gpu & {"MatMulNBits", "MatMul"}
+    off = {op for k, v in got["placement"].items() if k != "WebGpuExecutionProvider" for op, _ in v}
+    assert not off & {"QMoE", "MatMulNBits", "MatMul", "GroupQueryAttention"}

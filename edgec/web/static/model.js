@@ -17,10 +17,24 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
     (variant === 'fp32' ? '`edgec convert SRC --target onnx-webgpu --dense fp32` (the adapter has no shader-f16)' :
      'an fp16 output (edgec convert SRC --target onnx-webgpu)'));
   const layers = cfg.num_hidden_layers, heads = cfg.num_key_value_heads, dim = cfg.head_dim;
-  const session = await ort.InferenceSession.create(base + 'model.edgec.onnx', {
-    executionProviders: ['webgpu'],
-    externalData: [{path: 'model.onnx.data', data: base + 'model.onnx.data'}],
-  });
+  // node placement from ORT's own verbose log (session_state.cc VerifyEachNodeIsAssignedToAnEp), read off the console
+  const placement = {}, seen = [], hooks = ['log', 'info', 'warn', 'error', 'debug'], saved = {};
+  for (const h of hooks) { saved[h] = console[h]; console[h] = (...a) => { seen.push(a.join(' ')); }; }
+  let session;
+  try {
+    session = await ort.InferenceSession.create(base + 'model.edgec.onnx', {
+      executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0,
+      externalData: [{path: 'model.onnx.data', data: base + 'model.onnx.data'}],
+    });
+  } finally { for (const h of hooks) console[h] = saved[h]; }
+  let ep = null;
+  for (const line of seen) {
+    if (!line.includes('VerifyEachNodeIsAssignedToAnEp')) continue;
+    const head = line.match(/placed on \[(\w+)\]/), node = line.match(/\]\s{3}(\S+) \((.*)\)/);
+    if (head) { ep = head[1]; placement[ep] = placement[ep] || []; } else if (node && ep) placement[ep].push([node[1], node[2]]);
+  }
+  const nodesTotal = Object.values(placement).reduce((n, l) => n + l.length, 0);
+  const nodesOnWebgpu = (placement.WebGpuExecutionProvider || []).length;
   const [dtype, Arr] = variant === 'fp16' ? ['float16', Uint16Array] : ['float32', Float32Array];
   let kv = null, ids = [];
   const reset = () => {
@@ -53,7 +67,7 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
   }
   return {
     variant, adapter: {vendor: info.vendor, architecture: info.architecture, description: info.description, features},
-    nodesTotal: null, nodesOnWebgpu: null,  // TODO: from ORT's placement log
+    nodesTotal, nodesOnWebgpu, placement,
     async forward(chunk) {
       const data = await run(chunk, false), v = data.length;
       return data.slice(v - cfg.vocab_size);
