@@ -14,7 +14,11 @@ $(BIN)/edgec: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]' accelerate
 	touch $(BIN)/edgec
 
-setup: $(BIN)/edgec
+setup: $(BIN)/edgec edgec/web/node_modules/.package-lock.json
+
+# the browser room's JavaScript (onnxruntime-web, pinned in edgec/web/package-lock.json) for edgec web / parity --browser
+edgec/web/node_modules/.package-lock.json: edgec/web/package-lock.json
+	npm ci --prefix edgec/web --no-audit --no-fund
 
 # no -x: one red run shows every failure
 test: setup

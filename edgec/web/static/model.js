@@ -1,0 +1,88 @@
+// The ONE in-browser model runner (browser parity and the chat page): onnxruntime-web over an onnx-webgpu output's
+// model.edgec.onnx (interface: edgec/convert/onnx_graph.py), KV cache held here, as edgec/runtime/onnx_backend.py.
+// First cut: every layer (sliding ones too) keeps a buffer of `maxContext` positions, fed back as past each run
+// (GQA's local_window_size limits what sliding layers attend to); sw_start stays 0.
+// Variant = the output's io dtype (edgec.json recipe.io_dtype): `edgec convert SRC --target onnx-webgpu` gives fp16,
+// `--dense fp32` float32 activations with the same int4 experts, for adapters without shader-f16 (SwiftShader).
+
+export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {}) {
+  const base = baseUrl.endsWith('/') ? baseUrl : baseUrl + '/';
+  const gpuAdapter = await navigator.gpu.requestAdapter();
+  const info = gpuAdapter.info || {};
+  const features = [...gpuAdapter.features];
+  const manifest = await (await fetch(base + 'edgec.json')).json(), cfg = manifest.config;
+  const has = manifest.recipe.io_dtype === 'fp32' ? 'fp32' : 'fp16';
+  variant = variant || (gpuAdapter.features.has('shader-f16') ? 'fp16' : 'fp32');
+  if (variant !== has) throw new Error(`this output is ${has}; the ${variant} variant needs ` +
+    (variant === 'fp32' ? '`edgec convert SRC --target onnx-webgpu --dense fp32` (the adapter has no shader-f16)' :
+     'an fp16 output (edgec convert SRC --target onnx-webgpu)'));
+  const layers = cfg.num_hidden_layers, heads = cfg.num_key_value_heads, dim = cfg.head_dim;
+  // node placement from ORT's own verbose log (session_state.cc VerifyEachNodeIsAssignedToAnEp), read off the console
+  const placement = {}, seen = [], hooks = ['log', 'info', 'warn', 'error', 'debug'], saved = {};
+  for (const h of hooks) { saved[h] = console[h]; console[h] = (...a) => { seen.push(a.join(' ')); }; }
+  let session;
+  try {
+    session = await ort.InferenceSession.create(base + 'model.edgec.onnx', {
+      executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0,
+      externalData: [{path: 'model.onnx.data', data: base + 'model.onnx.data'}],
+    });
+  } finally { for (const h of hooks) console[h] = saved[h]; }
+  let ep = null;
+  for (const line of seen) {
+    if (!line.includes('VerifyEachNodeIsAssignedToAnEp')) continue;
+    const head = line.match(/placed on \[(\w+)\]/), node = line.match(/\]\s{3}(\S+) \((.*)\)/);
+    if (head) { ep = head[1]; placement[ep] = placement[ep] || []; } else if (node && ep) placement[ep].push([node[1], node[2]]);
+  }
+  const nodesTotal = Object.values(placement).reduce((n, l) => n + l.length, 0);
+  const nodesOnWebgpu = (placement.WebGpuExecutionProvider || []).length;
+  const [dtype, Arr] = variant === 'fp16' ? ['float16', Uint16Array] : ['float32', Float32Array];
+  let kv = null, ids = [];
+  const reset = () => {
+    kv = {};
+    for (let i = 0; i < layers; i++) for (const k of ['key', 'value'])
+      kv[`past_key_values.${i}.${k}`] = new ort.Tensor(dtype, new Arr(heads * maxContext * dim), [1, heads, maxContext, dim]);
+    ids = [];
+  };
+  reset();
+  const i64 = (a, shape) => new ort.Tensor('int64', BigInt64Array.from(a.map(BigInt)), shape);
+  const i32 = (a, shape) => new ort.Tensor('int32', Int32Array.from(a), shape);
+  async function run(chunk, all) {
+    const start = ids.length, total = start + chunk.length;
+    if (total > maxContext) throw new Error(`context ${total} > maxContext ${maxContext}`);
+    const feeds = {
+      input_ids: i64(chunk, [1, chunk.length]),
+      attention_mask: i64(new Array(total).fill(1), [1, total]),
+      sliding_seqlens_k: i32([total - 1], [1]),
+      sliding_total_sequence_length: i32([total], []),
+      position_ids: i64(chunk.map((_, j) => start + j), [1, chunk.length]),
+      logits_from: i64([all ? 0 : -1], [1]),
+      ...kv,
+    };
+    for (const n of Object.keys(feeds)) if (!session.inputNames.includes(n)) delete feeds[n];
+    const out = await session.run(feeds);
+    for (const name of Object.keys(kv)) kv[name] = out[name.replace('past_key_values.', 'present.')];
+    ids.push(...chunk);
+    const logits = out.logits;
+    return logits.type === 'float16' ? Float32Array.from(logits.data, halfToFloat) : logits.data;
+  }
+  return {
+    variant, adapter: {vendor: info.vendor, architecture: info.architecture, description: info.description, features},
+    nodesTotal, nodesOnWebgpu, placement,
+    async forward(chunk) {
+      const data = await run(chunk, false), v = data.length;
+      return data.slice(v - cfg.vocab_size);
+    },
+    async logitsAll(chunk) { return run(chunk, true); },
+    truncate(n) { ids = ids.slice(0, n); },  // full buffers: positions >= n are overwritten by the next run
+    get length() { return ids.length; },
+    reset,
+    release() { session.release(); },
+  };
+}
+
+function halfToFloat(h) {
+  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
+  if (e === 0) return s * f * 2 ** -24;
+  if (e === 31) return f ? NaN : s * Infinity;
+  return s * (1 + f / 1024) * 2 ** (e - 15);
+}
