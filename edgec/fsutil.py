@@ -54,8 +54,9 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed.
 
     `check_output` rules first (force: False, True, or "foreign"; keep: the source files). While inside, the
-    destination is locked against a second edgec, SIGTERM is turned into an interrupt (exit 130), and a full disk
-    becomes a one-line EdgecError naming the output; in every failure case no partial output remains.
+    destination is locked against a second edgec, Ctrl-C and SIGTERM are interrupts (exit 130, even where a library
+    swallowed one), and a full disk becomes a one-line EdgecError naming the output; in every failure case no partial
+    output remains.
     """
     out = Path(out)
     keep = list(keep)
@@ -65,15 +66,23 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
     tmp = out.parent / f".{out.name}.edgec-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     trash = out.parent / f".{out.name}.edgec-old-{os.getpid()}"
 
-    def _term(signum, frame):
+    hit: list[int] = []
+
+    def _stop(signum, frame):
+        hit.append(signum)
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
+    # Ctrl-C and SIGTERM both interrupt, and both are recorded: a library may swallow the KeyboardInterrupt (Cython's
+    # generated module init wraps `Sequence.register` in a bare `except: pass`, so a Ctrl-C landing while numpy.random
+    # is first imported vanished), and an interrupted run must never put its output in place
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     try:
         with _locked(out, tmp, trash) as lock:  # both names are recorded before either exists
             try:
                 os.mkdir(tmp, 0o777)  # permissions as a folder the user makes (umask)
                 yield tmp
+                if hit:
+                    raise KeyboardInterrupt
                 if out.exists() or out.is_symlink():  # again, under the lock: it may have appeared meanwhile
                     check_output(out, force, keep)
                 if out.exists():
@@ -103,8 +112,8 @@ def atomic_dir(out: str | Path, force: bool | str = False, keep: Iterable[Path] 
                 from None
         raise
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
         if not out.exists():  # failed: the parent folders this run made go too (those still empty)
             for p in reversed(made):
                 try:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from numpy.random import default_rng  # at import, not lazily mid-write (see fsutil.atomic_dir)
 
 from .fsutil import SYNTH_MARKER, atomic_dir
 from .safetensors_io import SafetensorsWriter, f32_to_bf16
@@ -91,7 +92,7 @@ def tensor_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int, spread: int = SCA
     key = zlib.crc32(t.name.encode())
     for i, s in enumerate(range(0, t.shape[0], rows)):
         n = min(rows, t.shape[0] - s)
-        rng = np.random.default_rng([seed, key, i])
+        rng = default_rng([seed, key, i])
         shape = (n, *row_shape)
         if t.kind == "expert_blocks":
             yield rng.integers(0, 256, size=shape, dtype=np.uint8)

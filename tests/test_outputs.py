@@ -222,6 +222,21 @@ def test_an_interrupt_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_a_library_swallowed_still_leaves_nothing(tmp_path, sig):
+    """Cython's generated module init swallows a KeyboardInterrupt raised while it imports (a bare `except: pass`):
+    a Ctrl-C landing while numpy.random was first imported mid-synth let the run finish and exit 0."""
+    with pytest.raises(Interrupted), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "partial").write_bytes(b"x")
+        try:
+            signal.raise_signal(sig)
+        except KeyboardInterrupt:  # what the library does
+            pass
+        (tmp / "rest").write_bytes(b"y")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_mid_conversion_exit_130(tmp_path, sig):
     """A real conversion, signalled once its temporary folder exists."""
