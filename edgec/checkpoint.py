@@ -17,8 +17,8 @@ import numpy as np
 from . import mxfp4
 from .errors import EdgecError
 from .jsonio import load_json
-from .safetensors_io import SafetensorsFile, bf16_to_f32
-from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
+from .safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16
+from .spec import EXPERT_LAYOUTS, GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -43,7 +43,12 @@ def nonfinite_line(path: Path | str, name: str, count: int) -> str:
 
 @dataclass
 class Checkpoint:
-    """An opened, validated checkpoint. Read tensors with `raw`, `f32` or `experts`."""
+    """An opened, validated checkpoint. Read tensors with `raw`, `f32` or `experts`.
+
+    `experts_layout` is "mxfp4" (published) or the dtype of dense experts ("BF16", "F16", "F32": a fine-tune saved
+    by transformers). Converters always see the MXFP4 layout (`specs`): for dense experts `raw(..._blocks)` and
+    `raw(..._scales)` quantize one layer's tensor at a time (`convert.quantize`, per expert) and record the error
+    in `quant_error`; `experts` and `f32` (the reference) read the dense values themselves."""
 
     path: Path
     layout: str  # "hf" or "original"
@@ -51,6 +56,9 @@ class Checkpoint:
     files: dict[str, SafetensorsFile] = field(default_factory=dict)
     location: dict[str, str] = field(default_factory=dict)  # stored tensor name -> file name
     _sources: dict[str, tuple[str, slice | None]] = field(default_factory=dict)
+    experts_layout: str = "mxfp4"
+    quant_error: dict[str, list[float]] = field(default_factory=dict)  # "gate_up_proj"/"down_proj" -> per expert
+    _quantized: dict[str, np.ndarray] = field(default_factory=dict)  # the last tensor pair quantized
 
     # ---- opening ----------------------------------------------------------------------------------------
     @classmethod
@@ -109,13 +117,17 @@ class Checkpoint:
             raise EdgecError(f"{cfg_path}: num_hidden_layers is {config.num_hidden_layers}, but the shards hold "
                              f"tensors of {stored} layer(s)")
         if layout == "hf":
-            ckpt._sources = {t.name: (t.name, None) for t in hf_tensors(config)}
+            dense = ckpt.location.get("model.layers.0.mlp.experts.gate_up_proj")
+            if dense is not None:
+                dt = ckpt.files[dense].entries["model.layers.0.mlp.experts.gate_up_proj"]["dtype"]
+                ckpt.experts_layout = dt if dt in EXPERT_LAYOUTS else "BF16"  # another dtype: `problems` names it
+            ckpt._sources = {t.name: (t.name, None) for t in hf_tensors(config, ckpt.experts_layout)}
         else:
             ckpt._sources = original_sources(config)
         return ckpt
 
     def expected(self) -> list[TensorSpec]:
-        return hf_tensors(self.config) if self.layout == "hf" else original_tensors(self.config)
+        return hf_tensors(self.config, self.experts_layout) if self.layout == "hf" else original_tensors(self.config)
 
     def problems(self, check_scales: bool = True) -> list[str]:
         """Every mismatch between the stored tensors and the spec, one line each (file and tensor named)."""
@@ -148,22 +160,63 @@ class Checkpoint:
         """The HF-named tensors this checkpoint provides, in model order."""
         return hf_tensors(self.config)
 
-    def raw(self, name: str) -> np.ndarray:
-        """Zero-copy view of an HF-named tensor (BF16 as uint16, MXFP4 parts as uint8)."""
+    def stored(self, name: str) -> np.ndarray:
+        """Zero-copy view of an HF-named tensor as stored (BF16 as uint16, F16/F32 as such, MXFP4 parts as uint8)."""
         stored, rows = self._sources[name]
         arr = self.files[self.location[stored]].raw(stored)
         return arr if rows is None else arr[rows]
 
+    def raw(self, name: str) -> np.ndarray:
+        """An HF-named tensor of the MXFP4 layout (`specs`): a zero-copy view (BF16 as uint16, MXFP4 parts as uint8);
+        for dense experts the blocks/scales quantized here and F16/F32 expert biases rounded to BF16."""
+        if self.experts_layout != "mxfp4" and name.endswith(("_proj_blocks", "_proj_scales")):
+            return self._quantize(name)
+        arr = self.stored(name)
+        return f32_to_bf16(arr.astype(np.float32)) if arr.dtype in (np.float16, np.float32) else arr
+
+    def _quantize(self, name: str) -> np.ndarray:
+        from .convert.quantize import quantize_mxfp4, relative_error
+
+        base, part = name.rsplit("_", 1)
+        if name not in self._quantized:
+            self._quantized.clear()
+            dense = self.stored(base)  # [E, in, out]
+            blocks, scales, errs = [], [], []
+            for e in range(dense.shape[0]):
+                w = np.ascontiguousarray(self._dense_f32(dense[e]).T)  # [out, in]
+                b, s = quantize_mxfp4(w)
+                blocks.append(b)
+                scales.append(s)
+                errs.append(float(relative_error(w, b, s)))
+            self._quantized = {base + "_blocks": np.stack(blocks), base + "_scales": np.stack(scales)}
+            self.quant_error.setdefault(base.rsplit(".", 1)[1], []).extend(errs)
+            if dense.nbytes >= SCAN_CHUNK:
+                self.release_pages()
+        return self._quantized[name]
+
+    @staticmethod
+    def _dense_f32(a: np.ndarray) -> np.ndarray:
+        return bf16_to_f32(a) if a.dtype == np.uint16 else a.astype(np.float32)
+
     def f32(self, name: str) -> np.ndarray:
-        """A BF16 tensor as float32 (a copy)."""
-        return bf16_to_f32(self.raw(name))
+        """A BF16 (or dense-expert F16/F32) tensor as float32 (a copy)."""
+        return self._dense_f32(self.stored(name))
 
     def experts(self, layer: int, which: str, experts: list[int] | np.ndarray) -> np.ndarray:
-        """Decode only the given experts of `gate_up_proj` or `down_proj` to float32 [len, out, in]."""
+        """Only the given experts of `gate_up_proj` or `down_proj` as float32 [len, out, in]: MXFP4 decoded, or the
+        dense 16-bit values themselves (transposed from [E, in, out])."""
         p = f"model.layers.{layer}.mlp.experts.{which}"
-        blocks, scales = self.raw(p + "_blocks"), self.raw(p + "_scales")
         idx = np.asarray(experts)
+        if self.experts_layout != "mxfp4":
+            return np.ascontiguousarray(self._dense_f32(self.stored(p)[idx]).transpose(0, 2, 1))
+        blocks, scales = self.raw(p + "_blocks"), self.raw(p + "_scales")
         return mxfp4.decode(blocks[idx], scales[idx])
+
+    def quant_summary(self) -> dict[str, dict[str, float]]:
+        """Relative error ||W - Q(W)||_F / ||W||_F per expert matrix, mean and worst per tensor kind, of the dense
+        experts quantized so far (empty for MXFP4 sources)."""
+        return {k: {"mean": float(np.mean(v)), "worst": float(np.max(v)), "matrices": len(v)}
+                for k, v in self.quant_error.items()}
 
     def nonfinite(self) -> dict[str, int]:
         """Non-finite values per tensor (HF names): BF16 NaN/Inf (exponent bits all ones) and MXFP4 values whose
@@ -171,9 +224,13 @@ class Checkpoint:
         in bounded chunks, and only the blocks of suspicious scales; mapped pages are dropped after every chunk of a
         large tensor (a whole 1.2 GB embedding resident at once was most of convert's peak RSS)."""
         out: dict[str, int] = {}
-        for t in self.specs():
+        for t in self.specs() if self.experts_layout == "mxfp4" else hf_tensors(self.config, self.experts_layout):
             if t.dtype == "BF16":
-                n = _nonfinite_bf16(self.raw(t.name).reshape(-1), self.release_pages)
+                n = _nonfinite_bf16(self.stored(t.name).reshape(-1), self.release_pages)
+            elif t.dtype in ("F16", "F32"):
+                flat = self.stored(t.name).reshape(-1)
+                n = sum(int(np.count_nonzero(~np.isfinite(flat[i : i + SCAN_CHUNK])))
+                        for i in range(0, flat.size, SCAN_CHUNK))
             elif t.kind == "expert_blocks":
                 n = _overflowing(self.raw(t.name), self.raw(t.name.replace("_blocks", "_scales")))
             else:

@@ -90,22 +90,27 @@ def force_mode(force: bool, force_foreign: bool) -> bool | str:
 @click.option("--scale-spread", type=click.IntRange(0, 40), default=8, show_default=True, metavar="BINADES",
               help="binades spanned by the MXFP4 block scales of an expert row, plus rare outliers (0: one scale)")
 @click.option("--layout", type=click.Choice(["hf", "original", "both"]), default="hf", show_default=True)
+@click.option("--experts-dtype", type=click.Choice(["mxfp4", "bf16", "fp16", "fp32"]), default="mxfp4",
+              show_default=True, help="dense 16-bit experts as a fine-tune saves them (the MXFP4 values, dequantized)")
 @force_options
 def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads, kv_heads, experts, top_k, vocab,
-          shards, seed, scale_spread, layout, force, force_foreign) -> None:
+          shards, seed, scale_spread, layout, experts_dtype, force, force_foreign) -> None:
     """Write a synthetic gpt-oss checkpoint that follows the published layout to the byte."""
     from .progress import byte_progress
     from .spec import preset as make
     from .synth import synthesize, total_bytes
 
+    xd = {"mxfp4": "mxfp4", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}[experts_dtype]
+    if xd != "mxfp4" and layout != "hf":
+        raise EdgecError("--experts-dtype other than mxfp4 writes the Hugging Face layout only (--layout hf)")
     cfg = make(preset, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
                head_dim=head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
                num_local_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab)
-    with byte_progress(total_bytes(cfg, layout), f"synth {preset}") as advance:
+    with byte_progress(total_bytes(cfg, layout, xd), f"synth {preset}") as advance:
         synthesize(cfg, out, seed=seed, shards=shards, layout=layout, force=force_mode(force, force_foreign),
-                   progress=advance, scale_spread=scale_spread)
+                   progress=advance, scale_spread=scale_spread, experts_dtype=xd)
     stderr.print(f"wrote {out} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                 f"{cfg.num_local_experts} experts, {total_bytes(cfg, layout) / 1e9:.2f} GB)")
+                 f"{cfg.num_local_experts} experts, {total_bytes(cfg, layout, xd) / 1e9:.2f} GB)")
 
 
 @main.command()

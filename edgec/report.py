@@ -126,6 +126,10 @@ def _inspect_output(folder: Path, context: int | None) -> dict[str, Any]:
     }
 
 
+EXPERTS_SHOWN = {"mxfp4": "mxfp4 (_blocks + _scales)", "BF16": "bf16 dense (16-bit fine-tune layout)",
+                 "F16": "fp16 dense (16-bit fine-tune layout)", "F32": "fp32 dense (fine-tune layout)"}
+
+
 def inspect_report(path: str | Path, context: int | None = None, strict: bool = False) -> dict[str, Any]:
     """Everything `edgec inspect` shows, as a JSON-able dict. Problems are listed, not raised; a folder that
     cannot be read at all (no config, unreadable JSON, not gpt-oss, unreadable shard header) raises EdgecError.
@@ -157,6 +161,7 @@ def inspect_report(path: str | Path, context: int | None = None, strict: bool = 
         "kind": "source checkpoint",
         "layout": ckpt.layout,
         "has_original": ckpt.layout == "hf" and (path / "original" / "config.json").is_file(),
+        "experts": EXPERTS_SHOWN[ckpt.experts_layout],
         "architecture": _architecture(cfg),
         "params": _params(cfg),
         "source_bytes": src_bytes,
@@ -208,6 +213,7 @@ def render_report(report: dict[str, Any]) -> None:
         t.add_row("files", f"{len(report['files'])} files, {human_bytes(report['bytes_on_disk'])}")
     else:
         t.add_row("layout", report["layout"] + (" (+ original/)" if report.get("has_original") else ""))
+        t.add_row("experts", report.get("experts", "?"))
         t.add_row("source on disk", f"{human_bytes(report['source_bytes'])} in {len(report['shards'])} shard(s)")
         t.add_row("tokenizer / generation", ", ".join(report["tokenizer_files"]) or "none")
     t.add_row("layers", f"{a['layers']} ({a['sliding_layers']} sliding, window {a['sliding_window']}; "

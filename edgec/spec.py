@@ -405,8 +405,14 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
-def hf_tensors(cfg: GptOssConfig) -> list[TensorSpec]:
-    """Every tensor of the HF layout, in model order."""
+EXPERT_LAYOUTS = ("mxfp4", "BF16", "F16", "F32")  # experts as MXFP4 blocks + scales, or dense 16/32-bit
+
+
+def hf_tensors(cfg: GptOssConfig, experts: str = "mxfp4") -> list[TensorSpec]:
+    """Every tensor of the HF layout, in model order. `experts`: "mxfp4" (the published layout, `_blocks` [E, out,
+    in/32, 16] + `_scales` [E, out, in/32]) or a dtype of the dense layout transformers saves for a dequantized or
+    fine-tuned model (`gate_up_proj` [E, hidden, 2*inter] with gate/up columns interleaved as the blocks' rows,
+    `down_proj` [E, inter, hidden]: [E, in, out], the transpose of the blocks' rows; biases in the same dtype)."""
     H, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size  # noqa: E741
     G = H // MXFP4_BLOCK
     out = [TensorSpec("model.embed_tokens.weight", "BF16", (V, H), "embed")]
@@ -429,12 +435,18 @@ def hf_tensors(cfg: GptOssConfig) -> list[TensorSpec]:
         t("post_attention_layernorm.weight", "BF16", (H,), "norm")
         t("mlp.router.weight", "BF16", (E, H), "router")
         t("mlp.router.bias", "BF16", (E,), "router")
-        t("mlp.experts.gate_up_proj_blocks", "U8", (E, 2 * I, G, 16), "expert_blocks")
-        t("mlp.experts.gate_up_proj_scales", "U8", (E, 2 * I, G), "expert_scales")
-        t("mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * I), "expert_bias")
-        t("mlp.experts.down_proj_blocks", "U8", (E, H, I // MXFP4_BLOCK, 16), "expert_blocks")
-        t("mlp.experts.down_proj_scales", "U8", (E, H, I // MXFP4_BLOCK), "expert_scales")
-        t("mlp.experts.down_proj_bias", "BF16", (E, H), "expert_bias")
+        if experts == "mxfp4":
+            t("mlp.experts.gate_up_proj_blocks", "U8", (E, 2 * I, G, 16), "expert_blocks")
+            t("mlp.experts.gate_up_proj_scales", "U8", (E, 2 * I, G), "expert_scales")
+            t("mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * I), "expert_bias")
+            t("mlp.experts.down_proj_blocks", "U8", (E, H, I // MXFP4_BLOCK, 16), "expert_blocks")
+            t("mlp.experts.down_proj_scales", "U8", (E, H, I // MXFP4_BLOCK), "expert_scales")
+            t("mlp.experts.down_proj_bias", "BF16", (E, H), "expert_bias")
+        else:
+            t("mlp.experts.gate_up_proj", experts, (E, H, 2 * I), "expert_dense")
+            t("mlp.experts.gate_up_proj_bias", experts, (E, 2 * I), "expert_bias")
+            t("mlp.experts.down_proj", experts, (E, I, H), "expert_dense")
+            t("mlp.experts.down_proj_bias", experts, (E, H), "expert_bias")
     out.append(TensorSpec("model.norm.weight", "BF16", (H,), "norm"))
     out.append(TensorSpec("lm_head.weight", "BF16", (V, H), "lm_head"))
     return out

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.random import default_rng  # at import, not lazily mid-write (see fsutil.atomic_dir)
 
 from .fsutil import SYNTH_MARKER, atomic_dir
-from .safetensors_io import SafetensorsWriter, f32_to_bf16
+from .safetensors_io import NP_DTYPE, SafetensorsWriter, bf16_to_f32, f32_to_bf16
 from .spec import GptOssConfig, TensorSpec, hf_tensors, original_sources, original_tensors
 
 CHUNK_BYTES = 16 << 20
@@ -104,6 +104,25 @@ def tensor_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int, spread: int = SCA
             yield f32_to_bf16(rng.standard_normal(shape, dtype=np.float32) * np.float32(std) + np.float32(mean))
 
 
+def dense_chunks(cfg: GptOssConfig, t: TensorSpec, seed: int, spread: int = SCALE_SPREAD) -> Iterator[np.ndarray]:
+    """A dense expert tensor (`experts_dtype` layout): exactly the MXFP4 synth's values, decoded, transposed to
+    [E, in, out] and stored in t.dtype (every MXFP4 value is exact in bf16, f32 and, in range, f16)."""
+    from . import mxfp4
+
+    mx = {x.name: x for x in hf_tensors(cfg)}
+    if t.kind == "expert_bias":
+        for c in tensor_chunks(cfg, mx[t.name], seed, spread):
+            yield c if t.dtype == "BF16" else bf16_to_f32(c).astype(NP_DTYPE[t.dtype])
+        return
+    scales = np.concatenate(list(tensor_chunks(cfg, mx[t.name + "_scales"], seed, spread)))
+    e = 0
+    for blocks in tensor_chunks(cfg, mx[t.name + "_blocks"], seed, spread):
+        with np.errstate(over="ignore"):
+            vals = mxfp4.decode(blocks, scales[e : e + len(blocks)]).transpose(0, 2, 1)
+        e += len(blocks)
+        yield f32_to_bf16(vals) if t.dtype == "BF16" else vals.astype(NP_DTYPE[t.dtype])
+
+
 def shard_names(n: int) -> list[str]:
     """Published gpt-oss shard naming: model-00000-of-00002.safetensors ... (zero-based, of n-1)."""
     return [f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
@@ -122,15 +141,16 @@ def _split(specs: list[TensorSpec], n: int) -> list[list[TensorSpec]]:
 
 
 def write_hf(cfg: GptOssConfig, root: Path, seed: int, shards: int, progress: Callable[[int], None],
-             spread: int = SCALE_SPREAD) -> None:
-    specs = hf_tensors(cfg)
+             spread: int = SCALE_SPREAD, experts: str = "mxfp4") -> None:
+    specs = hf_tensors(cfg, experts)
     groups = _split(specs, shards)
     names = shard_names(len(groups))
     weight_map = {}
     for fname, group in zip(names, groups, strict=True):
         with SafetensorsWriter(root / fname, [(t.name, t.dtype, t.shape) for t in group], {"format": "pt"}) as w:
             for t in group:
-                for chunk in tensor_chunks(cfg, t, seed, spread):
+                dense = experts != "mxfp4" and t.kind in ("expert_dense", "expert_bias")
+                for chunk in (dense_chunks if dense else tensor_chunks)(cfg, t, seed, spread):
                     w.write(t.name, chunk)
                     progress(chunk.nbytes)
                 weight_map[t.name] = fname
@@ -163,8 +183,9 @@ def write_original(cfg: GptOssConfig, root: Path, seed: int, progress: Callable[
 
 def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None = None, layout: str = "hf",
                force: bool | str = False, progress: Callable[[int], None] = lambda n: None,
-               scale_spread: int = SCALE_SPREAD) -> Path:
+               scale_spread: int = SCALE_SPREAD, experts_dtype: str = "mxfp4") -> Path:
     """Write a synthetic checkpoint to `out` atomically. layout: hf, original or both (HF + original/);
+    experts_dtype: "mxfp4" or BF16/F16/F32 for the dense 16-bit experts of a fine-tune (HF layout only);
     scale_spread: binades spanned by the MXFP4 block scales of an expert row (0: one scale everywhere).
     `force`: as `atomic_dir` (True replaces only an earlier edgec output, marked by SYNTH_MARKER)."""
     from .harmony.tokenizer import write_tokenizer_files
@@ -176,7 +197,7 @@ def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None =
     with atomic_dir(out, force=force) as tmp:
         (tmp / SYNTH_MARKER).write_text("written by edgec synth\n")
         if layout in ("hf", "both"):
-            write_hf(cfg, tmp, seed, shards, progress, scale_spread)
+            write_hf(cfg, tmp, seed, shards, progress, scale_spread, experts_dtype)
             write_tokenizer_files(tmp)
         if layout in ("original", "both"):
             write_original(cfg, tmp / "original" if layout == "both" else tmp, seed, progress, scale_spread)
@@ -185,6 +206,6 @@ def synthesize(cfg: GptOssConfig, out: Path, seed: int = 0, shards: int | None =
     return out
 
 
-def total_bytes(cfg: GptOssConfig, layout: str) -> int:
-    n = sum(t.nbytes for t in hf_tensors(cfg))
+def total_bytes(cfg: GptOssConfig, layout: str, experts_dtype: str = "mxfp4") -> int:
+    n = sum(t.nbytes for t in hf_tensors(cfg, experts_dtype))
     return n * (2 if layout == "both" else 1)

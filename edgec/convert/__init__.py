@@ -37,7 +37,16 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
     summary = module.convert(ckpt, profile, out, **formats, force=force, progress=progress)
     summary.update(target=target, source=str(src), out=str(out), **formats, seconds=time.perf_counter() - t0,
                    peak_rss_bytes=peak_rss_bytes(), warnings=warnings)
+    if ckpt.quant_error:
+        summary["quantization"] = q = ckpt.quant_summary()
+        summary.setdefault("lossy", []).append(quant_line(ckpt.experts_layout, q))
     return summary
+
+
+def quant_line(layout: str, q: dict[str, dict[str, float]]) -> str:
+    """The one line `convert` prints for dense experts it quantized: relative error per tensor kind."""
+    parts = [f"{k} mean {v['mean']:.4%} worst {v['worst']:.4%} ({v['matrices']} matrices)" for k, v in q.items()]
+    return f"experts quantized from {layout.lower()} to MXFP4, relative error ||W-Q(W)||/||W||: " + "; ".join(parts)
 
 
 def checkpoint_warnings(ckpt: Checkpoint, strict: bool = False) -> list[str]:

@@ -12,6 +12,7 @@ from ..checkpoint import Checkpoint
 from ..fsutil import sha256_file
 from ..hub import model_name
 from ..manifest import NAME, config_sha256
+from .quantize import RULE as QUANT_RULE
 
 
 def copy_tokenizer_files(ckpt: Checkpoint, out: Path) -> list[str]:
@@ -42,6 +43,9 @@ def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe:
         "config_sha256": config_sha256(config),
         "files": files,
     }
+    manifest["source"]["experts"] = ckpt.experts_layout
+    if ckpt.quant_error:  # dense experts quantized here (convert.quantize): the error it cost, per tensor kind
+        manifest["quantization"] = {"experts": "mxfp4", "rule": QUANT_RULE, "relative_error": ckpt.quant_summary()}
     if profile.get("runtime_defaults"):  # the runtime's options per device (e.g. mlx: compute, kv_dtype)
         manifest["runtime_defaults"] = profile["runtime_defaults"]
     (out / NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -27,6 +27,8 @@ import numpy as np
 from ..mxfp4 import LUT
 
 BLOCK = 32
+RULE = ("E2M1 round-to-nearest-even; per block the E8M0 scale floor(log2(amax))-2 or +1 with the smaller squared "
+        "error (ties: the larger)")
 # tie-breaking thresholds on |x| / 2**e: code k+1 when |x| > MID[k] (even k) or >= MID[k] (odd k): ties to even
 _MID = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
 

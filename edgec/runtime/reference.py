@@ -82,17 +82,17 @@ class Reference:
         g = h @ self._w(p + "mlp.router.weight").T + self._w(p + "mlp.router.bias")
         top = np.argsort(-g, axis=-1, kind="stable")[:, : c.num_experts_per_tok]
         weights = softmax(np.take_along_axis(g, top, axis=-1))
-        b1, b2 = self.ckpt.raw(p + "mlp.experts.gate_up_proj_bias"), self.ckpt.raw(p + "mlp.experts.down_proj_bias")
+        b1, b2 = self.ckpt.f32(p + "mlp.experts.gate_up_proj_bias"), self.ckpt.f32(p + "mlp.experts.down_proj_bias")
         out = np.zeros_like(x)
         for e in np.unique(top):
             tok, slot = np.nonzero(top == e)
             w1 = self.ckpt.experts(n, "gate_up_proj", [e])[0]
             w2 = self.ckpt.experts(n, "down_proj", [e])[0]
-            hh = h[tok] @ w1.T + bf16_to_f32(b1[e])
+            hh = h[tok] @ w1.T + b1[e]
             gate = np.minimum(hh[:, 0::2], c.swiglu_limit)
             up = np.clip(hh[:, 1::2], -c.swiglu_limit, c.swiglu_limit)
             a = gate / (1.0 + np.exp(-c.swiglu_alpha * gate)) * (up + 1.0)
-            y = a @ w2.T + bf16_to_f32(b2[e])
+            y = a @ w2.T + b2[e]
             np.add.at(out, tok, weights[tok, slot][:, None] * y)
         return x + out
 
