@@ -27,10 +27,13 @@ import numpy as np
 from ..mxfp4 import LUT
 
 BLOCK = 32
+CHUNK_BLOCKS = 8192
 RULE = ("E2M1 round-to-nearest-even; per block the E8M0 scale floor(log2(amax))-2 or +1 with the smaller squared "
         "error (ties: the larger)")
 # tie-breaking thresholds on |x| / 2**e: code k+1 when |x| > MID[k] (even k) or >= MID[k] (odd k): ties to even
 _MID = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+_MAG = np.abs(LUT[:8])
+_MAG2 = 2 * _MAG
 
 
 def _codes(mag: np.ndarray) -> np.ndarray:
@@ -43,27 +46,35 @@ def _codes(mag: np.ndarray) -> np.ndarray:
 
 def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 [..., out, in] (in % 32 == 0) -> (blocks uint8 [..., out, in/32, 16], scales uint8 [..., out, in/32]),
-    the checkpoint's MXFP4 layout (`edgec.mxfp4.decode` inverts it). Finite input expected."""
+    the checkpoint's MXFP4 layout (`edgec.mxfp4.decode` inverts it). Finite input expected. Works in chunks of
+    CHUNK_BLOCKS blocks, so the temporaries stay in cache."""
     v = np.asarray(w, dtype=np.float32)
     if v.shape[-1] % BLOCK:
         raise ValueError(f"last dimension {v.shape[-1]} is not a multiple of {BLOCK}")
-    g = v.reshape(v.shape[:-1] + (-1, BLOCK))
+    g = v.reshape(-1, BLOCK)
+    blocks = np.empty((g.shape[0], BLOCK // 2), np.uint8)
+    scales = np.empty(g.shape[0], np.uint8)
+    for i in range(0, g.shape[0], CHUNK_BLOCKS):
+        blocks[i : i + CHUNK_BLOCKS], scales[i : i + CHUNK_BLOCKS] = _quantize_blocks(g[i : i + CHUNK_BLOCKS])
+    lead = v.shape[:-1] + (v.shape[-1] // BLOCK,)
+    return blocks.reshape(lead + (BLOCK // 2,)), scales.reshape(lead)
+
+
+def _quantize_blocks(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 32] float32 -> ([n, 16], [n]) uint8."""
     mag = np.abs(g)
     amax = mag.max(axis=-1)
     _, ex = np.frexp(amax)  # amax = m * 2**ex, m in [0.5, 1): floor(log2(amax)) = ex - 1
     x0 = np.clip(ex.astype(np.int32) - 3, -127, 127)
-    best_idx = best_e = best_err = None
-    for e in (x0, np.minimum(x0 + 1, 127)):
-        s = np.ldexp(mag, -e[..., None])  # exact power-of-two scaling
-        idx = _codes(s)
-        err = ((LUT[idx] - s) * np.ldexp(np.float32(1.0), e)[..., None].astype(np.float32)) ** 2
-        err = err.sum(axis=-1, dtype=np.float64)
-        if best_idx is None:
-            best_idx, best_e, best_err = idx, e, err
-        else:
-            take = err <= best_err
-            best_idx = np.where(take[..., None], idx, best_idx)
-            best_e = np.where(take, e, best_e)
+    s0 = mag * np.ldexp(np.float32(1.0), -x0)[..., None]  # exact power-of-two scaling: amax/2**x0 in [4, 8)
+    i0, i1 = _codes(s0), _codes(s0 * np.float32(0.5))  # candidate X and X + 1 (half the scaled magnitudes)
+    # squared error in units of 4**X: (LUT - s)**2 at X, 4 * (LUT - s/2)**2 = (2 * LUT - s)**2 at X + 1; the sums
+    # are float32 (exactly 0 for an exact block, so the round trip's choice is exact; near-ties may go either way)
+    e0 = np.square(_MAG[i0] - s0).sum(axis=-1)
+    e1 = np.square(_MAG2[i1] - s0).sum(axis=-1)
+    up = (e1 <= e0) & (x0 < 127)
+    best_idx = np.where(up[..., None], i1, i0)
+    best_e = x0 + up
     code = best_idx | (np.signbit(g).astype(np.uint8) << 3)
     blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).astype(np.uint8)
     scales = np.where(amax > 0, best_e + 127, 0).astype(np.uint8)
