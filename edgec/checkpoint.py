@@ -181,17 +181,18 @@ class Checkpoint:
         if name not in self._quantized:
             self._quantized.clear()
             dense = self.stored(base)  # [E, in, out]
-            blocks, scales, errs = [], [], []
-            for e in range(dense.shape[0]):
+            n_exp, k, n = dense.shape
+            blocks = np.empty((n_exp, n, k // 32, 16), np.uint8)
+            scales = np.empty((n_exp, n, k // 32), np.uint8)
+            errs = []
+            for e in range(n_exp):
                 w = np.ascontiguousarray(self._dense_f32(dense[e]).T)  # [out, in]
-                b, s = quantize_mxfp4(w)
-                blocks.append(b)
-                scales.append(s)
-                errs.append(float(relative_error(w, b, s)))
-            self._quantized = {base + "_blocks": np.stack(blocks), base + "_scales": np.stack(scales)}
+                blocks[e], scales[e] = quantize_mxfp4(w)
+                errs.append(float(relative_error(w, blocks[e], scales[e])))
+                if dense.nbytes >= SCAN_CHUNK:  # one expert's pages resident at a time
+                    self.release_pages()
+            self._quantized = {base + "_blocks": blocks, base + "_scales": scales}
             self.quant_error.setdefault(base.rsplit(".", 1)[1], []).extend(errs)
-            if dense.nbytes >= SCAN_CHUNK:
-                self.release_pages()
         return self._quantized[name]
 
     @staticmethod

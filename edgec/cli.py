@@ -209,9 +209,11 @@ def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
 @click.option("--lm-head", help="format of lm_head where the target quantizes it apart (onnx-cpu; default: as dense)")
 @force_options
 @click.option("--strict", is_flag=True, help="refuse a source with non-finite weights (NaN/Inf) instead of warning")
+@click.option("--keep-16bit", is_flag=True, help="16-bit source experts stay dense (targets with --experts decomposed) "
+              "instead of being quantized to MXFP4")
 @click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
 def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, lm_head: str | None,
-            force: bool, force_foreign: bool, strict: bool, as_json: bool) -> None:
+            force: bool, force_foreign: bool, strict: bool, keep_16bit: bool, as_json: bool) -> None:
     """Convert a gpt-oss checkpoint for a deployment target. SRC: a checkpoint folder or a Hugging Face id from the
     local cache (openai/gpt-oss-20b, ORG/NAME/original, ORG/NAME@REVISION); edgec never downloads."""
     from .convert import run_convert
@@ -219,7 +221,7 @@ def convert(src: Path, target: str, out: Path, dense: str | None, experts: str |
 
     src = source_path(src)
     summary = run_convert(src, target, out, dense=dense, experts=experts, force=force_mode(force, force_foreign),
-                          lm_head=lm_head, strict=strict, warn=warn)
+                          lm_head=lm_head, strict=strict, keep_16bit=keep_16bit, warn=warn)
     if as_json:
         emit_json(summary)
     else:

@@ -17,18 +17,23 @@ from ..targets import load_profile
 
 def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None = None,
                 experts: str | None = None, force: bool | str = False, progress: bool = True,
-                lm_head: str | None = None, strict: bool = False,
+                lm_head: str | None = None, strict: bool = False, keep_16bit: bool = False,
                 warn: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Validate SRC, convert it for `target` into OUT atomically, return a summary (also in edgec.json).
 
     force: True replaces an earlier edgec output, "foreign" any folder (never the source). Non-finite weights
     and a missing tokenizer.json go to `warn` before the work starts and into the summary's `warnings`; with
-    `strict` non-finite weights are an error."""
+    `strict` non-finite weights are an error. `keep_16bit`: a source with dense 16-bit experts keeps them as dense
+    matrices (the `decomposed` expert format, priced at the dense format's bytes by memory.py) instead of MXFP4."""
     profile = load_profile(target)
     out = Path(out)
     check_output(out, force, [Path(src)])  # fail fast; atomic_dir checks again, with every source file
+    if keep_16bit:
+        experts = keep_16bit_format(profile, experts)
     formats = resolve_formats(profile, dense, experts, lm_head)
     ckpt = Checkpoint.open(src)
+    if keep_16bit and ckpt.experts_layout == "mxfp4":
+        raise EdgecError(f"{src}: --keep-16bit: the source's experts are MXFP4 already (no 16-bit experts to keep)")
     warnings = checkpoint_warnings(ckpt, strict)
     for w in warnings:
         warn(w)
@@ -41,6 +46,15 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
         summary["quantization"] = q = ckpt.quant_summary()
         summary.setdefault("lossy", []).append(quant_line(ckpt.experts_layout, q))
     return summary
+
+
+def keep_16bit_format(profile: dict[str, Any], experts: str | None) -> str:
+    """The expert format that runs 16-bit experts as they are on this target, or one line saying there is none."""
+    supported = (profile.get("experts") or {}).get("supported", [])
+    if "decomposed" not in supported or experts not in (None, "decomposed"):
+        raise EdgecError(f"target {profile['name']} cannot keep 16-bit experts (--keep-16bit needs --experts "
+                         f"decomposed, dense MatMuls; supported here: {', '.join(supported)})")
+    return "decomposed"
 
 
 def quant_line(layout: str, q: dict[str, dict[str, float]]) -> str:
