@@ -263,3 +263,30 @@ def test_parity_against_the_16bit_reference(tf16, tmp_path):
     rep = json.loads(r.stdout)
     assert rep["passed"] and rep["thresholds"]["max_abs"] == 2.5
     assert rep["worst"]["max_abs"] > 1e-3  # the 16-bit reference, not a quantized one: the quantizer's error shows
+
+
+def test_keep_16bit_keeps_the_dense_values(tf16, tmp_path):
+    """--keep-16bit on a target with dense expert MatMuls writes the source's own values (no quantization, no
+    error line); the memory plan prices that recipe at the dense format's bytes, above MXFP4's; elsewhere one line."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgec.memory import recipe_weights
+
+    out = tmp_path / "dml"
+    r = CliRunner().invoke(main, ["convert", str(tf16), "-t", "onnx-dml", "-o", str(out), "--keep-16bit", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["experts"] == "decomposed" and "quantization" not in summary
+    model = onnx.load(str(next(out.glob("*.onnx"))), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    name = "model.layers.1.moe.experts.down_proj.weight"  # [E, out, in] in the io dtype (fp16)
+    onnx.external_data_helper.load_external_data_for_tensor(inits[name], str(out))
+    got = numpy_helper.to_array(inits[name]).astype(np.float32)
+    want = Checkpoint.open(tf16).experts(1, "down_proj", range(8)).astype(np.float16).astype(np.float32)
+    assert np.array_equal(got, want)  # the 16-bit values rounded once to fp16, not an MXFP4 copy
+    cfg = Checkpoint.open(tf16).config
+    dense16, mx = recipe_weights(cfg, "fp16", "decomposed"), recipe_weights(cfg, "fp16", "mxfp4")
+    assert dense16.experts > 3.5 * mx.experts  # 16 bits vs 4.25 per expert weight
+    r = CliRunner().invoke(main, ["convert", str(tf16), "-t", "mlx", "-o", str(tmp_path / "m"), "--keep-16bit"])
+    assert r.exit_code == 2 and "cannot keep 16-bit experts" in r.output
