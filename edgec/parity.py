@@ -131,17 +131,21 @@ def load_prompts(path: Path, folder: Path) -> list[dict[str, Any]]:
 
 
 def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any], precision: str | None = None) -> dict[str, float]:
-    """Profile thresholds: [parity.default], then [parity.<experts>], then for experts quantized from a 16-bit source
-    [parity."<experts>-from-16bit"], then [parity."<dense>+<experts>"], then, for
+    """Profile thresholds: [parity.default], then [parity.<experts>], then [parity."<dense>+<experts>"], then, for
     an lm_head quantized apart from the dense weights, [parity."<dense>+<experts>+lm_head-<lm_head>"], then for the
-    runtime's precision (e.g. mlx's compute and KV dtype) [parity."<dense>+<experts>+<precision>"]."""
+    runtime's precision (e.g. mlx's compute and KV dtype) [parity."<dense>+<experts>+<precision>"]; for experts
+    quantized at convert time from a 16-bit source, per metric the looser of that and [parity."<experts>-from-16bit"]
+    (the quantizer's error adds to the recipe's)."""
     p = profile.get("parity", {})
     t = dict(DEFAULT_THRESHOLDS)
     pair = f"{recipe.get('dense')}+{recipe.get('experts')}"
-    quantized = f"{recipe.get('experts')}-from-16bit" if recipe.get("experts_from") else None  # dense source
-    for key in ("default", str(recipe.get("experts")), quantized, pair, f"{pair}+lm_head-{recipe.get('lm_head')}",
+    for key in ("default", str(recipe.get("experts")), pair, f"{pair}+lm_head-{recipe.get('lm_head')}",
                 f"{pair}+{precision}"):
         t.update({k: float(v) for k, v in p.get(key, {}).items() if k in METRICS})
+    if recipe.get("experts_from"):  # experts quantized from a 16-bit source: the looser of the two, per metric
+        for k, v in p.get(f"{recipe.get('experts')}-from-16bit", {}).items():
+            if k in METRICS:
+                t[k] = max(t[k], float(v)) if DIRECTION[k] == "max" else min(t[k], float(v))
     return t
 
 

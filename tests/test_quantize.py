@@ -251,11 +251,12 @@ def test_relative_error_helper_matches_definition():
 
 
 @pytest.mark.float_sensitive
-def test_parity_against_the_16bit_reference(tf16, tmp_path):
-    """`edgec parity SRC OUT` on an onnx-cpu output made from the 16-bit source compares with the 16-bit model and
-    passes the profile's "mxfp4-from-16bit" bounds; the default exact-recipe bounds would refuse it."""
-    out = tmp_path / "onnx"
-    r = CliRunner().invoke(main, ["convert", str(tf16), "-t", "onnx-cpu", "-o", str(out)])
+@pytest.mark.parametrize("target", ["onnx-cpu", "mlx"])
+def test_parity_against_the_16bit_reference(tf16, tmp_path, target):
+    """`edgec parity SRC OUT` on an output made from the 16-bit source compares with the 16-bit model and passes the
+    profile's "mxfp4-from-16bit" bounds; the exact recipe's own bounds would refuse it."""
+    out = tmp_path / target
+    r = CliRunner().invoke(main, ["convert", str(tf16), "-t", target, "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "experts quantized from bf16 to MXFP4" in r.output
     r = CliRunner().invoke(main, ["parity", str(tf16), str(out), "--json"])
