@@ -291,3 +291,16 @@ def test_keep_16bit_keeps_the_dense_values(tf16, tmp_path):
     assert dense16.experts > 3.5 * mx.experts  # 16 bits vs 4.25 per expert weight
     r = CliRunner().invoke(main, ["convert", str(tf16), "-t", "mlx", "-o", str(tmp_path / "m"), "--keep-16bit"])
     assert r.exit_code == 2 and "cannot keep 16-bit experts" in r.output
+
+
+def test_synth_cli_writes_the_dense_layout(tmp_path):
+    out = tmp_path / "s"
+    r = CliRunner().invoke(main, ["synth", str(out), "--preset", "tiny", "--vocab", "1024", "--experts-dtype", "fp16"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    assert json.loads(r.stdout)["experts"].startswith("fp16 dense")
+    ck = Checkpoint.open(out)
+    assert ck.stored("model.layers.0.mlp.experts.gate_up_proj").dtype == np.float16
+    assert ck.stored("model.layers.0.mlp.experts.gate_up_proj").shape == (8, 64, 128)  # [E, hidden, 2*inter]
+    r = CliRunner().invoke(main, ["synth", str(tmp_path / "o"), "--experts-dtype", "bf16", "--layout", "original"])
+    assert r.exit_code == 2 and "Hugging Face layout only" in r.output
