@@ -59,6 +59,7 @@ class Checkpoint:
     experts_layout: str = "mxfp4"
     quant_error: dict[str, list[float]] = field(default_factory=dict)  # "gate_up_proj"/"down_proj" -> per expert
     _quantized: dict[str, np.ndarray] = field(default_factory=dict)  # the last tensor pair quantized
+    _measured: set[str] = field(default_factory=set)
 
     # ---- opening ----------------------------------------------------------------------------------------
     @classmethod
@@ -192,7 +193,9 @@ class Checkpoint:
                 if dense.nbytes >= SCAN_CHUNK:  # one expert's pages resident at a time
                     self.release_pages()
             self._quantized = {base + "_blocks": blocks, base + "_scales": scales}
-            self.quant_error.setdefault(base.rsplit(".", 1)[1], []).extend(errs)
+            if base not in self._measured:  # a tensor read again is counted once
+                self._measured.add(base)
+                self.quant_error.setdefault(base.rsplit(".", 1)[1], []).extend(errs)
         return self._quantized[name]
 
     @staticmethod

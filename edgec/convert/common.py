@@ -44,9 +44,9 @@ def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe:
         "files": files,
     }
     manifest["source"]["experts"] = ckpt.experts_layout
-    if ckpt.quant_error:  # parity picks the profile's [parity."<experts>-from-16bit"] bounds
+    if ckpt.quant_error:  # dense experts quantized here (convert.quantize): the error it cost, per tensor kind;
+        # parity then also applies the profile's [parity."<experts>-from-16bit"] bounds
         manifest["recipe"] = {**recipe, "experts_from": ckpt.experts_layout.lower()}
-    if ckpt.quant_error:  # dense experts quantized here (convert.quantize): the error it cost, per tensor kind
         manifest["quantization"] = {"experts": "mxfp4", "rule": QUANT_RULE, "relative_error": ckpt.quant_summary()}
     if profile.get("runtime_defaults"):  # the runtime's options per device (e.g. mlx: compute, kv_dtype)
         manifest["runtime_defaults"] = profile["runtime_defaults"]
