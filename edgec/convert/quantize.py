@@ -8,8 +8,9 @@ The rule (per block of 32 values along the input axis):
   saturates) and X + 1 (amax maps into [2, 4), nothing saturates, coarser grid). Each block keeps the candidate
   with the smaller squared error; on a tie the larger scale. The exponent is clamped to E8M0's -127..127.
   An all-zero block gets scale byte 0 (its codes keep the zeros' signs).
-- Compared: the OCP MX v1.0 spec (section 6.3) and llama.cpp's `quantize_row_mxfp4` (ggml-quants.c: e =
-  floor(log2(amax)) - 2, then nearest code) use X alone; transformers' `integrations/mxfp4.py` quantizes through
+- Compared: the OCP MX v1.0 spec (section 6.3) and llama.cpp's `quantize_row_mxfp4_ref` (ggml-quants.c: e =
+  floor(log2(amax)) - 2, byte 0 for an all-zero block, then the nearest code, ties to the lower code) use X alone;
+  transformers' `integrations/mxfp4.py` quantizes through
   triton_kernels' `downcast_to_mxfp`, which rounds the scale up from amax / 6 (ceil(log2(amax / 6)), so nothing
   saturates; equal to X or X + 1). Trying both and keeping the better is never worse than either rule alone.
 - Round trip: every MXFP4 value is exact in bf16 (and float32), so dequantized MXFP4 requantizes with zero error
