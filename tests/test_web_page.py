@@ -156,6 +156,27 @@ def test_tokenizer_ids_equal_edgec(page, outs):
         assert back == s
 
 
+def test_sampling_in_the_page(page):
+    """chat.js's sample(): greedy at temperature 0 (first of equal maxima, as numpy), top-p keeps the smallest set
+    reaching p, and draws follow softmax(logits / T). 4,000 draws: each frequency is within 5 binomial sigmas of
+    its probability (a false alarm ~1e-6 per bin)."""
+    logits = [0.0, 2.0, 2.0, 1.0, -3.0]
+    got = page.execute_async_script("""const done = arguments[arguments.length - 1];
+        import('/chat.js').then(({sample}) => {
+          const l = Float32Array.from(arguments[0]), counts = new Array(l.length).fill(0);
+          for (let i = 0; i < arguments[1]; i++) counts[sample(l, 0.7, 1, Math.random)]++;
+          const nucleus = new Set();
+          for (let i = 0; i < 200; i++) nucleus.add(sample(l, 1, 0.5, Math.random));
+          done({greedy: sample(l, 0, 1, Math.random), counts, nucleus: [...nucleus].sort()});
+        }, e => done({error: String(e)}));""", logits, 4000)
+    assert got.get("error") is None and got["greedy"] == 1
+    p = np.exp(np.asarray(logits) / 0.7)
+    p /= p.sum()
+    n = 4000
+    assert np.all(np.abs(np.asarray(got["counts"]) - n * p) <= 5 * np.sqrt(n * p * (1 - p)) + 1)
+    assert got["nucleus"] == [1, 2]  # the two at 2.0 hold 0.40 each: together the smallest set reaching 0.5
+
+
 def _conversation(text):
     return Conversation([system_message("medium", DATE), Message("user", text)])
 
