@@ -177,6 +177,30 @@ def test_sampling_in_the_page(page):
     assert got["nucleus"] == [1, 2]  # the two at 2.0 hold 0.40 each: together the smallest set reaching 0.5
 
 
+def test_harmony_stream_parse_in_the_page(page, outs):
+    """harmony.js's StreamParser on a well-formed reply (reasoning, then the final answer, split mid-character) gives
+    edgec's StreamParser's messages; the page shows the analysis apart from the final text."""
+    tok = Tokenizer.from_folder(outs[0])
+    reply = tok.encode("<|channel|>analysis<|message|>User asks: think… 🤔<|end|><|start|>assistant<|channel|>final"
+                       "<|message|>Paris — naïve café.<|return|>", allowed_special="all")
+    got = page.execute_async_script("""const done = arguments[arguments.length - 1];
+        import('/harmony.js').then(({StreamParser}) => {
+          const p = new StreamParser(window.edgec.tokenizer), texts = [];
+          for (const id of arguments[0]) for (const ev of p.feed(id)) if (ev.kind === 'text') texts.push(ev.text);
+          p.finish();
+          done({messages: p.messages.map(m => [m.channel, m.text]), texts});
+        }, e => done({error: String(e)}));""", reply)
+    parser = StreamParser(tok)
+    for t in reply:
+        parser.feed(t)
+    parser.finish()
+    assert got.get("error") is None
+    assert got["messages"] == [[m.channel, m.text] for m in parser.messages]
+    assert got["messages"] == [["analysis", "User asks: think… 🤔"], ["final", "Paris — naïve café."]]
+    assert len(got["texts"]) > 2  # streamed in pieces, never a broken character
+    assert "\ufffd" not in "".join(got["texts"])
+
+
 def _conversation(text):
     return Conversation([system_message("medium", DATE), Message("user", text)])
 
