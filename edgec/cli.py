@@ -355,8 +355,9 @@ def _register_commands() -> None:
     from .harmony import cli as harmony_cli
     from .runtime import cli as runtime_cli
     from .serve import cli as serve_cli
+    from .web import cli as web_cli
 
-    for m in (harmony_cli, runtime_cli, serve_cli):
+    for m in (harmony_cli, runtime_cli, serve_cli, web_cli):
         for cmd in m.COMMANDS:
             main.add_command(cmd)
 
