@@ -338,6 +338,18 @@ def open_stage(model: Path, hosts_file: Path, backend: str, max_context: int | N
     return b, context
 
 
+def serve_ranks(hosts_file: Path, backend: str, open_session: Any) -> None:
+    """serve --hosts, on the main thread before the server starts: outside mlx.launch, re-run under it and exit
+    with its status; ranks 1.. open their stage here and serve it until rank 0 stops (`open_session` leads to
+    `open_stage`, which never returns there); rank 0 returns, to serve HTTP (its engine opens the session)."""
+    read_hosts(hosts_file)
+    if "MLX_RANK" not in os.environ:
+        sys.exit(relaunch(hosts_file, backend))
+    if os.environ["MLX_RANK"] != "0":
+        open_session()
+        sys.exit(0)
+
+
 def relaunch(hosts_file: Path, backend: str) -> int:
     """Run this command under mlx.launch; its exit status is rank 0's (mlx.launch itself exits 0 when a rank
     failed), read from the file rank 0 writes, 1 when rank 0 wrote none (it died)."""
@@ -365,6 +377,8 @@ def on_sigterm(who: str) -> None:
     130."""
     import signal
 
+    if threading.current_thread() is not threading.main_thread():
+        return  # serve's rank 0 opens the model on its worker thread; uvicorn handles SIGTERM (exit 130)
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -41,6 +41,10 @@ def serve(model: Path, host: str, port: int, api_key: str | None, served_names: 
     from .app import Settings, create_app
     from .engine import Engine
 
+    if kw.get("hosts") is not None:  # pipeline-parallel: only rank 0 gets past this line
+        from ..runtime.pipeline import serve_ranks
+
+        serve_ranks(kw["hosts"], kw["dist_backend"], lambda: open_session(model, **kw))
     engine = Engine(lambda: open_session(model, **kw), max_queue=max_queue)
     engine.start()
     s = engine.session
