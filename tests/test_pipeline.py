@@ -140,3 +140,36 @@ def test_120b_slice_two_ranks(slice120_mlx, tmp_path):
         assert np.array_equal(got[f"arr_{i}"], w), f"step {i}: logits differ"
     a, b = generate_both(slice120_mlx, tmp_path, 3)
     assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 3
+
+
+def test_serve_two_ranks_openai_client_and_ctrl_c(tiny_mlx, tmp_path):
+    """`edgec serve --hosts` on 2 loopback ranks: rank 0 answers the openai client with the single process's greedy
+    tokens (the one Generator over the pipeline backend); Ctrl-C (SIGINT to the terminal's process group) ends
+    every rank."""
+    import signal
+
+    openai = pytest.importorskip("openai")  # the serve extra's test dependency
+    from serving import free_port, wait_ready
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "serve", str(tiny_mlx), "--port", str(port),
+                             "--max-context", "1024", "--temperature", "0", "--compute", "float32",
+                             "--hosts", str(hostfile(tmp_path, 2))],
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        r = c.chat.completions.create(model=c.models.list().data[0].id, max_tokens=6, temperature=0,
+                                      messages=[{"role": "user", "content": "hi"}])
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    err = proc.stderr.read()
+    assert r.usage.completion_tokens == 6, err[-2000:]
+    one = subprocess.run([sys.executable, "-m", "edgec", "generate", str(tiny_mlx), "--prompt", "hi",
+                          "--temperature", "0", "--max-tokens", "6", "--json", "--compute", "float32",
+                          "--max-context", "1024"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.choices[0].message.content == json.loads(one.stdout)["messages"][-1]["text"]
+    assert "Traceback" not in err
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"ranks still running: {left}"

@@ -353,6 +353,7 @@ def serve_ranks(hosts_file: Path, backend: str, open_session: Any) -> None:
 def relaunch(hosts_file: Path, backend: str) -> int:
     """Run this command under mlx.launch; its exit status is rank 0's (mlx.launch itself exits 0 when a rank
     failed), read from the file rank 0 writes, 1 when rank 0 wrote none (it died)."""
+    import signal
     import subprocess
     import tempfile
 
@@ -360,7 +361,11 @@ def relaunch(hosts_file: Path, backend: str) -> int:
         rc_file = Path(d) / "rc"
         cmd = launch_command(hosts_file, backend, sys.argv[1:])
         cmd[cmd.index("--"):cmd.index("--")] = ["--env", f"EDGEC_PIPELINE_RC={rc_file}"]
-        rc = subprocess.call(cmd)
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the group:
+        try:  # mlx.launch and ranks 1.. inherit the ignore; rank 0 takes it back (on_sigterm) and ends the launch
+            rc = subprocess.call(cmd)
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
         return int(rc_file.read_text()) if rc_file.is_file() else rc or 1
 
 
@@ -379,6 +384,8 @@ def on_sigterm(who: str) -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return  # serve's rank 0 opens the model on its worker thread; uvicorn handles SIGTERM (exit 130)
+    if os.environ.get("MLX_RANK") == "0":  # relaunch ignored Ctrl-C for mlx.launch and the ranks: rank 0 takes it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.signal(signal.SIGTERM, lambda *_: None)
