@@ -25,6 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,8 @@ class Constraint:
     tools: dict[str, dict] = field(default_factory=dict)  # strict tools: function name -> parameters JSON schema
     tool_choice: str | dict = "auto"  # "auto" | "none" | "required" | {"name": "fn"}
     think_tokens: int | None = None  # analysis budget; then the guard forces the end of analysis
-    param: str = "constraint"  # prefix for ConstraintError.param (where `final` came from)
+    param: str = "constraint"  # where `final`'s value came from, e.g. "response_format.json_schema.schema": the
+    # prefix of ConstraintError.param, followed by a JSON pointer into a schema
 
     def grammar(self) -> str:
         """The whole reply's grammar: llguidance's top-level JSON (a Lark main grammar plus named sub-grammars)."""
@@ -111,7 +113,7 @@ class Constraint:
     def _explain(self, error: str) -> ConstraintError:
         """llguidance's message, with the JSON pointer of the keyword it names where it can be found."""
         msg = error.strip().splitlines()[0] if error.strip() else "the grammar does not compile"
-        schemas = [(self.param + ".json_schema", (self.final or {}).get("json_schema"))] if self.final else []
+        schemas = [(self.param, (self.final or {}).get("json_schema"))] if self.final else []
         schemas += [(f"tools.{n}.parameters", s) for n, s in self.tools.items()]
         keys = re.search(r"Unimplemented keys: \[(.*?)\]", msg)
         fmt = re.search(r"Unknown format: (\S+)", msg)
@@ -126,7 +128,37 @@ class Constraint:
                 ptr = None
             if ptr is not None:
                 return ConstraintError(f"unsupported: {msg}", where + ptr)
-        return ConstraintError(msg, schemas[0][0] if len(schemas) == 1 else self.param)
+        return ConstraintError(msg, self.param if self.final is not None or not self.tools else "tools")
+
+
+def read_constraint(json_schema: Path | None = None, grammar: Path | None = None, regex: str | None = None,
+                    think_tokens: int | None = None) -> Constraint | None:
+    """The constraint of `edgec generate --json-schema FILE | --grammar FILE | --regex R [--think-tokens N]` (None:
+    none given); a bad file is a one-line error naming it."""
+    from ..jsonio import read_json
+
+    given = [x for x in (json_schema, grammar, regex) if x is not None]
+    if len(given) > 1:
+        raise EdgecError("give at most one of --json-schema, --grammar, --regex")
+    if json_schema is not None:
+        return Constraint(final={"json_schema": read_json(json_schema)}, think_tokens=think_tokens,
+                          param=str(json_schema))
+    if grammar is not None:
+        from ..jsonio import regular_file
+
+        regular_file(grammar, "grammar file")
+        text = grammar.read_text(encoding="utf-8", errors="replace")
+        if "::=" in text:  # GBNF (llama.cpp): llguidance converts it to Lark
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            try:
+                text = gbnf_to_lark(text)
+            except Exception as e:
+                raise ConstraintError(f"GBNF does not convert ({e})", str(grammar)) from None
+        return Constraint(final={"lark": text}, think_tokens=think_tokens, param=str(grammar))
+    if regex is not None:
+        return Constraint(final={"regex": regex}, think_tokens=think_tokens, param="--regex")
+    return None if think_tokens is None else Constraint(think_tokens=think_tokens, param="--think-tokens")
 
 
 def _sub_grammar(final: Any, param: str) -> dict:
@@ -136,13 +168,13 @@ def _sub_grammar(final: Any, param: str) -> dict:
     (kind, value), = final.items()
     if kind == "json_schema":
         if not isinstance(value, dict):
-            raise ConstraintError("must be a JSON object", f"{param}.json_schema")
-        return _json_grammar(value, f"{param}.json_schema")
+            raise ConstraintError("must be a JSON object", param)
+        return _json_grammar(value, param)
     if kind == "json_object":
         return _json_grammar({"type": "object"}, param)
     if kind in ("lark", "regex"):
         if not isinstance(value, str) or not value:
-            raise ConstraintError("must be a non-empty string", f"{param}.{kind}")
+            raise ConstraintError(f"{kind}: must be a non-empty string", param)
         if kind == "regex":
             return json.loads(require("llguidance", "constrain").LLMatcher.grammar_from_regex(value))["grammars"][0]
         return {"lark_grammar": value}
