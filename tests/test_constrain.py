@@ -250,3 +250,20 @@ def test_generate_cli_length_and_refusal(tiny_onnx, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1].startswith(f"error: {bad}/properties/a/not: unsupported")
     assert "Traceback" not in r.output
+
+
+def test_chat_schema_command(tiny_onnx, tmp_path):
+    """/schema FILE constrains the next answers, a bad file is one red line and the chat goes on, /schema off ends
+    it (the --json of generate is the checked surface; here the answer printed on stdout is validated)."""
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(SCHEMAS["defs_ref"]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "object", "properties": {"a": {"not": {}}}}))
+    lines = [f"/schema {bad}", f"/schema {f}", "where?", "/schema off", "/exit"]
+    r = CliRunner().invoke(main, ["chat", str(tiny_onnx), "--think-tokens", "1", "--max-tokens", str(MAX_TOKENS),
+                                  "--max-context", "1024", "--seed", "3"], input="\n".join(lines) + "\n",
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert f"{bad}/properties/a/not: unsupported" in r.stderr
+    assert "schema off" in r.stderr
+    jsonschema.validate(json.loads(r.stdout.strip().splitlines()[-1]), SCHEMAS["defs_ref"])

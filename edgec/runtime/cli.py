@@ -392,10 +392,14 @@ def resolve(model: str, target: str | None) -> Path:
 @sampling_options
 @click.option("--stats", "show_stats", is_flag=True,
               help="after each turn print `prefill=N reused=M decode=K tok/s=X`")
-def chat(model: str, target: str | None, show_analysis: bool, show_stats: bool, **kw) -> None:
+@click.option("--think-tokens", type=int, default=None,
+              help="with /schema: end the analysis after this many tokens")
+def chat(model: str, target: str | None, show_analysis: bool, show_stats: bool, think_tokens: int | None,
+         **kw) -> None:
     """Chat with MODEL in Harmony format: an edgec output folder, a source checkpoint (the numpy reference: slow),
     or a Hugging Face id in the local cache (e.g. openai/gpt-oss-20b; --target converts it once)."""
     session = open_session(resolve(model, target), **kw)
+    session.think_tokens = think_tokens
     printer = Printer(show_analysis, tokens=lambda: session.gen.stats.decode)
     read = line_reader()
     if read.interactive:
@@ -475,7 +479,7 @@ def _schema(session, arg: str) -> str:
     if arg == "off":
         session.constraint = None
         return "schema off"
-    c = read_constraint(json_schema=Path(arg).expanduser())
+    c = read_constraint(json_schema=Path(arg).expanduser(), think_tokens=session.think_tokens)
     c.compile(session.tokenizer)  # refuse it now, not at the next turn
     session.constraint = c
     return f"final answers follow {arg} from now on (/schema off to stop)"

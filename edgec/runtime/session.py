@@ -116,6 +116,7 @@ class ChatSession:
         self.last: Turn | None = None
         self.auto_max_tokens = auto_max_tokens  # sampling.max_tokens follows the effort (no --max-tokens given)
         self.constraint: Any = None  # a constrain.Constraint on every reply (generate --json-schema, chat /schema)
+        self.think_tokens: int | None = None  # chat --think-tokens: the analysis budget of a /schema constraint
         self._follow_effort()
 
     # ---- conversation ----------------------------------------------------------------------------------------
