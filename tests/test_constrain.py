@@ -267,3 +267,15 @@ def test_chat_schema_command(tiny_onnx, tmp_path):
     assert f"{bad}/properties/a/not: unsupported" in r.stderr
     assert "schema off" in r.stderr
     jsonschema.validate(json.loads(r.stdout.strip().splitlines()[-1]), SCHEMAS["defs_ref"])
+
+
+def test_generate_cli_gbnf_grammar(tiny_onnx, tmp_path):
+    """A llama.cpp GBNF file goes through llguidance's converter; the answer matches it."""
+    g = tmp_path / "answer.gbnf"
+    g.write_text('root ::= "yes" | "no" | num\nnum ::= [0-9] [0-9]?\n')
+    for seed in range(3):
+        r = _generate([tiny_onnx, "--prompt", "hi", "--grammar", g, "--think-tokens", 1, "--max-tokens", 32,
+                       "--max-context", 512, "--seed", seed, "--json"])
+        out = json.loads(r.stdout)
+        assert out["valid"] is True
+        assert re.fullmatch(r"yes|no|[0-9]{1,2}", [m["text"] for m in out["messages"] if m["channel"] == "final"][-1])
