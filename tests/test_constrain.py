@@ -194,6 +194,8 @@ def test_unsupported_or_malformed_constraints_are_refused():
         ({"json_schema": {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}},
          "rf.schema/properties/a/not"),
         ({"json_schema": {"type": "string", "format": "no-such-format"}}, "rf.schema/format"),
+        ({"json_schema": {"properties": {"not": {"type": "integer"}, "b": {"not": {}}}}},
+         "rf.schema/properties/b/not"),  # a property named "not" is a name, not the keyword
         ({"json_schema": ["not", "an", "object"]}, "rf.schema"),
         ({"lark": "start: @@@"}, "rf.schema"),
         ({"regex": "(unclosed"}, "rf.schema"),

@@ -191,14 +191,18 @@ def _json_grammar(schema: dict, param: str) -> dict:
         raise ConstraintError(f"not a JSON schema ({e})", param) from None
 
 
-def _pointer(schema: Any, hit, path: str = "") -> str | None:
-    """JSON pointer (RFC 6901) of the first key/value pair in `schema` where hit(key, value)."""
+_NAMES = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # keys below are names
+
+
+def _pointer(schema: Any, hit, path: str = "", names: bool = False) -> str | None:
+    """JSON pointer (RFC 6901) of the first keyword/value pair in `schema` where hit(keyword, value); the keys of
+    `properties` and the like are names, not keywords, and are only walked through."""
     items = schema.items() if isinstance(schema, dict) else enumerate(schema) if isinstance(schema, list) else ()
     for k, v in items:
         here = f"{path}/{str(k).replace('~', '~0').replace('/', '~1')}"
-        if isinstance(schema, dict) and hit(k, v):
+        if isinstance(schema, dict) and not names and hit(k, v):
             return here
-        found = _pointer(v, hit, here)
+        found = _pointer(v, hit, here, isinstance(schema, dict) and not names and k in _NAMES)
         if found is not None:
             return found
     return None
