@@ -4,7 +4,7 @@
 
 For each output folder (mlx, onnx-cpu, ...): the one generation loop (edgec/runtime/generate.py) decodes --tokens
 tokens at temperature 1 (seeded) unconstrained and then under a JSON schema (an array of --tokens bounded integers,
-so the document cannot close before the count), in interleaved rounds; medians are reported with the ratio
+so the document cannot close before the count), in interleaved rounds (ABBA order); medians are reported with the ratio
 constrained / unconstrained (goal >= 0.9x). The mask of step t+1 is computed while the backend runs step t; the
 mask's own cost (llguidance, serially, per token) is printed too. For an MLX folder, mlx-lm's own unconstrained decode
 on the same folder (bench/bench_mlx.py's runner, greedy) is printed beside it.
@@ -38,17 +38,19 @@ def measure(folder: Path, tokens: int, rounds: int) -> dict:
     sampling = Sampling(temperature=1.0, seed=0, max_tokens=tokens)
     free, held, mask_ms = [], [], []
     gen.generate(prompt, sampling)  # warm-up
-    for _ in range(rounds):
-        free.append(gen.generate(prompt, sampling).stats.tok_s)
-        r = gen.generate(prompt, sampling, guard=constraint.compile(tok))
-        assert r.stats.decode == tokens, r.stats
-        held.append(r.stats.tok_s)
+    for i in range(rounds):
+        for guarded in (False, True) if i % 2 == 0 else (True, False):  # ABBA: neither always runs first
+            r = gen.generate(prompt, sampling, guard=constraint.compile(tok) if guarded else None)
+            assert r.stats.decode == tokens, r.stats
+            (held if guarded else free).append(r.stats.tok_s)
+            if guarded:
+                ids = r.tokens
         g = constraint.compile(tok)  # the mask's own cost, on this thread, along the same tokens
         t0 = time.perf_counter()
-        for t in r.tokens:
+        for t in ids:
             g.mask()
             g.consume(t)
-        mask_ms.append((time.perf_counter() - t0) / len(r.tokens) * 1e3)
+        mask_ms.append((time.perf_counter() - t0) / len(ids) * 1e3)
     out = {"folder": str(folder), "target": target_of(folder), "backend": gen.backend.name, "tokens": tokens,
            "unconstrained_tok_s": statistics.median(free), "constrained_tok_s": statistics.median(held),
            "mask_ms_per_token": statistics.median(mask_ms)}
