@@ -50,7 +50,7 @@ def test_sharded_logits_equal_unsharded(monkeypatch, tmp_path, tiny, dense):
     assert max(sizes.values()) <= cap and max(initializer_bytes(parts, external=False).values()) <= cap
     shards = [n for n in sizes if n.startswith("model.embed_tokens.weight.")]
     item = {"fp32": 4, "fp16": 2}[dense]
-    assert len(shards) == -(-201088 * 64 * item // cap) and len([n for n in sizes if n.startswith("lm_head.weight.")]) == len(shards)
+    assert len(shards) == -(-201088 * 64 * item // cap) == len([n for n in sizes if n.startswith("lm_head.weight.")])
     assert max(initializer_bytes(whole).values()) > cap  # the unsharded graph really is over the cap
     # every byte written is counted: shards and all
     assert sum(sizes.values()) == sum(initializer_bytes(whole).values())
@@ -61,7 +61,92 @@ def test_sharded_logits_equal_unsharded(monkeypatch, tmp_path, tiny, dense):
 
 
 def test_unshardable_tensor_over_the_cap_is_one_line(monkeypatch, tmp_path, tiny):
-    """QMoE's expert tensors are not split: over the cap, convert refuses them naming the tensor (exit 2)."""
+    """A tensor convert does not split (attention, QMoE experts, caches) over the cap: refused before it is
+    written, in one line naming it (exit 2)."""
     with pytest.raises(EdgecError) as e:
         convert_capped(monkeypatch, tiny, tmp_path / "o", 4096, dense="fp32")
     assert "max_buffer_bytes" in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+CHUNK = 16  # the chat page's prefill chunk (edgec/web/page/chat.js): the most positions one run computes logits for
+
+
+def bounded_activations(folder, cfg, seq=CHUNK):
+    """{tensor: bytes} of every float activation of model.onnx (logits at every position) that onnx's shape
+    inference sizes for one prefill chunk of `seq` tokens on an empty cache. The com.microsoft ops' outputs
+    (attention, norms, MoE: [1, seq, hidden]-sized by their contracts) are declared so it propagates past them."""
+    m = onnx.load(str(folder / GENAI_GRAPH), load_external_data=False)
+    dims = {"batch_size": 1, "sequence_length": seq, "total_sequence_length": seq, "past_sequence_length": 0,
+            "past_sliding_length": 0, "total_sliding_length": seq}
+    for v in [*m.graph.input, *m.graph.output]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_value = dims[d.dim_param]
+    io = m.graph.output[0].type.tensor_type.elem_type
+    H, heads, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    declared = {"GroupQueryAttention": [[1, seq, heads * hd]], "SkipSimplifiedLayerNormalization": [[1, seq, H]] * 4,
+                "QMoE": [[1, seq, H]]}
+    for n in m.graph.node:
+        for out, shape in zip(n.output, declared.get(n.op_type, []), strict=False):
+            if out and not out.startswith("present."):
+                m.graph.value_info.append(onnx.helper.make_tensor_value_info(out, io, shape))
+    got = onnx.shape_inference.infer_shapes(m, data_prop=True).graph
+    sizes = {}
+    for v in [*got.value_info, *got.output]:
+        t = v.type.tensor_type
+        if t.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and t.HasField("shape") and \
+                all(d.HasField("dim_value") for d in t.shape.dim):
+            sizes[v.name] = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * ITEMSIZE[t.elem_type]
+    return sizes
+
+
+def check_20b_limits(folder, cap):
+    """The structural proof for one converted 20b-shaped folder (see test_20b_shape_within_browser_limits)."""
+    import json
+
+    cfg = json.loads((folder / "edgec.json").read_text())["config"]
+    for graph in (GENAI_GRAPH, EDGEC_GRAPH):
+        assert (folder / graph).stat().st_size < 2 << 30  # protobuf's limit: only the graph is in the proto
+        sizes = initializer_bytes(folder, graph)
+        assert max(sizes.values()) <= cap, max(sizes.items(), key=lambda kv: kv[1])
+        # every weight's bytes live in model.onnx.data (the external-data path onnxruntime-web loads)
+        assert sum(initializer_bytes(folder, graph, external=False).values()) < 1 << 20
+    data = (folder / "model.onnx.data").stat().st_size
+    assert data >= sum(initializer_bytes(folder, GENAI_GRAPH).values())
+    acts = bounded_activations(folder, cfg)
+    names = set(acts)
+    # the big ones are bounded: the logits, each lm_head shard's product, the embedding shards and their sum
+    assert "logits" in names and any(n.startswith("/lm_head/Gemm") for n in names)
+    assert "/model/embed_tokens/Sum/output_0" in names
+    assert max(acts.values()) <= cap, max(acts.items(), key=lambda kv: kv[1])
+    return sizes, acts
+
+
+@pytest.fixture(scope="module")
+def slice20b(tmp_path_factory):
+    """One layer of the 20b shape (edgec synth --preset 20b --layers 1): 20b's vocabulary (201088), hidden size
+    (2880), heads and 32 experts of 5760 x 2880, so the embedding, lm_head and expert tensors are 20b's."""
+    from conftest import make_ckpt
+
+    return make_ckpt(tmp_path_factory.mktemp("slice20b") / "src", "20b", layout="hf", num_hidden_layers=1)
+
+
+@pytest.mark.parametrize("dense", ["fp16", "fp32"])
+def test_20b_shape_within_browser_limits(tmp_path, slice20b, dense):
+    """`edgec convert --target onnx-webgpu` (its default int4 experts) of the 20b shape, fp16 and --dense fp32:
+    every initializer within the profile's max_buffer_bytes (256 MiB: the embedding and lm_head, 1.16 GB fp16 /
+    2.32 GB fp32 each, as vocabulary shards; QMoE's gate_up at 253 MiB as it is), every activation shape inference
+    sizes for a prefill chunk within it too, both graphs far under protobuf's 2 GB with the weights external."""
+    out = tmp_path / "w"
+    run_convert(slice20b, "onnx-webgpu", out, dense=dense, progress=False)
+    cap = load_profile("onnx-webgpu")["max_buffer_bytes"]
+    sizes, _ = check_20b_limits(out, cap)
+    item = {"fp16": 2, "fp32": 4}[dense]
+    shards = [n for n in sizes if n.startswith("model.embed_tokens.weight.")]
+    assert len(shards) == -(-201088 * 2880 * item // cap) == len([n for n in sizes if n.startswith("lm_head.")])
+    assert sizes["model.layers.0.moe.experts.gate_up_proj.qweight"] == 32 * 5760 * 2880 // 2
+    # the memory plan counts the bytes written: shards included
+    from edgec.runtime.onnx_backend import OnnxBackend
+
+    held = OnnxBackend.held_weights(out)
+    assert held.embedding == 201088 * 2880 * item and held.total >= (out / "model.onnx.data").stat().st_size
