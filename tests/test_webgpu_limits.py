@@ -33,9 +33,9 @@ def initializer_bytes(folder, graph=EDGEC_GRAPH, external=True):
             if (t.data_location == onnx.TensorProto.EXTERNAL) == external}
 
 
-def cpu_logits(folder):
+def cpu_logits(folder, ids=IDS):
     b = OnnxBackend(folder, provider="CPUExecutionProvider")
-    return b.forward(IDS, all_logits=True)
+    return b.forward(ids, all_logits=True)
 
 
 @pytest.mark.parametrize("dense", ["fp32", "fp16"])
@@ -150,3 +150,25 @@ def test_20b_shape_within_browser_limits(tmp_path, slice20b, dense):
 
     held = OnnxBackend.held_weights(out)
     assert held.embedding == 201088 * 2880 * item and held.total >= (out / "model.onnx.data").stat().st_size
+
+
+def test_sharded_graph_in_chromium_webgpu(monkeypatch, tmp_path, tiny):
+    """The sharded fp32 graph (embedding Gather/Where/Sum shards, lm_head Gemm shards + Concat) runs in headless
+    Chromium's WebGPU (SwiftShader) through model.js and gives the unsharded graph's logits there. Everything before
+    the lm_head is the same graph on the same device (identical hidden state); the embedding shards pick the same
+    rows exactly; only the lm_head's Gemm runs at another width, so a logit may differ by one K=64 reduction's
+    reordering (tests/tolerance.py: 2 * gamma_64 * max|logit|), and top-1 is the same."""
+    from test_webgpu import _browser_logits
+    from tolerance import reorder_bound
+
+    ids = IDS[:4]
+    whole = convert_capped(monkeypatch, tiny, tmp_path / "whole", 0, dense="fp32")
+    parts = convert_capped(monkeypatch, tiny, tmp_path / "parts", 4 << 20, dense="fp32")
+    a, b = _browser_logits(whole, "fp32", ids), _browser_logits(parts, "fp32", ids)
+    assert "error" not in b, b.get("error")
+    assert a["arch"] == b["arch"] == "swiftshader" and b["length"] == len(ids)
+    a, b = np.asarray(a["logits"], dtype=np.float32), np.asarray(b["logits"], dtype=np.float32)
+    assert a.shape == b.shape == (201088,) and np.isfinite(b).all()
+    assert np.abs(a - b).max() <= reorder_bound(64, float(np.abs(a).max()))
+    assert int(a.argmax()) == int(b.argmax())
+    np.testing.assert_allclose(b, cpu_logits(parts, ids)[-1], atol=1e-3)  # and the CPU run (test_webgpu's bound)
