@@ -118,13 +118,18 @@ def synth(out: Path, preset: str, layers, hidden, intermediate, head_dim, heads,
 @click.option("--context", type=int, default=None, help="context length for the memory plan (default: model max)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--strict", is_flag=True, help="non-finite weights (NaN/Inf) are a problem, not a warning")
-def inspect(src: Path, context: int | None, as_json: bool, strict: bool) -> None:
+@click.option("--hosts", type=click.Path(path_type=Path), default=None,
+              help="the pipeline split over these hosts (mlx.launch's hostfile), without launching: per host, the "
+                   "file's \"memory_budget\" or, for this machine, the budget measured here")
+def inspect(src: Path, context: int | None, as_json: bool, strict: bool, hosts: Path | None) -> None:
     """Architecture, parameters, tensor inventory check and a memory plan per target. SRC: a checkpoint folder or a
     Hugging Face id from the local cache (openai/gpt-oss-20b, ORG/NAME/original, ORG/NAME@REVISION)."""
     from .hub import source_path
     from .report import inspect_report, render_report
 
     src = source_path(src)
+    if hosts is not None:
+        return inspect_hosts(src, hosts, context, as_json)
     report = inspect_report(src, context, strict=strict)
     if as_json:
         emit_json(report)
@@ -139,6 +144,23 @@ def inspect(src: Path, context: int | None, as_json: bool, strict: bool) -> None
         more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
         stderr.print(f"[bold red]error:[/] {escape(problems[0] + more)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def inspect_hosts(src: Path, hosts_file: Path, context: int | None, as_json: bool) -> None:
+    """`inspect --hosts`: the per-rank split `chat/generate/serve --hosts` would make (the same `pipeline.plan`),
+    at --context (default 4096, as the launch's)."""
+    from .runtime.pipeline import describe, plan, planned_budgets, read_hosts
+
+    hosts = read_hosts(hosts_file)
+    budgets = planned_budgets(hosts, hosts_file)
+    p = plan(src, [b for b, _ in budgets], context or 4096)
+    for r, (_, source) in zip(p["ranks"], budgets, strict=True):
+        r["budget_source"] = source
+    p["context"] = context or 4096
+    if as_json:
+        emit_json(p)
+    else:
+        click.echo(f"context {p['context']}\n" + describe(p, hosts))
 
 
 @main.command()

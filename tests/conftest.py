@@ -82,6 +82,18 @@ def tiny_mlx(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slice120_mlx(tmp_path_factory) -> Path:
+    """A 2-layer slice of the 120b shapes (`edgec synth --preset 120b --layers 2`, 5.8 GB, about a minute to
+    write here) converted to mlx; the HF source is removed once converted. Read-only."""
+    from edgec.convert import run_convert
+
+    src = make_ckpt(tmp_path_factory.mktemp("ckpt") / "s120", "120b", layout="hf", num_hidden_layers=2)
+    out = Path(run_convert(src, "mlx", tmp_path_factory.mktemp("conv") / "s120-mlx", progress=False)["out"])
+    shutil.rmtree(src)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx(tiny, tmp_path_factory) -> Path:
     """`tiny` converted with `edgec convert -t onnx-cpu` (MXFP4 experts as stored, fp32 dense; read-only)."""
     from edgec.convert import run_convert

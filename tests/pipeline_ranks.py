@@ -13,14 +13,15 @@ import numpy as np
 from edgec.runtime.pipeline import PipelineBackend, read_hosts
 
 
-def drive(backend, ids: list[int]) -> list[np.ndarray]:
-    """The sequence of cache operations chat makes; the same on a single-process backend."""
-    out = [backend.forward(ids[:300], all_logits=False)]
-    for t in ids[300:304]:
+def drive(backend, ids: list[int], cut: int = 300, back: int = 100) -> list[np.ndarray]:
+    """The sequence of cache operations chat makes; the same on a single-process backend. `cut` (the first
+    prompt's length) must pass the sliding window, `back` (a rollback) must fall before the kept sliding history."""
+    out = [backend.forward(ids[:cut], all_logits=False)]
+    for t in ids[cut:cut + 4]:
         out.append(backend.forward([t]))
-    backend.truncate(290)  # prompt reuse: the next prompt shares 290 tokens
+    backend.truncate(cut - 10)  # prompt reuse: the next prompt shares cut - 10 tokens
     out.append(backend.forward(ids[400:420], all_logits=True))
-    backend.truncate(100)  # rolled back past the kept sliding history: recomputed
+    backend.truncate(back)  # rolled back past the kept sliding history: recomputed
     out.append(backend.forward(ids[500:505]))
     backend.reset()
     out.append(backend.forward(ids[:7], all_logits=True))
@@ -29,6 +30,7 @@ def drive(backend, ids: list[int]) -> list[np.ndarray]:
 
 if __name__ == "__main__":
     folder, dest, hosts = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    cut, back = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (300, 100)
     b = PipelineBackend(folder, read_hosts(hosts), max_context=1024, compute="float32", kv_dtype="float32")
     b.PREFILL_CHUNK = 64  # several chunks per prompt, the same on the single-process side
     if b.rank != 0:
@@ -39,6 +41,6 @@ if __name__ == "__main__":
         b.serve_stage()
         sys.exit(0)
     ids = [int(v) for v in np.random.default_rng(0).integers(0, b.config.vocab_size, 600)]
-    logits = drive(b, ids)
+    logits = drive(b, ids, cut, back)
     b.close()
     np.savez(dest, *logits, layers=np.array([r["layers"] for r in b.plan_["ranks"]]))

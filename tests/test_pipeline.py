@@ -18,31 +18,35 @@ from edgec.runtime.mlx_backend import MlxBackend
 from edgec.runtime.pipeline import launch_command, split_layers
 
 HERE = Path(__file__).parent
+ENV = dict(os.environ, PYTHONPATH=str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from pipeline_ranks import drive  # noqa: E402
 
 
-def hostfile(tmp: Path, n: int) -> Path:
+def hostfile(tmp: Path, n: int, budgets: list[str] | None = None) -> Path:
     p = tmp / f"hosts{n}.json"
-    p.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * n}))
+    hosts = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]} for _ in range(n)]
+    for h, b in zip(hosts, budgets or [], strict=False):
+        h["memory_budget"] = b
+    p.write_text(json.dumps({"hosts": hosts}))
     return p
 
 
-def launch(tmp: Path, folder: Path, n: int, port: int, timeout: float = 240, env: dict | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(tmp: Path, folder: Path, n: int, port: int, timeout: float = 240, env: dict | None = None,
+           script_args: tuple = ()) -> subprocess.CompletedProcess:
     hosts = hostfile(tmp, n)
     cmd = launch_command(hosts, "ring", [])[:-3]  # mlx.launch ... -- ; then the rank script
     cmd += ["--starting-port", str(port), "--", str(HERE / "pipeline_ranks.py"), str(folder),
-            str(tmp / f"p{n}.npz"), str(hosts)]
+            str(tmp / f"p{n}.npz"), str(hosts), *map(str, script_args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, PYTHONPATH=str(HERE.parent), **(env or {})))
 
 
-def single(folder: Path) -> list[np.ndarray]:
+def single(folder: Path, *script_args: int) -> list[np.ndarray]:
     b = MlxBackend(folder, max_context=1024, compute="float32", kv_dtype="float32")
     b.PREFILL_CHUNK = 64
     ids = [int(v) for v in np.random.default_rng(0).integers(0, b.config.vocab_size, 600)]
-    return drive(b, ids)
+    return drive(b, ids, *script_args)
 
 
 @pytest.mark.parametrize("ranks,port", [(2, 35100), (3, 35200)])
@@ -84,15 +88,55 @@ def test_silent_rank_times_out_naming_the_host(tiny_mlx, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_generate_cli_same_tokens(tiny_mlx, tmp_path):
-    """`edgec generate --hosts` (re-run under mlx.launch) gives the single process's tokens, greedy."""
+def generate_both(folder: Path, tmp: Path, tokens: int, hosts: Path | None = None) -> tuple[dict, dict]:
+    """`edgec generate` greedy in one process and across 2 loopback ranks (--hosts, re-run under mlx.launch)."""
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    args = [sys.executable, "-m", "edgec", "generate", str(tiny_mlx), "--prompt", "hi", "--temperature", "0",
-            "--max-tokens", "6", "--json", "--compute", "float32"]
+    args = [sys.executable, "-m", "edgec", "generate", str(folder), "--prompt", "hi", "--temperature", "0",
+            "--max-tokens", str(tokens), "--json", "--compute", "float32"]
     one = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
-    two = subprocess.run(args + ["--hosts", str(hostfile(tmp_path, 2))], capture_output=True, text=True,
-                         timeout=120, env=env)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    two = subprocess.run(args + ["--hosts", str(hosts or hostfile(tmp, 2))], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-1000:] + two.stderr[-2000:]
+    return json.loads(one.stdout), json.loads(two.stdout)
+
+
+def test_generate_cli_same_tokens(tiny_mlx, tmp_path):
+    """`edgec generate --hosts` (re-run under mlx.launch) gives the single process's tokens, greedy; the split it
+    prints is the one `edgec inspect --hosts` showed before launching, from the hosts' memory_budget: rank 1's
+    1 MB holds one of tiny's layers (about 0.5 MB with its KV at 4096), not two, so rank 0 takes two."""
+    hosts = hostfile(tmp_path, 2, ["1GB", "1MB"])
+    a, b = generate_both(tiny_mlx, tmp_path, 6, hosts)
     assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 6
     assert "per token: 2 hops" in b["memory"]
+    shown = subprocess.run([sys.executable, "-m", "edgec", "inspect", str(tiny_mlx), "--hosts", str(hosts)],
+                           capture_output=True, text=True, timeout=60, env=ENV)
+    assert shown.returncode == 0, shown.stderr
+    lines = [ln.replace(" (hosts file)", "") for ln in shown.stdout.splitlines()]
+    assert lines == ["context 4096", *b["memory"].splitlines()]
+    assert "layers 0-1," in lines[1] and "layers 2-2," in lines[2]
+
+
+def test_inspect_hosts_needs_a_remote_budget(tiny_mlx, tmp_path):
+    """A host that is not this machine and has no memory_budget: one line naming the field, exit 2."""
+    p = tmp_path / "h.json"
+    p.write_text(json.dumps([{"ssh": "127.0.0.1"}, {"ssh": "mac2.example", "ips": ["10.0.0.2"]}]))
+    r = subprocess.run([sys.executable, "-m", "edgec", "inspect", str(tiny_mlx), "--hosts", str(p)],
+                       capture_output=True, text=True, timeout=60, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{p}: hosts[1].memory_budget: needed for 10.0.0.2" in r.stderr
+
+
+def test_120b_slice_two_ranks(slice120_mlx, tmp_path):
+    """The 120b shapes (hidden 2880, 128 experts, 64 q / 8 kv heads, 201088 vocab, window 128), 2 layers (one
+    sliding, one full) on 2 ranks: bit-identical logits through prefill past the window, decode, rollback and
+    reset, and `edgec generate`'s tokens. (About 3 minutes here, 2 cores; the slice is 5.8 GB, written once.)"""
+    r = launch(tmp_path, slice120_mlx, 2, 35500, timeout=400, script_args=(140, 8))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(tmp_path / "p2.npz")
+    assert got["layers"].tolist() == [[0, 1], [1, 2]]
+    want = single(slice120_mlx, 140, 8)
+    assert len(got.files) - 1 == len(want)
+    for i, w in enumerate(want):
+        assert np.array_equal(got[f"arr_{i}"], w), f"step {i}: logits differ"
+    a, b = generate_both(slice120_mlx, tmp_path, 3)
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 3

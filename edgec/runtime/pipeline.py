@@ -57,6 +57,43 @@ def host_name(h: dict[str, Any]) -> str:
     return ",".join(h.get("ips") or []) or h["ssh"]
 
 
+def host_budget(hosts: list[dict[str, Any]], k: int, where: str | Path) -> int | None:
+    """Host k's "memory_budget" in the hosts file (an edgec key beside mlx.launch's; '48GB'), None if absent."""
+    from ..memory import parse_size
+
+    text = hosts[k].get("memory_budget")
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except EdgecError:
+        raise EdgecError(f"{where}: hosts[{k}].memory_budget: {text!r} is not a size such as 48GB") from None
+
+
+def planned_budgets(hosts: list[dict[str, Any]], where: str | Path) -> list[tuple[int, str]]:
+    """(bytes, source) per host without launching: the hosts file's memory_budget; else, for a host that is this
+    machine, the budget measured here; a remote host without one is refused (it can't be measured from here)."""
+    import socket
+
+    from ..memory import available_ram
+
+    local = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    out = []
+    for k, h in enumerate(hosts):
+        if (b := host_budget(hosts, k, where)) is not None:
+            out.append((b, "hosts file"))
+            continue
+        if h["ssh"] not in local:
+            raise EdgecError(f"{where}: hosts[{k}].memory_budget: needed for {host_name(h)} (\"48GB\"): edgec "
+                             "measures only this machine without launching")
+        try:
+            m = MlxBackend.budget(MlxBackend.defaults(None))
+        except EdgecError:  # no MLX here: available RAM
+            m = available_ram()
+        out.append((m.bytes or 0, f"{m.source} here"))
+    return out
+
+
 def layer_bytes(folder: Path, cfg: GptOssConfig) -> tuple[list[int], int]:
     """Bytes of each layer's tensors and of the rest (embedding, final norm, lm_head), from the safetensors headers."""
     from ..safetensors_io import SafetensorsFile
@@ -109,6 +146,9 @@ def plan(folder: Path, budgets: list[int], context: int, kv_per_layer: int | Non
     """The split and what it costs: layers, weight and KV bytes per rank, bytes sent per generated token."""
     cfg = GptOssConfig.from_hf(load_json(Path(folder) / "config.json"), str(Path(folder) / "config.json"))
     per, head = layer_bytes(folder, cfg)
+    if not any(per):
+        raise EdgecError(f"{folder}: no model.layers.* tensors in model*.safetensors; --hosts plans an MLX folder "
+                         "(edgec convert -t mlx)")
     if kv_per_layer is None:
         full, sliding = MlxBackend.kv_positions(cfg, context)
         pos = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # bf16 K and V
@@ -152,7 +192,8 @@ class PipelineBackend(MlxBackend):
         if bad:
             raise EdgecError(f"{folder}: model files on {', '.join(bad)} differ from {host_name(hosts[0])}'s "
                              "(sha256 in edgec.json); copy the same folder to every host")
-        budget = MlxBackend.budget({**MlxBackend.defaults(folder), **options}).bytes or 0
+        override = host_budget(hosts, self.rank, "hosts file")
+        budget = MlxBackend.budget({**MlxBackend.defaults(folder), **options}, override).bytes or 0
         budgets = [int(b) for b in self._gather_bytes(np.int64(budget).tobytes(), decode=np.int64)]
         self.plan_ = plan(folder, budgets, options.get("max_context") or 4096)
         self.stage = range(*self.plan_["ranks"][self.rank]["layers"])
@@ -297,6 +338,18 @@ def open_stage(model: Path, hosts_file: Path, backend: str, max_context: int | N
     return b, context
 
 
+def serve_ranks(hosts_file: Path, backend: str, open_session: Any) -> None:
+    """serve --hosts, on the main thread before the server starts: outside mlx.launch, re-run under it and exit
+    with its status; ranks 1.. open their stage here and serve it until rank 0 stops (`open_session` leads to
+    `open_stage`, which never returns there); rank 0 returns, to serve HTTP (its engine opens the session)."""
+    read_hosts(hosts_file)
+    if "MLX_RANK" not in os.environ:
+        sys.exit(relaunch(hosts_file, backend))
+    if os.environ["MLX_RANK"] != "0":
+        open_session()
+        sys.exit(0)
+
+
 def relaunch(hosts_file: Path, backend: str) -> int:
     """Run this command under mlx.launch; its exit status is rank 0's (mlx.launch itself exits 0 when a rank
     failed), read from the file rank 0 writes, 1 when rank 0 wrote none (it died)."""
@@ -324,6 +377,8 @@ def on_sigterm(who: str) -> None:
     130."""
     import signal
 
+    if threading.current_thread() is not threading.main_thread():
+        return  # serve's rank 0 opens the model on its worker thread; uvicorn handles SIGTERM (exit 130)
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -346,6 +401,7 @@ def describe(p: dict[str, Any], hosts: list[dict[str, Any]]) -> str:
 
     lines = [f"rank {r['rank']} ({host_name(hosts[r['rank']])}): layers {r['layers'][0]}-{r['layers'][1] - 1}, "
              f"weights {gib(r['weights'])}, KV {gib(r['kv'])} of {gib(r['budget'])}"
+             f"{' (' + r['budget_source'] + ')' if r.get('budget_source') else ''}"
              f"{' + embedding, lm_head' if r['rank'] == 0 else ''}" for r in p["ranks"]]
     lines.append(f"per token: {p['hops_per_token']} hops of {p['activation_bytes']} bytes "
                  f"({p['bytes_per_token']} bytes with headers)")

@@ -45,6 +45,10 @@ def serve(model: str, target: str | None, host: str, port: int, api_key: str | N
     folder = resolve(model, target)  # a folder or a Hugging Face id, as chat and generate take it
     if is_hub_id(model) and not Path(model).expanduser().exists():
         served_names += (model,)  # clients may send the id they started it with
+    if kw.get("hosts") is not None:  # pipeline-parallel: only rank 0 gets past this line
+        from ..runtime.pipeline import serve_ranks
+
+        serve_ranks(kw["hosts"], kw["dist_backend"], lambda: open_session(folder, **kw))
     engine = Engine(lambda: open_session(folder, **kw), max_queue=max_queue)
     engine.start()
     s = engine.session
