@@ -24,9 +24,11 @@ from ..runtime.cli import model_argument, sampling_options
               help="requests waiting at most; more are answered 429")
 @click.option("--max-body", type=click.IntRange(1024), default=4 << 20, show_default=True,
               help="largest request body in bytes (413 above)")
+@click.option("--think-tokens", type=click.IntRange(0), default=None,
+              help="with response_format / text.format / strict tools: end the analysis after this many tokens")
 @sampling_options(conversation=False)
 def serve(model: str, target: str | None, host: str, port: int, api_key: str | None, served_names: tuple[str, ...],
-          max_queue: int, max_body: int, **kw) -> None:
+          max_queue: int, max_body: int, think_tokens: int | None, **kw) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) with a chat page at /.
 
     One model is loaded; requests queue and generate one at a time, each reusing the KV cache of the longest prefix
@@ -53,7 +55,7 @@ def serve(model: str, target: str | None, host: str, port: int, api_key: str | N
     engine.start()
     s = engine.session
     primary, *aliases = common.served_names(folder, s.backend.config, served_names)
-    settings = Settings(primary, api_key, max_body, aliases=tuple(aliases))
+    settings = Settings(primary, api_key, max_body, aliases=tuple(aliases), think_tokens=think_tokens)
     app = create_app(engine, settings)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     also = f" (also {', '.join(map(repr, aliases))})" if aliases else ""
