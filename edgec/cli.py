@@ -338,12 +338,14 @@ def bench(out: Path, prompt: int, tokens: int, no_peers: bool, as_json: bool, **
 @click.option("--greedy", "greedy_min", type=float, help="override: minimum greedy-continuation match (0..1)")
 @click.option("--verify-hashes", is_flag=True,
               help="check the sha256 of every file OUT's edgec.json records (default: sizes, headers, small files)")
+@click.option("--browser", is_flag=True,
+              help="run OUT (onnx-webgpu) in headless Chromium on onnxruntime-web's WebGPU EP instead of its runtime")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON on stdout")
 @click.option("--report", "report_file", type=click.Path(path_type=Path), help="write the JSON report to a file")
 @click.option("--junit", "junit_file", type=click.Path(path_type=Path), help="write a JUnit XML report")
 @with_options(backend_flags())
 def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_abs, min_cosine, top1, max_kl,
-           greedy_min, verify_hashes, as_json, report_file, junit_file, **runtime) -> None:
+           greedy_min, verify_hashes, browser, as_json, report_file, junit_file, **runtime) -> None:
     """Check that OUT (an edgec output) computes what SRC (the source checkpoint, HF or original/, a folder or a
     Hugging Face id) computes.
     Exit 1 on failure (a non-finite logit always fails)."""
@@ -356,7 +358,7 @@ def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_
     overrides = {"max_abs": max_abs, "mean_abs": mean_abs, "min_cosine": min_cosine, "top1": top1, "max_kl": max_kl,
                  "greedy": greedy_min}
     report = run_parity(src, out, prompts_file, positions, tokens, overrides, full_verify=verify_hashes,
-                        progress=True, options=backend_options(**runtime))
+                        progress=True, options=backend_options(**runtime), browser=browser)
     text = json.dumps(json_safe(report), indent=2)
     try:
         if report_file:

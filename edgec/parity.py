@@ -8,6 +8,7 @@ Exit 0 pass, 1 parity failure, 2 bad input.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,12 +152,12 @@ def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any], precision: s
 
 def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions: int | None = None,
                tokens: int = 8, overrides: dict[str, float] | None = None, full_verify: bool = False,
-               progress: bool = False, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compare OUT's runtime with the numpy reference on SRC (either layout of the same model) over the prompts."""
+               progress: bool = False, options: dict[str, Any] | None = None, browser: bool = False) -> dict[str, Any]:
+    """Compare OUT's runtime with the numpy reference on SRC (either layout of the same model) over the prompts;
+    `browser`: OUT's onnx-webgpu graph in headless Chromium (edgec/web/runner.py) instead of its runtime."""
     from . import manifest as mf
     from .runtime.base import load_backend
     from .runtime.reference_backend import ReferenceBackend
-    from .targets import load_profile
 
     if not (Path(out) / mf.NAME).is_file():
         raise EdgecError(f"{out}: not an edgec output (no edgec.json); convert it first with `edgec convert`")
@@ -174,7 +175,30 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
         except EdgecError as e:
             raise EdgecError(f"{prompts_file}: prompt {p['name']}: {e}") from None
     longest = max(len(p["ids"]) for p in prompts) + tokens
-    backend = load_backend(out, max_context=max(longest, 256), **(options or {}))
+    with contextlib.ExitStack() as stack:
+        if browser:
+            from .web.runner import open_browser
+
+            backend = stack.enter_context(open_browser(out, m, max(longest, 256)))
+        else:
+            backend = load_backend(out, max_context=max(longest, 256), **(options or {}))
+        report = _run(ref, backend, m, prompts, tokens, overrides, progress)
+    report = {"source": str(src), "out": str(out), **report}
+    if browser:
+        from .web.runner import placement_failures
+
+        info = backend.info
+        report.update(runtime="onnxruntime-web", variant=info["variant"], adapter=info["adapter"],
+                      nodes_total=info["nodesTotal"], nodes_on_webgpu=info["nodesOnWebgpu"])
+        report["failures"] += placement_failures(info["placement"])
+        report["passed"] = not report["failures"]
+    return report
+
+
+def _run(ref: Any, backend: Any, m: Any, prompts: list[dict[str, Any]], tokens: int,
+         overrides: dict[str, float] | None, progress: bool) -> dict[str, Any]:
+    from .targets import load_profile
+
     precision = getattr(backend, "precision", None)
     thresholds = thresholds_for(load_profile(m.target), m.recipe, precision)
     thresholds.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -190,7 +214,7 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
                 for k in METRICS if breach(k, worst[k], thresholds[k])]
     failures += [f"prompt {r.name}: {n} non-finite logits from the {side} (first at position {pos})"
                  for r in results for side, (n, pos) in r.nonfinite.items()]
-    return {"source": str(src), "out": str(out), "target": m.target, "backend": backend.name, "recipe": m.recipe,
+    return {"target": m.target, "backend": backend.name, "recipe": m.recipe,
             "precision": precision,
             "thresholds": thresholds, "worst": worst, "passed": not failures, "failures": failures,
             "seconds": time.perf_counter() - t0, "prompts": [asdict(r) for r in results]}
@@ -273,6 +297,10 @@ def render(report: dict[str, Any]) -> None:
     t.add_row("[bold]bound", "", f"<= {th['max_abs']:.3g}", f"<= {th['mean_abs']:.3g}", f">= {th['min_cosine']}",
               f">= {th['top1']:.1%}", f"<= {th['max_kl']:.3g}", f">= {th['greedy']:.0%}")
     stderr.print(t)
+    if report.get("runtime") == "onnxruntime-web":
+        a = report["adapter"]
+        stderr.print(f"WebGPU adapter {a.get('vendor')}/{a.get('architecture')} ({report['variant']} variant): "
+                     f"{report['nodes_on_webgpu']} of {report['nodes_total']} nodes on WebGPU", highlight=False)
     if report["passed"]:
         stderr.print("[bold green]PARITY PASS[/]")
     else:

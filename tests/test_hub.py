@@ -164,3 +164,26 @@ def test_original_subfolder_and_missing_ids_for_every_command(tiny, tmp_path, mo
     assert "openai/gpt-oss-20b/original is not in the Hugging Face cache" in line
     assert line.endswith('hf download openai/gpt-oss-20b --include "original/*" --revision v1'), line
     assert not (tmp_path / "o").exists() and not (tmp_path / "x.npy").exists()
+
+
+def test_serve_takes_hub_ids(hub):
+    """`edgec serve ID` resolves like chat: the id's conversion in edgec's cache, answering to the id too."""
+    from serving import client, live_server
+
+    repo, _ = hub
+    server = live_server(repo, "--target", "mlx")
+    url, model_id = next(server)
+    try:
+        models = [m.id for m in client(url).models.list().data]
+        assert repo in models and "mlx" in models  # the id it was started with, and the folder's name
+        reply = client(url).chat.completions.create(model=repo, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=2)
+        assert reply.model == model_id and reply.usage.completion_tokens == 2
+    finally:
+        server.close()
+
+
+def test_serve_names_the_download_for_a_missing_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    [line] = invoke(["serve", "openai/gpt-oss-20b"], code=2).stderr.strip().splitlines()
+    assert line.endswith('hf download openai/gpt-oss-20b --exclude "original/*" --exclude "metal/*"'), line

@@ -37,6 +37,7 @@ from .onnx_graph import (
     INT32,
     INT64,
     IO_CODE,
+    ITEMSIZE,
     LOGITS,
     LOGITS_FROM,
     PAST,
@@ -49,6 +50,7 @@ from .onnx_graph import (
     Graph,
     bf16_to_io,
     keep_scales,
+    row_shards,
     to_io,
 )
 from .onnx_moe import moe, moe_kind
@@ -65,7 +67,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     with atomic_dir(out, force, keep=ckpt.source_files()) as tmp, \
             byte_progress(meter.total, f"onnx {profile['name']}", progress) as adv:
         meter.advance = adv
-        ext = ExternalData(tmp / DATA, release=ckpt.release_pages)
+        ext = ExternalData(tmp / DATA, release=ckpt.release_pages, cap=int(profile.get("max_buffer_bytes", 0)))
         try:
             g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense, meter)
         finally:
@@ -172,9 +174,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
                    axis=0)[0]
     total = g.node("Cast", [width], to=INT32)[0]
 
-    emb = ckpt.raw("model.embed_tokens.weight")
-    ext.add("model.embed_tokens.weight", code, (V, H), (bf16_to_io(emb[r:r + ROWS], io) for r in range(0, V, ROWS)))
-    x = g.node("Gather", ["model.embed_tokens.weight", INPUT_IDS], name="/model/embed_tokens/Gather")[0]
+    x = _embedding(g, ext, ckpt.raw("model.embed_tokens.weight"), io)
     meter.done("model.embed_tokens.")
     cos, sin = cos_sin(cfg, ctx)
     ext.add("cos_cache", code, cos.shape, to_io(cos, io))
@@ -235,27 +235,78 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
     g.node("Identity", [y], name="/lm_head/AllPositions", outputs=[y_lm], only=GENAI)
     g.node("Slice", [y, LOGITS_FROM, g.i64(np.iinfo(np.int64).max), g.i64(1)], name="/lm_head/LogitsFrom",
            outputs=[y_lm], only=EDGEC)
-    lm = ckpt.raw("lm_head.weight")
-    if lm_head in INT_BITS:  # MatMulNBits, quantized block by block as the rows stream in
-        sc: list[np.ndarray] = []
-        bits = INT_BITS[lm_head]
-        chunks = (keep_scales(quantize_rows(bf16_to_f32(lm[r:r + ROWS]), bits), sc) for r in range(0, V, ROWS))
-        ext.add("lm_head.qweight", UINT8, (V, H // 32, 32 * bits // 8), chunks)
-        ext.add("lm_head.scales", code, (V, H // 32), (to_io(x_, io) for x_ in sc))
-        g.node("MatMulNBits", [y_lm, "lm_head.qweight", "lm_head.scales"], name="/lm_head/MatMulNBits",
-               domain="com.microsoft", outputs=[LOGITS], K=H, N=V, bits=bits, block_size=32,
-               accuracy_level=acc)
-    else:
-        ext.add("lm_head.weight", code, (V, H), (bf16_to_io(lm[r:r + ROWS], io) for r in range(0, V, ROWS)))
-        flat = g.node("Reshape", [y_lm, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
-        lg = g.node("Gemm", [flat, "lm_head.weight"], name="/lm_head/Gemm", transB=1)[0]
-        shape = g.node("Concat", [g.node("Shape", [y_lm], end=1)[0], g.i64(-1, V)], axis=0)[0]  # [batch, -1, V]
-        g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=[LOGITS])
+    _lm_head(g, ext, ckpt.raw("lm_head.weight"), y_lm, io, lm_head, acc)
     meter.done()
     return g
 
 
 INT_BITS = {"int8": 8, "int4": 4}
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _rows(src: np.ndarray, r0: int, r1: int, io: str):
+    """Rows r0..r1 of a BF16 checkpoint matrix in the io dtype, ROWS at a time."""
+    return (bf16_to_io(src[r:min(r + ROWS, r1)], io) for r in range(r0, r1, ROWS))
+
+
+def _embedding(g: Graph, ext: ExternalData, emb: np.ndarray, io: str) -> str:
+    """The embedding lookup. A table over `ext.cap` is stored as vocabulary shards `EMBEDDING.<j>`: each shard
+    gathers the ids inside its rows (the others read row 0 and are zeroed by a Where), and a Sum of the shards'
+    [batch, seq, hidden] outputs gives every id its row exactly (one term non-zero)."""
+    V, H = emb.shape
+    code = IO_CODE[io]
+    shards = row_shards(V, H * ITEMSIZE[code], ext.cap)
+    if len(shards) == 1:
+        ext.add(EMBEDDING, code, (V, H), _rows(emb, 0, V, io))
+        return g.node("Gather", [EMBEDDING, INPUT_IDS], name="/model/embed_tokens/Gather")[0]
+    parts = []
+    for j, (r0, r1) in enumerate(shards):
+        q, name = f"/model/embed_tokens/shard{j}", f"{EMBEDDING}.{j}"
+        ext.add(name, code, (r1 - r0, H), _rows(emb, r0, r1, io))
+        local = g.node("Sub", [INPUT_IDS, g.i64(r0)], name=q + "/Sub")[0]
+        inside = g.node("And", [g.node("GreaterOrEqual", [local, g.i64(0)], name=q + "/Ge")[0],
+                                g.node("Less", [local, g.i64(r1 - r0)], name=q + "/Lt")[0]], name=q + "/And")[0]
+        row = g.node("Gather", [name, g.node("Where", [inside, local, g.i64(0)], name=q + "/Index")[0]],
+                     name=q + "/Gather")[0]
+        keep = g.node("Unsqueeze", [inside, g.i64(-1)], name=q + "/Unsqueeze")[0]
+        parts.append(g.node("Where", [keep, row, g.scalar(0.0, io)], name=q + "/Where")[0])
+    return g.node("Sum", parts, name="/model/embed_tokens/Sum")[0]
+
+
+def _lm_head(g: Graph, ext: ExternalData, lm: np.ndarray, y: str, io: str, fmt: str, acc: int) -> None:
+    """LOGITS = y lm^T (io dtype Gemm or MatMulNBits blocks, quantized as the rows stream in). A matrix over
+    `ext.cap` is stored as vocabulary shards `lm_head.<weight|qweight|scales>.<j>`, one product per shard, and the
+    shards' logits concatenated along the vocabulary (each row's dot product is the same as unsharded)."""
+    V, H = lm.shape
+    code = IO_CODE[io]
+    bits = INT_BITS.get(fmt)
+    row_bytes = H * bits // 8 if bits else H * ITEMSIZE[code]
+    shards = row_shards(V, row_bytes, ext.cap)
+    tag = (lambda j: "") if len(shards) == 1 else (lambda j: f".{j}")
+    flat = None if bits else g.node("Reshape", [y, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]
+    parts = []
+    for j, (r0, r1) in enumerate(shards):
+        if bits:  # MatMulNBits on [batch, seq, H] -> [batch, seq, n]
+            sc: list[np.ndarray] = []
+            chunks = (keep_scales(quantize_rows(bf16_to_f32(lm[r:min(r + ROWS, r1)]), bits), sc)
+                      for r in range(r0, r1, ROWS))
+            qw, s = f"lm_head.qweight{tag(j)}", f"lm_head.scales{tag(j)}"
+            ext.add(qw, UINT8, (r1 - r0, H // 32, 32 * bits // 8), chunks)
+            ext.add(s, code, (r1 - r0, H // 32), (to_io(x_, io) for x_ in sc))
+            parts.append(g.node("MatMulNBits", [y, qw, s], name=f"/lm_head/MatMulNBits{tag(j)}",
+                                domain="com.microsoft", K=H, N=r1 - r0, bits=bits, block_size=32,
+                                accuracy_level=acc, outputs=[LOGITS] if len(shards) == 1 else None)[0])
+        else:  # Gemm on [tokens, H] -> [tokens, n]
+            w = f"lm_head.weight{tag(j)}"
+            ext.add(w, code, (r1 - r0, H), _rows(lm, r0, r1, io))
+            parts.append(g.node("Gemm", [flat, w], name=f"/lm_head/Gemm{tag(j)}", transB=1)[0])
+    if bits and len(parts) > 1:
+        g.node("Concat", parts, name="/lm_head/Concat", axis=-1, outputs=[LOGITS])
+    if bits:
+        return
+    lg = parts[0] if len(parts) == 1 else g.node("Concat", parts, name="/lm_head/Concat", axis=-1)[0]
+    shape = g.node("Concat", [g.node("Shape", [y], end=1)[0], g.i64(-1, V)], axis=0)[0]  # [batch, -1, V]
+    g.node("Reshape", [lg, shape], name="/lm_head/Reshape_out", outputs=[LOGITS])
 
 
 def io_dtype(dense: str) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import EdgecError
+
 ALIGN = 4096  # page-aligned offsets so onnxruntime can memory-map the weights
 
 GRAPH_FORMAT = 2
@@ -35,6 +37,7 @@ GENAI, EDGEC = "genai", "edgec"  # the two graphs a node, input or output can be
 
 # ONNX TensorProto data type codes
 FLOAT, UINT8, INT64, INT32, FLOAT16, BFLOAT16, FLOAT8E8M0 = 1, 2, 7, 6, 10, 16, 24
+ITEMSIZE = {FLOAT: 4, UINT8: 1, INT64: 8, INT32: 4, FLOAT16: 2, BFLOAT16: 2, FLOAT8E8M0: 1}
 
 
 def to_io(x: np.ndarray, io: str) -> np.ndarray:
@@ -67,10 +70,24 @@ def keep_scales(pair: tuple[np.ndarray, np.ndarray], scales: list[np.ndarray]) -
 IO_CODE = {"fp32": FLOAT, "fp16": FLOAT16, "bf16": BFLOAT16}
 
 
-class ExternalData:
-    """Append-only external-data file; `add` returns an EXTERNAL TensorProto (no bytes in the graph)."""
+def row_shards(rows: int, row_bytes: int, cap: int) -> list[tuple[int, int]]:
+    """[(start, end), ...]: `rows` rows of `row_bytes` each in as few equal shards as keep every shard's bytes
+    within `cap` (one shard when the whole fits, or cap is 0: no cap)."""
+    n = -(-rows * row_bytes // cap) if cap else 1
+    if n > 1 and row_bytes > cap:
+        raise EdgecError(f"max_buffer_bytes {cap}: smaller than one row ({row_bytes} bytes)")
+    step = -(-rows // n)
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
-    def __init__(self, path: Path, release=None, release_every: int = 64 << 20):
+
+class ExternalData:
+    """Append-only external-data file; `add` returns an EXTERNAL TensorProto (no bytes in the graph).
+
+    `cap` (bytes, 0: none): the largest initializer the target's device allocates as one buffer (the onnx-webgpu
+    profile's `max_buffer_bytes`); a larger one is refused before any of its bytes are written."""
+
+    def __init__(self, path: Path, release=None, release_every: int = 64 << 20, cap: int = 0):
+        self.cap = cap
         self.path = Path(path)
         self.f = open(self.path, "wb")
         self.offset = 0
@@ -81,6 +98,10 @@ class ExternalData:
     def add(self, name: str, code: int, dims: Iterable[int], chunks: np.ndarray | Iterable[np.ndarray]) -> str:
         from onnx import TensorProto
 
+        size = int(np.prod(list(dims), dtype=np.int64)) * ITEMSIZE[code]
+        if self.cap and size > self.cap:
+            raise EdgecError(f"{name}: {size} bytes, over the target's max_buffer_bytes ({self.cap}: one device "
+                             f"buffer per initializer); convert with a smaller format (--experts int4)")
         pad = (-self.offset) % ALIGN
         if pad:
             self.f.write(b"\0" * pad)

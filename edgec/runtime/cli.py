@@ -358,7 +358,7 @@ def _run_turn(session, user: str | None, printer: Printer, stats: bool, read) ->
         turn = session.tool_result(recipient, result, printer)
 
 
-HELP = "commands: /reset  /effort [low|medium|high]  /save FILE  /load FILE  /stats  /exit"
+HELP = "commands: /reset  /effort [low|medium|high]  /save FILE  /load FILE  /schema FILE|off  /stats  /exit"
 MULTILINE = "multi-line: paste, Esc+Enter, or end a line with \\"
 
 
@@ -392,10 +392,14 @@ def resolve(model: str, target: str | None) -> Path:
 @sampling_options
 @click.option("--stats", "show_stats", is_flag=True,
               help="after each turn print `prefill=N reused=M decode=K tok/s=X`")
-def chat(model: str, target: str | None, show_analysis: bool, show_stats: bool, **kw) -> None:
+@click.option("--think-tokens", type=int, default=None,
+              help="with /schema: end the analysis after this many tokens")
+def chat(model: str, target: str | None, show_analysis: bool, show_stats: bool, think_tokens: int | None,
+         **kw) -> None:
     """Chat with MODEL in Harmony format: an edgec output folder, a source checkpoint (the numpy reference: slow),
     or a Hugging Face id in the local cache (e.g. openai/gpt-oss-20b; --target converts it once)."""
     session = open_session(resolve(model, target), **kw)
+    session.think_tokens = think_tokens
     printer = Printer(show_analysis, tokens=lambda: session.gen.stats.decode)
     read = line_reader()
     if read.interactive:
@@ -453,6 +457,8 @@ def _slash(session, line: str) -> bool:
             say(session.load(Path(arg).expanduser()))
         elif cmd == "/stats":
             click.echo(session.stats_text())
+        elif cmd == "/schema":
+            say(_schema(session, arg))
         else:
             say(HELP, "default")
     except EdgecError as e:
@@ -464,6 +470,21 @@ def _slash(session, line: str) -> bool:
     return False
 
 
+def _schema(session, arg: str) -> str:
+    """/schema FILE: constrain every final answer to a JSON schema from now on; /schema off: stop."""
+    from .constrain import read_constraint
+
+    if not arg:
+        return f"final answers follow {session.constraint.param}" if session.constraint else "no schema (/schema FILE)"
+    if arg == "off":
+        session.constraint = None
+        return "schema off"
+    c = read_constraint(json_schema=Path(arg).expanduser(), think_tokens=session.think_tokens)
+    c.compile(session.tokenizer)  # refuse it now, not at the next turn
+    session.constraint = c
+    return f"final answers follow {arg} from now on (/schema off to stop)"
+
+
 @click.command()
 @model_argument
 @click.option("--prompt", help="the user message ('-' reads it from stdin)")
@@ -471,11 +492,21 @@ def _slash(session, line: str) -> bool:
               help="conversation JSON: openai-harmony's to_json form, or OpenAI chat messages (a list, or a request "
                    "body with messages, tools, reasoning_effort)")
 @sampling_options
+@click.option("--json-schema", type=click.Path(path_type=Path),
+              help="constrain the final answer to this JSON schema (the analysis stays free)")
+@click.option("--grammar", type=click.Path(path_type=Path), help="constrain the final answer to this Lark grammar "
+                                                                  "(llguidance's; a GBNF file is converted)")
+@click.option("--regex", help="constrain the final answer to this regular expression")
+@click.option("--think-tokens", type=int, default=None,
+              help="with a constraint: end the analysis after this many tokens")
 @click.option("--json", "as_json", is_flag=True, help="print the parsed messages and the statistics as JSON")
 def generate(model: str, target: str | None, prompt: str | None, conversation: Path | None, show_analysis: bool,
-             as_json: bool, **kw) -> None:
+             as_json: bool, json_schema: Path | None, grammar: Path | None, regex: str | None,
+             think_tokens: int | None, **kw) -> None:
     """One completion of a prompt or a conversation (MODEL as for chat)."""
     from ..harmony.conversation import Message
+    from ..harmony.tokenizer import Tokenizer
+    from .constrain import read_constraint
 
     if (prompt is None) == (conversation is None):
         raise EdgecError("give exactly one of --prompt or --conversation")
@@ -487,8 +518,13 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
         from ..jsonio import regular_file
 
         regular_file(conversation)  # a missing file is said before the model loads
+    folder = resolve(model, target)
+    constraint = read_constraint(json_schema, grammar, regex, think_tokens)
+    if constraint is not None:
+        constraint.compile(Tokenizer.from_folder(folder))  # a bad schema or grammar is said before the model loads
     planned: list[str] = []  # --json: the memory plan goes into the JSON, not onto stderr
-    session = open_session(resolve(model, target), say=planned.append if as_json else None, **kw)
+    session = open_session(folder, say=planned.append if as_json else None, **kw)
+    session.constraint = constraint
     if conversation is not None:
         say(session.load(conversation))  # what the file replaced (a --system it overrides, say), on stderr
         if click.get_current_context().get_parameter_source("reasoning") == click.core.ParameterSource.COMMANDLINE:
@@ -507,10 +543,13 @@ def generate(model: str, target: str | None, prompt: str | None, conversation: P
                           "content_type": m.content_type, "text": m.text} for m in turn.messages],
             "tokens": turn.tokens,
             "stats": turn.stats.as_dict(),
+            "finish_reason": turn.finish_reason,
+            "valid": turn.valid,  # constrained output complete and matching (null: no constraint)
             "memory": planned[0] if planned else None,
         }, ensure_ascii=False, indent=2))
     else:
-        stderr.print(f"[dim]{turn.stats.line()} stop={turn.stats.stop}[/]")
+        valid = "" if turn.valid is None else f" valid={str(turn.valid).lower()}"
+        stderr.print(f"[dim]{turn.stats.line()} stop={turn.stats.stop}{valid}[/]")
     if turn.stats.stop == "interrupted":  # Ctrl-C: what was generated is shown, the exit code says it was cut
         raise Interrupted("interrupted")
 

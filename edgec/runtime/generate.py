@@ -4,6 +4,8 @@
 prefix of the new prompt and those ids, rolls the cache back to it (`backend.truncate`), prefills only the rest
 and then samples one token at a time until `<|return|>` / `<|call|>`, `max_tokens` or the end of the context.
 The stop token itself is not fed to the cache (Harmony stores a finished reply with `<|end|>` in its place).
+With a `Guard` (constrain.py) only the tokens it allows are sampled (as if the others' logits were -inf); the mask
+for the next step is computed in a worker thread while the backend runs the forward of this one.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import EdgecError
 from ..harmony.render import RETURN, STOP_TOKENS
 from .base import Backend
+
+if TYPE_CHECKING:
+    from .constrain import Guard
 
 NUCLEUS_CANDIDATES = 1024  # top-p looks at this many best tokens first and sorts the whole vocabulary only if needed
 
@@ -88,6 +95,21 @@ class Sampler:
         p = next_token_probs(logits, self.s)
         c = np.cumsum(p)
         return int(min(np.searchsorted(c, self.rng.random() * c[-1], side="right"), p.size - 1))
+
+
+def sample_allowed(sample: Sampler, logits: np.ndarray, allowed: np.ndarray | None) -> int:
+    """Draw among the tokens a constraint allows: the same distribution as setting the others' logits to -inf
+    (temperature, top-k and top-p then see only the allowed tokens), computed over the allowed ids alone, which is
+    faster than the whole vocabulary when the constraint is narrow. Ids past the mask's vocabulary are never drawn."""
+    if allowed is None:
+        return sample(logits)
+    ids = np.flatnonzero(allowed[:logits.size])
+    if ids.size == 0:
+        raise EdgecError("constraint: no token is allowed here")
+    return int(ids[sample(logits[ids])])
+
+
+_MASKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgec-mask")  # masks overlap the forward
 
 
 @dataclass
@@ -174,18 +196,22 @@ class Generator:
         st.prefill_s = time.perf_counter() - t0
         return np.asarray(logits, dtype=np.float32).reshape(-1)
 
-    def stream(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def stream(self, prompt: list[int], sampling: Sampling, guard: Guard | None = None) -> Iterator[int]:
         """Yield sampled token ids (the stop token last, when one ends the reply); `self.stats` is kept current.
+        `guard` constrains every sampled token (its mask is computed while the forward runs).
         Closing the iterator early (a consumer that stops reading) leaves the cache holding exactly `self.tokens`;
         an error or Ctrl-C inside a forward rolls the cache back to them before it propagates."""
         self.stats = st = Stats()
         sample = Sampler(sampling)
         t0 = time.perf_counter()
         try:
+            ahead = _MASKER.submit(guard.mask) if guard is not None else None
             logits = self.prefill(prompt)
             t1 = None
             while True:
-                tok = sample(logits)
+                tok = sample_allowed(sample, logits, ahead.result() if ahead is not None else None)
+                if guard is not None:
+                    guard.consume(tok)
                 st.decode += 1
                 if t1 is None:
                     t1 = time.perf_counter()
@@ -201,6 +227,8 @@ class Generator:
                 if len(self.tokens) + 1 >= self.max_context:
                     st.stop = "context"
                     break
+                if guard is not None:
+                    ahead = _MASKER.submit(guard.mask)
                 logits = np.asarray(self.backend.forward([tok]), dtype=np.float32).reshape(-1)
                 self.tokens.append(tok)
                 st.decode_s = time.perf_counter() - t1
@@ -210,12 +238,12 @@ class Generator:
         st.kv_bytes = self.backend.kv_bytes()
 
     def generate(self, prompt: list[int], sampling: Sampling,
-                 on_token: Callable[[int], None] | None = None) -> Result:
+                 on_token: Callable[[int], None] | None = None, guard: Guard | None = None) -> Result:
         """Run `stream` to the end, calling `on_token` per token. Ctrl-C stops the reply (stop='interrupted') and
         leaves the cache consistent with `self.tokens`, so the session goes on."""
         out = Result()
         try:
-            for tok in self.stream(prompt, sampling):
+            for tok in self.stream(prompt, sampling, guard):
                 out.tokens.append(tok)
                 if on_token is not None:
                     on_token(tok)

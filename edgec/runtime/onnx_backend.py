@@ -38,6 +38,12 @@ EMBEDDING = "model.embed_tokens.weight"
 IO_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _embedding_extents(extents: dict[str, tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) of the embedding table, or of each of its vocabulary shards (`EMBEDDING.<j>`, written one
+    after the other) where the target caps buffer sizes."""
+    return [v for k, v in extents.items() if k == EMBEDDING or k.startswith(EMBEDDING + ".")]
+
+
 class OnnxBackend(WindowedBackend):
     name = "onnx"
     PREFILL_CHUNK: ClassVar[int] = 256  # prompt tokens per session run (bounds the [chunk, vocab] all_logits buffer)
@@ -73,7 +79,7 @@ class OnnxBackend(WindowedBackend):
         folder = Path(folder)
         total = sum((folder / f).stat().st_size for f in (G.EDGEC_GRAPH, G.DATA) if (folder / f).is_file())
         extents, experts = cls._extents(folder)
-        return Weights(total, embedding=extents.get(EMBEDDING, (0, 0))[1],
+        return Weights(total, embedding=sum(n for _, n in _embedding_extents(extents)),
                        experts=sum(extents.get(i, (0, 0))[1] for i in experts))
 
     @staticmethod
@@ -89,8 +95,8 @@ class OnnxBackend(WindowedBackend):
 
     def embedding_range(self) -> tuple[Path, int, int]:
         """The embedding table's bytes in model.onnx.data: (file, start, end)."""
-        offset, length = self._extents(self.folder)[0].get(EMBEDDING, (0, 0))
-        return self.folder / G.DATA, offset, offset + length
+        parts = _embedding_extents(self._extents(self.folder)[0]) or [(0, 0)]
+        return self.folder / G.DATA, min(o for o, _ in parts), max(o + n for o, n in parts)
 
     @classmethod
     def plan(cls, cfg: GptOssConfig, context: int, weights: Weights, recipe: dict[str, Any] | None = None,

@@ -70,6 +70,19 @@ class Turn:
     tokens: list[int] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
     dropped_turns: int = 0
+    guard: Any = None  # the constraint's Guard when one held (constrain.py)
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's words: "length" when max_tokens or the context cut the reply, else "tool_calls" or "stop"."""
+        return {"max_tokens": "length", "context": "length", "call": "tool_calls"}.get(self.stats.stop, "stop")
+
+    @property
+    def valid(self) -> bool | None:
+        """Whether the constrained output is complete and matches its grammar (None: no constraint)."""
+        if self.guard is None:
+            return None
+        return self.guard.accepting() and not self.guard.constrained_open() and self.finish_reason != "length"
 
     @property
     def tool_call(self) -> Message | None:
@@ -102,6 +115,8 @@ class ChatSession:
         self.history: list[Message] = []  # user / assistant / tool messages
         self.last: Turn | None = None
         self.auto_max_tokens = auto_max_tokens  # sampling.max_tokens follows the effort (no --max-tokens given)
+        self.constraint: Any = None  # a constrain.Constraint on every reply (generate --json-schema, chat /schema)
+        self.think_tokens: int | None = None  # chat --think-tokens: the analysis budget of a /schema constraint
         self._follow_effort()
 
     # ---- conversation ----------------------------------------------------------------------------------------
@@ -180,11 +195,12 @@ class ChatSession:
                 for e in events:
                     on_event(e)
 
-        res = self.gen.generate(prompt, self.sampling, on_token)
+        guard = self.constraint.compile(self.tokenizer) if self.constraint is not None else None
+        res = self.gen.generate(prompt, self.sampling, on_token, guard)
         for e in parser.finish():  # a message cut off by max-tokens, the context end or Ctrl-C
             if on_event is not None:
                 on_event(e)
-        turn = Turn(list(parser.messages), res.tokens, res.stats, dropped)
+        turn = Turn(list(parser.messages), res.tokens, res.stats, dropped, guard)
         self.history.extend(turn.messages)
         self.last = turn
         return turn

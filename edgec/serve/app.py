@@ -29,10 +29,11 @@ from ..errors import EdgecError
 from ..harmony.conversation import Message
 from ..harmony.openai import RequestError, conversation, forced_start
 from ..harmony.render import render_conversation
+from ..runtime.constrain import Constraint, ConstraintError, Guard
 from ..runtime.generate import Sampling
 from ..runtime.session import default_max_tokens
 from .chat import ChatCompletions
-from .common import Settings, sampling_of
+from .common import Settings, sampling_of, tool_param
 from .engine import Done, Engine, Job
 from .responses import Responses, Stored
 
@@ -91,6 +92,16 @@ class Server(ChatCompletions, Responses):
     def forced(self, choice: str | None) -> list[int]:
         text = forced_start(choice)
         return self.session.tokenizer.encode(text, allowed_special="all") if text else []
+
+    async def guard_of(self, constraint: Constraint | None, tools: object, flat: bool) -> Guard | None:
+        """Compile the request's constraint before it is queued: one the engine cannot compile is a 400 naming the
+        field (and the JSON pointer of the keyword), never a failure mid-generation."""
+        if constraint is None:
+            return None
+        try:
+            return await run_in_threadpool(constraint.compile, self.session.tokenizer)
+        except ConstraintError as e:
+            raise RequestError(e.message, tool_param(e.param, tools, flat), "invalid_value") from None
 
     async def events(self, job: Job, request: Request, watch: bool) -> AsyncIterator[list | Done]:
         """The job's parser-event lists, then its Done. Cancels the job if this is cancelled (the client left a

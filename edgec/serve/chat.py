@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..harmony.openai import Reply, RequestError, effort_of, from_chat, new_id, parse_tools, tool_call, tool_choice
-from .common import flag, read_body, refuse, refuse_unsupported, sse, timings
+from .common import constraint_of, flag, output_format, read_body, refuse, refuse_unsupported, sse, timings
 from .engine import Done, Job, StopText
 
 
@@ -44,7 +44,6 @@ class ChatCompletions:
         self.check_model(body)
         refuse(body, "n", (None, 1))
         refuse(body, "logprobs", (None, False))
-        refuse(body, "response_format", (None, {"type": "text"}))
         refuse_unsupported(body)
         stream = flag(body, "stream")
         if body.get("stream_options") is not None and not stream:
@@ -56,11 +55,15 @@ class ChatCompletions:
         choice = tool_choice(body.get("tool_choice"), parse_tools(body.get("tools")))
         messages = from_chat(body.get("messages"), None if choice == "none" else body.get("tools"))
         sampling = self.sampling(body, effort, ("max_completion_tokens", "max_tokens"))
-        forced = self.forced(choice)
+        final = output_format(body.get("response_format"), "response_format", nested=True)
+        constraint = constraint_of(final, "response_format.json_schema.schema", body.get("tools"), False, choice,
+                                   self.settings.think_tokens)
+        guard = await self.guard_of(constraint, body.get("tools"), False)
+        forced = self.forced(choice) if guard is None else []  # a guard holds tool_choice itself
         prompt = await self.prompt_of(messages, effort, "messages", forced)
         opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         stops = stop_strings(body)
-        job = self.engine.submit(prompt, sampling, forced, stops)
+        job = self.engine.submit(prompt, sampling, forced, stops, guard)
         head = {"id": new_id("chatcmpl").replace("_", "-", 1), "created": int(time.time()),
                 "model": self.settings.model_id, "system_fingerprint": f"edgec-{self.session.backend.name}"}
         if stream:

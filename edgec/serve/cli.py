@@ -9,11 +9,11 @@ import click
 
 from ..errors import require
 from ..progress import stderr
-from ..runtime.cli import sampling_options
+from ..runtime.cli import model_argument, sampling_options
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@model_argument
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 exposes it)")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="EDGEC_API_KEY", help="require `Authorization: Bearer KEY` on /v1 (or EDGEC_API_KEY)")
@@ -24,9 +24,11 @@ from ..runtime.cli import sampling_options
               help="requests waiting at most; more are answered 429")
 @click.option("--max-body", type=click.IntRange(1024), default=4 << 20, show_default=True,
               help="largest request body in bytes (413 above)")
+@click.option("--think-tokens", type=click.IntRange(0), default=None,
+              help="with response_format / text.format / strict tools: end the analysis after this many tokens")
 @sampling_options(conversation=False)
-def serve(model: Path, host: str, port: int, api_key: str | None, served_names: tuple[str, ...], max_queue: int,
-          max_body: int, **kw) -> None:
+def serve(model: str, target: str | None, host: str, port: int, api_key: str | None, served_names: tuple[str, ...],
+          max_queue: int, max_body: int, think_tokens: int | None, **kw) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) with a chat page at /.
 
     One model is loaded; requests queue and generate one at a time, each reusing the KV cache of the longest prefix
@@ -36,20 +38,24 @@ def serve(model: Path, host: str, port: int, api_key: str | None, served_names: 
     require("starlette", "serve")
     import uvicorn
 
-    from ..runtime.cli import open_session
+    from ..hub import is_hub_id
+    from ..runtime.cli import open_session, resolve
     from . import common
     from .app import Settings, create_app
     from .engine import Engine
 
+    folder = resolve(model, target)  # a folder or a Hugging Face id, as chat and generate take it
+    if is_hub_id(model) and not Path(model).expanduser().exists():
+        served_names += (model,)  # clients may send the id they started it with
     if kw.get("hosts") is not None:  # pipeline-parallel: only rank 0 gets past this line
         from ..runtime.pipeline import serve_ranks
 
-        serve_ranks(kw["hosts"], kw["dist_backend"], lambda: open_session(model, **kw))
-    engine = Engine(lambda: open_session(model, **kw), max_queue=max_queue)
+        serve_ranks(kw["hosts"], kw["dist_backend"], lambda: open_session(folder, **kw))
+    engine = Engine(lambda: open_session(folder, **kw), max_queue=max_queue)
     engine.start()
     s = engine.session
-    primary, *aliases = common.served_names(model, s.backend.config, served_names)
-    settings = Settings(primary, api_key, max_body, aliases=tuple(aliases))
+    primary, *aliases = common.served_names(folder, s.backend.config, served_names)
+    settings = Settings(primary, api_key, max_body, aliases=tuple(aliases), think_tokens=think_tokens)
     app = create_app(engine, settings)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     also = f" (also {', '.join(map(repr, aliases))})" if aliases else ""

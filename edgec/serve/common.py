@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ..harmony.openai import RequestError
+from ..runtime.constrain import Constraint
 from ..runtime.generate import Sampling
 from .engine import Done
 
@@ -23,6 +24,7 @@ class Settings:
     max_body: int = 4 << 20
     created: int = field(default_factory=lambda: int(time.time()))
     aliases: tuple[str, ...] = ()  # other names a request's `model` may use
+    think_tokens: int | None = None  # the analysis budget of a constrained request (serve --think-tokens)
 
     @property
     def names(self) -> list[str]:
@@ -129,6 +131,58 @@ def refuse_unsupported(body: dict) -> None:
     for key in ("frequency_penalty", "presence_penalty"):
         refuse(body, key, (None, 0))
     refuse(body, "logit_bias", (None, {}))
+
+
+# ---- structured outputs --------------------------------------------------------------------------------------------
+def output_format(fmt: Any, param: str, nested: bool) -> dict | None:
+    """Constraint.final of Chat's `response_format` (nested: `{"type": "json_schema", "json_schema": {name, schema,
+    strict}}`) or Responses' `text.format` (`{"type": "json_schema", name, schema, strict}`); None for text."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        raise RequestError(f"{param}.type must be 'text', 'json_object' or 'json_schema' (got {describe(kind)})",
+                           f"{param}.type", "invalid_value")
+    spec = fmt.get("json_schema") if nested else fmt
+    where = f"{param}.json_schema" if nested else param
+    if not isinstance(spec, dict):
+        raise RequestError(f"{where} must be an object", where, "missing_required_parameter")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"{where}.name must be a non-empty string", f"{where}.name", "missing_required_parameter")
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict):
+        raise RequestError(f"{where}.schema must be a JSON schema object", f"{where}.schema", "invalid_type")
+    return {"json_schema": schema}
+
+
+def constraint_of(final: dict | None, param: str, tools: Any, flat: bool, choice: str | None,
+                  think_tokens: int | None) -> Constraint | None:
+    """The request's Constraint, or None when nothing is constrained (no format, no strict tool). Once anything is
+    constrained, every tool is a branch of the reply's grammar: a strict one's arguments match its `parameters`,
+    another's are any JSON object; tool_choice picks the branches (instead of forcing the reply's first tokens)."""
+    fns = [t if flat else t.get("function") or {} for t in tools or []]  # parse_tools has checked their shape
+    if final is None and not any(f.get("strict") is True for f in fns):
+        return None
+    schemas = {} if choice == "none" else {
+        f["name"]: (f.get("parameters") or {"type": "object"}) if f.get("strict") is True else {"type": "object"}
+        for f in fns}
+    pick = {None: "auto", "none": "none", "required": "required"}.get(choice, {"name": choice})
+    return Constraint(final=final, tools=schemas, tool_choice=pick, think_tokens=think_tokens, param=param)
+
+
+def tool_param(param: str, tools: Any, flat: bool) -> str:
+    """A ConstraintError's `tools.NAME.parameters...` as the request's field: `tools[i].function.parameters...`."""
+    for i, t in enumerate(tools or []):
+        name = (t if flat else t.get("function") or {}).get("name")
+        head = f"tools.{name}.parameters"
+        if param == head or param.startswith(head + "/"):
+            return f"tools[{i}]{'' if flat else '.function'}.parameters{param[len(head):]}"
+    return param
 
 
 def timings(done: Done) -> dict:

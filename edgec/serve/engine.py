@@ -68,6 +68,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     forced: list[int] = field(default_factory=list)  # the end of the prompt that starts the reply (tool_choice)
     stops: list[str] = field(default_factory=list)  # stop strings: generation ends where the content holds one
+    guard: Any = None  # a compiled constraint (runtime.constrain.Guard) for this reply, or None
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of parser events, then one Done
     cancel: threading.Event = field(default_factory=threading.Event)
     started: bool = False  # taken by the worker (until then it holds a place in the queue)
@@ -112,10 +113,10 @@ class Engine:
             job.cancel.set()
 
     def submit(self, prompt: list[int], sampling: Sampling, forced: list[int] | None = None,
-               stops: list[str] | None = None) -> Job:
-        """Queue a job (`forced`: tokens already at the end of `prompt` that open the reply; `stops`: stop strings);
-        a full queue is a 429."""
-        job = Job(prompt, sampling, asyncio.get_running_loop(), list(forced or []), list(stops or []))
+               stops: list[str] | None = None, guard: Any = None) -> Job:
+        """Queue a job (`forced`: tokens already at the end of `prompt` that open the reply; `stops`: stop strings;
+        `guard`: the reply's compiled constraint); a full queue is a 429."""
+        job = Job(prompt, sampling, asyncio.get_running_loop(), list(forced or []), list(stops or []), guard=guard)
         with self._lock:
             if self.closing:
                 raise RequestError("the server is shutting down", code="server_shutting_down", status=503,
@@ -177,7 +178,7 @@ class Engine:
         reasoning = 0
         if events := parser.feed_many(job.forced):
             job.put(events)
-        tokens = gen.stream(job.prompt, job.sampling)
+        tokens = gen.stream(job.prompt, job.sampling, job.guard)
         for tok in tokens:
             if job.cancel.is_set():
                 tokens.close()  # before the next forward: the cache holds exactly gen.tokens

@@ -21,7 +21,7 @@ from ..harmony.openai import (
     parse_tools,
     tool_choice,
 )
-from .common import flag, read_body, refuse, refuse_unsupported, sse, timings
+from .common import constraint_of, flag, output_format, read_body, refuse, refuse_unsupported, sse, timings
 from .engine import Done, Job
 
 STORED_RESPONSES = 256  # responses kept for previous_response_id, oldest dropped first
@@ -52,7 +52,10 @@ class Responses:
         refuse(body, "background", (None, False))
         refuse_unsupported(body)
         stream = flag(body, "stream")
-        refuse(body, "text", (None, {"format": {"type": "text"}}))
+        text = body.get("text")
+        if text is not None and not isinstance(text, dict):
+            raise RequestError("text must be an object", "text", "invalid_type")
+        fmt = (text or {}).get("format")
         prev_id = body.get("previous_response_id")
         prev = None
         if prev_id is not None:
@@ -67,9 +70,13 @@ class Responses:
                                   None if choice == "none" else body.get("tools"),
                                   prev.messages if prev else None, prev.calls if prev else None)
         sampling = self.sampling(body, effort, ("max_output_tokens",))
-        forced = self.forced(choice)
+        final = output_format(fmt, "text.format", nested=False)
+        constraint = constraint_of(final, "text.format.schema", body.get("tools"), True, choice,
+                                   self.settings.think_tokens)
+        guard = await self.guard_of(constraint, body.get("tools"), True)
+        forced = self.forced(choice) if guard is None else []  # a guard holds tool_choice itself
         prompt = await self.prompt_of(messages, effort, "input", forced)
-        job = self.engine.submit(prompt, sampling, forced)
+        job = self.engine.submit(prompt, sampling, forced, guard=guard)
         resp = {"id": new_id("resp"), "object": "response", "created_at": int(time.time()), "status": "in_progress",
                 "model": self.settings.model_id, "output": [], "error": None, "incomplete_details": None,
                 "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
@@ -77,8 +84,8 @@ class Responses:
                 "reasoning": {"effort": effort or self.session.reasoning, "summary": None},
                 "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
-                "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": None, "metadata":
-                body.get("metadata") or {}, "store": body.get("store", True)}
+                "text": {"format": {"type": "text"} if final is None else fmt}, "truncation": "disabled",
+                "usage": None, "metadata": body.get("metadata") or {}, "store": body.get("store", True)}
         history = messages[1:] if messages and messages[0].role == "developer" else messages
         if stream:
             return StreamingResponse(self.responses_stream(job, request, resp, history, body),

@@ -5,6 +5,8 @@
 // Variant = the output's io dtype (edgec.json recipe.io_dtype): `edgec convert SRC --target onnx-webgpu` gives fp16,
 // `--dense fp32` float32 activations with the same int4 experts, for adapters without shader-f16 (SwiftShader).
 
+const PIECE = 16;
+
 export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {}) {
   const base = baseUrl.endsWith('/') ? baseUrl : baseUrl + '/';
   const gpuAdapter = await navigator.gpu.requestAdapter();
@@ -46,7 +48,19 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
   reset();
   const i64 = (a, shape) => new ort.Tensor('int64', BigInt64Array.from(a.map(BigInt)), shape);
   const i32 = (a, shape) => new ort.Tensor('int32', Int32Array.from(a), shape);
+  // onnxruntime-web 1.31.1's WebGPU EP (SwiftShader) computes a run of >= 32 new tokens wrong from the 5th on (runs of
+  // <= 24 equal onnx-cpu to the last bit: edgec parity --browser, README): prompts go in pieces of PIECE tokens
   async function run(chunk, all) {
+    if (chunk.length <= PIECE) return runPiece(chunk, all);
+    const parts = [];
+    for (let s = 0; s < chunk.length; s += PIECE) parts.push(await runPiece(chunk.slice(s, s + PIECE), all));
+    if (!all) return parts[parts.length - 1];
+    const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) { out.set(p, at); at += p.length; }
+    return out;
+  }
+  async function runPiece(chunk, all) {
     const start = ids.length, total = start + chunk.length;
     if (total > maxContext) throw new Error(`context ${total} > maxContext ${maxContext}`);
     const feeds = {
