@@ -166,6 +166,7 @@ def test_serve_two_ranks_openai_client_and_ctrl_c(tiny_mlx, tmp_path):
         proc.wait(60)
     err = proc.stderr.read()
     assert r.usage.completion_tokens == 6, err[-2000:]
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])  # as single-process serve after Ctrl-C
     one = subprocess.run([sys.executable, "-m", "edgec", "generate", str(tiny_mlx), "--prompt", "hi",
                           "--temperature", "0", "--max-tokens", "6", "--json", "--compute", "float32",
                           "--max-context", "1024"], capture_output=True, text=True, timeout=120, env=ENV)

@@ -18,7 +18,7 @@ PREFILL_CHUNK); only where they run differs. Split: by memory (`split_layers`), 
 memory model (`memory.device_budget`), gathered from every rank before loading; the manifest's sha256 of every
 weight file is compared across ranks first, so different files on two hosts are refused before anything loads.
 Faults: rank 0 waits for an answer at most `timeout` seconds (a watchdog), then prints one line naming the host
-and exits 4; mlx.launch terminates the other ranks when one exits with an error (Ctrl-C on rank 0 included).
+and exits 2; mlx.launch terminates the other ranks when one exits with an error (Ctrl-C on rank 0 included).
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ def open_stage(model: Path, hosts_file: Path, backend: str, max_context: int | N
     if b.rank != 0:
         b.serve_stage()
         sys.exit(0)
-    atexit.register(lambda: (b.close(), status(0)))
+    atexit.register(b.close)
     (say or (lambda m: sys.stderr.write(m + "\n")))(describe(b.plan_, hosts))
     return b, context
 
@@ -362,11 +362,26 @@ def relaunch(hosts_file: Path, backend: str) -> int:
         cmd = launch_command(hosts_file, backend, sys.argv[1:])
         cmd[cmd.index("--"):cmd.index("--")] = ["--env", f"EDGEC_PIPELINE_RC={rc_file}"]
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the group:
-        try:  # mlx.launch and ranks 1.. inherit the ignore; rank 0 takes it back (on_sigterm) and ends the launch
+        try:  # mlx.launch and ranks 1.. inherit the ignore; rank 0 takes it back (recording) and ends the launch
             rc = subprocess.call(cmd)
         finally:
             signal.signal(signal.SIGINT, interrupt)
         return int(rc_file.read_text()) if rc_file.is_file() else rc or 1
+
+
+def recording(main: Any) -> None:
+    """A rank's CLI under `relaunch`: rank 0 takes Ctrl-C back (relaunch ignored it for mlx.launch and every rank,
+    so a terminal's Ctrl-C to the group reaches rank 0 alone, which ends the launch) and records its exit status."""
+    import signal
+
+    if os.environ.get("MLX_RANK") == "0":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()
+    except SystemExit as e:
+        status(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+        raise
+    status(0)
 
 
 def status(code: int) -> None:
@@ -384,8 +399,6 @@ def on_sigterm(who: str) -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return  # serve's rank 0 opens the model on its worker thread; uvicorn handles SIGTERM (exit 130)
-    if os.environ.get("MLX_RANK") == "0":  # relaunch ignored Ctrl-C for mlx.launch and the ranks: rank 0 takes it
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.signal(signal.SIGTERM, lambda *_: None)
