@@ -174,3 +174,93 @@ def test_serve_two_ranks_openai_client_and_ctrl_c(tiny_mlx, tmp_path):
     assert "Traceback" not in err
     left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert left == [], f"ranks still running: {left}"
+
+
+def rank_pids(pgid: int, rank: str) -> list[int]:
+    """The processes of a process group that run an MLX rank (MLX_RANK in their environment)."""
+    out = []
+    for pid in subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MLX_RANK={rank}".encode() in env and b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            out.append(int(pid))
+    return out
+
+
+def test_chat_keeps_the_conversation_when_a_rank_dies(tiny_mlx, tmp_path):
+    """`edgec chat --hosts`: after a turn, rank 1 is killed; rank 0 says so in one line, writes the conversation to
+    a new file that /load reads back, exits 130, and no rank is left running."""
+    import signal
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "chat", str(tiny_mlx), "--max-tokens", "4",
+                             "--temperature", "0", "--compute", "float32", "--max-context", "1024",
+                             "--hosts", str(hostfile(tmp_path, 2))], cwd=tmp_path, env=ENV, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    seen = threading.Event()
+    out: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("last turn:"):
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        proc.stdin.write("hello there\n/stats\n")
+        proc.stdin.flush()
+        assert seen.wait(240), "".join(out)
+        ranks = rank_pids(proc.pid, "1")
+        assert ranks, "rank 1 not found"
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "rank 0 (127.0.0.1) stopped: another rank" in lines[0], err[-2000:]
+    saved = sorted(tmp_path.glob("edgec-chat-*.json"))
+    assert len(saved) == 1 and str(saved[0]) in lines[0]
+    from edgec.harmony.conversation import Conversation
+
+    roles = [m.role for m in Conversation.load(saved[0]).messages]  # what /load reads
+    assert "user" in roles and "assistant" in roles and "hello there" in saved[0].read_text()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""
+    assert "Traceback" not in err
+
+
+def test_sigterm_to_edgec_ends_every_rank(tiny_mlx, tmp_path):
+    """SIGTERM to the `edgec generate --hosts` the user started (it re-ran itself under mlx.launch) reaches the
+    ranks: it exits 130 and leaves none running (mlx.launch alone would die at once and orphan them)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgec", "generate", str(tiny_mlx), "--prompt", "hi",
+                             "--max-tokens", "100000", "--max-context", "100000", "--compute", "float32",
+                             "--hosts", str(hostfile(tmp_path, 2))], env=ENV, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        for _ in range(240):  # both ranks up
+            if rank_pids(proc.pid, "1") and rank_pids(proc.pid, "0"):
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # past loading, into generation
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b"", err[-2000:]
+    assert "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,10 @@ def chat(model: str, target: str | None, show_analysis: bool, show_stats: bool, 
     or a Hugging Face id in the local cache (e.g. openai/gpt-oss-20b; --target converts it once)."""
     session = open_session(resolve(model, target), **kw)
     session.think_tokens = think_tokens
+    if kw.get("hosts"):  # rank 0 (the others serve their stage inside open_session)
+        from . import pipeline
+
+        pipeline.ON_DOWN.append(lambda: rescue(session))
     printer = Printer(show_analysis, tokens=lambda: session.gen.stats.decode)
     read = line_reader()
     if read.interactive:
@@ -468,6 +473,18 @@ def _slash(session, line: str) -> bool:
     except Exception as e:
         say(f"{cmd} failed: {type(e).__name__}: {e}", "red")
     return False
+
+
+def rescue(session) -> str:
+    """--hosts: another rank is gone and this process must end; the conversation goes to a new file in the working
+    folder, to /load in the next chat."""
+    if not session.history:
+        return "no conversation to save"
+    path = Path.cwd() / f"edgec-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    while path.exists():
+        path = path.with_stem(path.stem + "-1")
+    session.save(path)
+    return f"the conversation is saved to {path} (/load it in a new chat)"
 
 
 def _schema(session, arg: str) -> str:

@@ -23,6 +23,7 @@ and exits 2; mlx.launch terminates the other ranks when one exits with an error 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -361,12 +362,29 @@ def relaunch(hosts_file: Path, backend: str) -> int:
         rc_file = Path(d) / "rc"
         cmd = launch_command(hosts_file, backend, sys.argv[1:])
         cmd[cmd.index("--"):cmd.index("--")] = ["--env", f"EDGEC_PIPELINE_RC={rc_file}"]
+        proc = None
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the group:
         try:  # mlx.launch and ranks 1.. inherit the ignore; rank 0 takes it back (recording) and ends the launch
-            rc = subprocess.call(cmd)
+            proc = subprocess.Popen(cmd)
+            term = signal.signal(signal.SIGTERM, lambda *_: end_ranks(proc.pid))
+            rc = proc.wait()
         finally:
             signal.signal(signal.SIGINT, interrupt)
+            if proc is not None:
+                signal.signal(signal.SIGTERM, term)
         return int(rc_file.read_text()) if rc_file.is_file() else rc or 1
+
+
+def end_ranks(launcher: int) -> None:
+    """SIGTERM to `relaunch`: passed to mlx.launch's children (the local ranks, or ssh to the remote ones), which end
+    in one line and exit 130, and mlx.launch after them; mlx.launch itself would die at once and leave them running."""
+    import signal
+    import subprocess
+
+    kids = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split()
+    for pid in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
 
 
 def recording(main: Any) -> None:
@@ -391,6 +409,19 @@ def status(code: int) -> None:
         Path(p).write_text(str(code))
 
 
+ON_DOWN: list[Any] = []  # rank 0's last words when another rank ends it: callables -> a phrase (chat saves)
+
+
+def last_words() -> str:
+    out = ""
+    for f in ON_DOWN:
+        try:
+            out += f"; {f()}"
+        except Exception as e:  # the exit line must still be said
+            out += f"; {e}"
+    return out
+
+
 def on_sigterm(who: str) -> None:
     """mlx.launch ends every rank with SIGTERM when one exits with an error. The main thread may sit in mlx's
     blocking recv, where no Python handler runs, so the signal's wakeup byte is read by a thread: one line, exit
@@ -405,9 +436,10 @@ def on_sigterm(who: str) -> None:
     signal.set_wakeup_fd(w)
 
     def wait() -> None:
-        os.read(r, 1)
+        while os.read(r, 1)[0] != signal.SIGTERM:
+            pass  # another signal's wakeup byte (Ctrl-C is the main thread's)
         sys.stderr.write(f"error: {who} stopped: another rank of the pipeline exited (mlx.launch's [WARN] line "
-                         "names it)\n")
+                         f"names it){last_words()}\n")
         sys.stderr.flush()
         status(130)
         os._exit(130)
