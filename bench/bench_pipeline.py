@@ -22,6 +22,7 @@ ap.add_argument("--hf", help="the same model's HF folder, for mlx-lm's tensor-pa
 ap.add_argument("--tokens", type=int, default=32)
 ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
 a = ap.parse_args()
+layers = json.loads((Path(a.folder) / "config.json").read_text())["num_hidden_layers"]
 with tempfile.TemporaryDirectory() as d:
     def hosts(n: int) -> Path:
         p = Path(d) / f"h{n}.json"
@@ -29,6 +30,9 @@ with tempfile.TemporaryDirectory() as d:
         return p
 
     for n in a.ranks:
+        if n > layers:
+            print(f"pipeline, {n} rank(s): skipped: the model has {layers} layers (`edgec synth --layers {n}`)")
+            continue
         cmd = [sys.executable, "-m", "edgec", "generate", a.folder, "--prompt", "hi", "--temperature", "0",
                "--max-tokens", str(a.tokens), "--json"]
         if n > 1:
