@@ -48,7 +48,12 @@ class Checkpoint:
     `experts_layout` is "mxfp4" (published) or the dtype of dense experts ("BF16", "F16", "F32": a fine-tune saved
     by transformers). Converters always see the MXFP4 layout (`specs`): for dense experts `raw(..._blocks)` and
     `raw(..._scales)` quantize one layer's tensor at a time (`convert.quantize`, per expert) and record the error
-    in `quant_error`; `experts` and `f32` (the reference) read the dense values themselves."""
+    in `quant_error`; `experts` and `f32` (the reference) read the dense values themselves.
+
+    `adapters` (convert.adapter, set after opening) are merged as each tensor is read, in float32: `f32` and
+    `experts` add the LoRA deltas, `raw` rounds an adapted linear weight to BF16 and requantizes the experts of an
+    adapted MXFP4 parameter like dense ones (their error recorded too). Nothing else reads the weights, so every
+    target and the reference see the merged model."""
 
     path: Path
     layout: str  # "hf" or "original"
@@ -60,6 +65,7 @@ class Checkpoint:
     quant_error: dict[str, list[float]] = field(default_factory=dict)  # "gate_up_proj"/"down_proj" -> per expert
     _quantized: dict[str, np.ndarray] = field(default_factory=dict)  # the last tensor pair quantized
     _measured: set[str] = field(default_factory=set)
+    adapters: list = field(default_factory=list)  # convert.adapter.Adapter: LoRA deltas added as tensors are read
 
     # ---- opening ----------------------------------------------------------------------------------------
     @classmethod
@@ -170,8 +176,11 @@ class Checkpoint:
     def raw(self, name: str) -> np.ndarray:
         """An HF-named tensor of the MXFP4 layout (`specs`): a zero-copy view (BF16 as uint16, MXFP4 parts as uint8);
         for dense experts the blocks/scales quantized here and F16/F32 expert biases rounded to BF16."""
-        if self.experts_layout != "mxfp4" and name.endswith(("_proj_blocks", "_proj_scales")):
+        if name.endswith(("_proj_blocks", "_proj_scales")) and (
+                self.experts_layout != "mxfp4" or self._adapted(name.rsplit("_", 1)[0])):
             return self._quantize(name)
+        if any(name in ad.linear for ad in self.adapters):
+            return f32_to_bf16(self.f32(name))
         arr = self.stored(name)
         return f32_to_bf16(arr.astype(np.float32)) if arr.dtype in (np.float16, np.float32) else arr
 
@@ -181,16 +190,17 @@ class Checkpoint:
         base, part = name.rsplit("_", 1)
         if name not in self._quantized:
             self._quantized.clear()
-            dense = self.stored(base)  # [E, in, out]
-            n_exp, k, n = dense.shape
+            layer, which = int(LAYER.match(base).group(1)), base.rsplit(".", 1)[1]
+            n_exp = self.config.num_local_experts
+            n, k = self.raw_shape(base)
             blocks = np.empty((n_exp, n, k // 32, 16), np.uint8)
             scales = np.empty((n_exp, n, k // 32), np.uint8)
             errs = []
             for e in range(n_exp):
-                w = np.ascontiguousarray(self._dense_f32(dense[e]).T)  # [out, in]
+                w = self.experts(layer, which, [e])[0]  # [out, in], float32, adapters merged
                 blocks[e], scales[e] = quantize_mxfp4(w)
                 errs.append(float(relative_error(w, blocks[e], scales[e])))
-                if dense.nbytes >= SCAN_CHUNK:  # one expert's pages resident at a time
+                if n * k * 2 >= SCAN_CHUNK:  # one expert's pages resident at a time
                     self.release_pages()
             self._quantized = {base + "_blocks": blocks, base + "_scales": scales}
             if base not in self._measured:  # a tensor read again is counted once
@@ -198,23 +208,41 @@ class Checkpoint:
                 self.quant_error.setdefault(base.rsplit(".", 1)[1], []).extend(errs)
         return self._quantized[name]
 
+    def raw_shape(self, base: str) -> tuple[int, int]:
+        """(out, in) of one expert of `...mlp.experts.gate_up_proj`/`down_proj`."""
+        h, inter = self.config.hidden_size, self.config.intermediate_size
+        return (2 * inter, h) if base.endswith("gate_up_proj") else (h, inter)
+
+    def _adapted(self, base: str) -> bool:
+        return any(base in ad.experts for ad in self.adapters)
+
     @staticmethod
     def _dense_f32(a: np.ndarray) -> np.ndarray:
         return bf16_to_f32(a) if a.dtype == np.uint16 else a.astype(np.float32)
 
     def f32(self, name: str) -> np.ndarray:
-        """A BF16 (or dense-expert F16/F32) tensor as float32 (a copy)."""
-        return self._dense_f32(self.stored(name))
+        """A BF16 (or dense-expert F16/F32) tensor as float32 (a copy), adapters' LoRA deltas added."""
+        from .convert.adapter import linear_delta
+
+        w = self._dense_f32(self.stored(name))
+        d = linear_delta(self.adapters, name) if self.adapters else None
+        return w if d is None else w + d
 
     def experts(self, layer: int, which: str, experts: list[int] | np.ndarray) -> np.ndarray:
         """Only the given experts of `gate_up_proj` or `down_proj` as float32 [len, out, in]: MXFP4 decoded, or the
-        dense 16-bit values themselves (transposed from [E, in, out])."""
+        dense 16-bit values themselves (transposed from [E, in, out]); adapters' expert deltas added."""
+        from .convert.adapter import expert_delta
+
         p = f"model.layers.{layer}.mlp.experts.{which}"
         idx = np.asarray(experts)
         if self.experts_layout != "mxfp4":
-            return np.ascontiguousarray(self._dense_f32(self.stored(p)[idx]).transpose(0, 2, 1))
-        blocks, scales = self.raw(p + "_blocks"), self.raw(p + "_scales")
-        return mxfp4.decode(blocks[idx], scales[idx])
+            w = np.ascontiguousarray(self._dense_f32(self.stored(p)[idx]).transpose(0, 2, 1))
+        else:
+            w = mxfp4.decode(self.stored(p + "_blocks")[idx], self.stored(p + "_scales")[idx])
+        for i, e in enumerate(idx.reshape(-1).tolist()):
+            if (d := expert_delta(self.adapters, p, e)) is not None:
+                w[i] += d
+        return w
 
     def quant_summary(self) -> dict[str, dict[str, float]]:
         """Relative error ||W - Q(W)||_F / ||W||_F per expert matrix, mean and worst per tensor kind, of the dense
@@ -236,7 +264,7 @@ class Checkpoint:
                 n = sum(int(np.count_nonzero(~np.isfinite(flat[i : i + SCAN_CHUNK])))
                         for i in range(0, flat.size, SCAN_CHUNK))
             elif t.kind == "expert_blocks":
-                n = _overflowing(self.raw(t.name), self.raw(t.name.replace("_blocks", "_scales")))
+                n = _overflowing(self.stored(t.name), self.stored(t.name.replace("_blocks", "_scales")))
             else:
                 continue
             if n:

@@ -64,3 +64,72 @@ def test_refusals(merged, tmp_path):
     (bad / "adapter_model.safetensors").rename(bad / "adapter_model.bin")
     with pytest.raises(EdgecError, match="pickle"):
         load_adapter(bad, config)
+
+
+def test_checkpoint_reads_merged_weights(merged):
+    from edgec.checkpoint import Checkpoint
+
+    src, ad_dir, _, out = merged
+    ckpt = Checkpoint.open(src)
+    ckpt.adapters = [load_adapter(ad_dir, ckpt.config)]
+    q = "model.layers.1.self_attn.q_proj.weight"
+    np.testing.assert_allclose(ckpt.f32(q), out[q], atol=1e-5)
+    p = "model.layers.0.mlp.experts.gate_up_proj"
+    np.testing.assert_allclose(ckpt.experts(0, "gate_up_proj", [0, 3]), out[p][[0, 3]].transpose(0, 2, 1), atol=1e-5)
+
+
+def test_raw_merges_and_requantizes(merged):
+    from edgec.checkpoint import Checkpoint
+    from edgec.convert.quantize import quantize_mxfp4, relative_error
+    from edgec.safetensors_io import bf16_to_f32
+
+    src, ad_dir, _, out = merged
+    ckpt = Checkpoint.open(src)
+    ckpt.adapters = [load_adapter(ad_dir, ckpt.config)]
+    q = "model.layers.0.self_attn.o_proj.weight"
+    np.testing.assert_allclose(bf16_to_f32(ckpt.raw(q)), out[q], rtol=2.0 ** -8, atol=0)  # one bf16 rounding
+    p = "model.layers.1.mlp.experts.down_proj"
+    blocks = ckpt.raw(p + "_blocks")
+    for e in (0, 5):  # the merged weights equal PEFT's (test above); here the quantization of edgec's own
+        w = ckpt.experts(1, "down_proj", [e])[0]
+        want_b, want_s = quantize_mxfp4(w)
+        np.testing.assert_array_equal(blocks[e], want_b)
+        np.testing.assert_array_equal(ckpt.raw(p + "_scales")[e], want_s)
+        assert ckpt.quant_error["down_proj"][e] == float(relative_error(w, want_b, want_s))
+
+
+def write_lora(folder, config, r: int = 2, alpha: int = 4, seed: int = 0):
+    """A PEFT-format adapter written by hand (the format `test_deltas_match_peft_merge` pins against PEFT) for a
+    checkpoint PEFT cannot load (synth's MXFP4 one): q_proj of layer 0 and the gate_up experts of layer 0."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    h, e, inter = config.hidden_size, config.num_local_experts, config.intermediate_size
+    pre = "base_model.model.model.layers.0."
+    t = {pre + "self_attn.q_proj.lora_A.weight": rng.normal(0, 0.1, (r, h)),
+         pre + "self_attn.q_proj.lora_B.weight": rng.normal(0, 0.1, (config.q_dim, r)),
+         pre + "mlp.experts.lora_A.weight": rng.normal(0, 0.1, (r * e, h)),
+         pre + "mlp.experts.lora_B.weight": rng.normal(0, 0.1, (2 * inter, r * e))}
+    folder.mkdir(parents=True)
+    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha}))
+    return folder
+
+
+def test_mxfp4_source_requantizes_only_adapted_experts(tiny, tmp_path):
+    from edgec import mxfp4
+    from edgec.checkpoint import Checkpoint
+    from edgec.convert.quantize import quantize_mxfp4
+
+    ckpt = Checkpoint.open(tiny)
+    ad = load_adapter(write_lora(tmp_path / "ad", ckpt.config), ckpt.config)
+    ckpt.adapters = [ad]
+    p0, p1 = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"
+    base = mxfp4.decode(ckpt.stored(p0 + "_blocks")[2], ckpt.stored(p0 + "_scales")[2])
+    merged = base + ad.scale * (ad.experts[p0][1][:, :, 2] @ ad.experts[p0][0][2])
+    np.testing.assert_array_equal(ckpt.raw(p0 + "_blocks")[2], quantize_mxfp4(merged)[0])
+    assert not np.array_equal(ckpt.raw(p0 + "_blocks"), ckpt.stored(p0 + "_blocks"))
+    assert ckpt.raw(p1 + "_blocks") is not None and ckpt.file_range(ckpt.raw(p1 + "_blocks")) is not None  # as stored
+    assert list(ckpt.quant_error) == ["gate_up_proj"] and len(ckpt.quant_error["gate_up_proj"]) == 8
