@@ -233,9 +233,14 @@ def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
 @click.option("--strict", is_flag=True, help="refuse a source with non-finite weights (NaN/Inf) instead of warning")
 @click.option("--keep-16bit", is_flag=True, help="16-bit source experts stay dense (targets with --experts decomposed) "
               "instead of being quantized to MXFP4")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="a PEFT LoRA adapter folder merged into the weights (float32, before any quantization); repeatable")
+@click.option("--adapter-scale", "adapter_scales", multiple=True, type=float,
+              help="scale of each --adapter, in order (default: its lora_alpha / r)")
 @click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
 def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, lm_head: str | None,
-            force: bool, force_foreign: bool, strict: bool, keep_16bit: bool, as_json: bool) -> None:
+            force: bool, force_foreign: bool, strict: bool, keep_16bit: bool, adapters: tuple[Path, ...],
+            adapter_scales: tuple[float, ...], as_json: bool) -> None:
     """Convert a gpt-oss checkpoint for a deployment target. SRC: a checkpoint folder or a Hugging Face id from the
     local cache (openai/gpt-oss-20b, ORG/NAME/original, ORG/NAME@REVISION); edgec never downloads."""
     from .convert import run_convert
@@ -243,7 +248,8 @@ def convert(src: Path, target: str, out: Path, dense: str | None, experts: str |
 
     src = source_path(src)
     summary = run_convert(src, target, out, dense=dense, experts=experts, force=force_mode(force, force_foreign),
-                          lm_head=lm_head, strict=strict, keep_16bit=keep_16bit, warn=warn)
+                          lm_head=lm_head, strict=strict, keep_16bit=keep_16bit, adapters=adapters,
+                          adapter_scales=adapter_scales, warn=warn)
     if as_json:
         emit_json(summary)
     else:
@@ -251,6 +257,9 @@ def convert(src: Path, target: str, out: Path, dense: str | None, experts: str |
         lossy = summary.get("lossy", [])
         for w in lossy:  # every step that did not keep the checkpoint's values, loudly
             stderr.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        for a in summary.get("adapters", []):
+            stderr.print(f"merged adapter {escape(a['name'])} (scale {a['scale']:g}, {a['modules']} modules, sha256 "
+                         f"{a['sha256'][:12]})", highlight=False, soft_wrap=True)
         stderr.print(f"[green]converted[/] {src} -> {out} ({target}: experts {summary['experts']}, dense "
                      f"{summary['dense']}{lm}; {'LOSSY' if lossy else 'exact weights'}) in "
                      f"{summary.get('seconds', 0):.1f}s, peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")
@@ -340,14 +349,18 @@ def bench(out: Path, prompt: int, tokens: int, no_peers: bool, as_json: bool, **
               help="check the sha256 of every file OUT's edgec.json records (default: sizes, headers, small files)")
 @click.option("--browser", is_flag=True,
               help="run OUT (onnx-webgpu) in headless Chromium on onnxruntime-web's WebGPU EP instead of its runtime")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="where OUT's merged adapters are now, in order (default: the paths its edgec.json records)")
+@click.option("--no-adapters", is_flag=True, help="the reference is SRC without OUT's adapters (how far they moved it)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON on stdout")
 @click.option("--report", "report_file", type=click.Path(path_type=Path), help="write the JSON report to a file")
 @click.option("--junit", "junit_file", type=click.Path(path_type=Path), help="write a JUnit XML report")
 @with_options(backend_flags())
 def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_abs, min_cosine, top1, max_kl,
-           greedy_min, verify_hashes, browser, as_json, report_file, junit_file, **runtime) -> None:
+           greedy_min, verify_hashes, browser, adapters, no_adapters, as_json, report_file, junit_file,
+           **runtime) -> None:
     """Check that OUT (an edgec output) computes what SRC (the source checkpoint, HF or original/, a folder or a
-    Hugging Face id) computes.
+    Hugging Face id) computes, with the LoRA adapters OUT merged (edgec.json records them, sha256 checked).
     Exit 1 on failure (a non-finite logit always fails)."""
     from .errors import ParityFailure
     from .hub import source_path
@@ -358,7 +371,8 @@ def parity(src: Path, out: Path, prompts_file, positions, tokens, max_abs, mean_
     overrides = {"max_abs": max_abs, "mean_abs": mean_abs, "min_cosine": min_cosine, "top1": top1, "max_kl": max_kl,
                  "greedy": greedy_min}
     report = run_parity(src, out, prompts_file, positions, tokens, overrides, full_verify=verify_hashes,
-                        progress=True, options=backend_options(**runtime), browser=browser)
+                        progress=True, options=backend_options(**runtime), browser=browser,
+                        adapters=list(adapters), no_adapters=no_adapters)
     text = json.dumps(json_safe(report), indent=2)
     try:
         if report_file:

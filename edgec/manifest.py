@@ -37,6 +37,7 @@ class Manifest:
     config: GptOssConfig
     files: dict[str, dict[str, Any]]  # name -> {"sha256": hex, "bytes": int}
     edgec_version: str | None
+    adapters: tuple[dict[str, Any], ...] = ()  # LoRA adapters merged: name, path, sha256, config_sha256, scale
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data")  # what a runtime loads: each must be in `files`
@@ -66,9 +67,14 @@ def read(folder: str | Path) -> Manifest:
         if not isinstance(info, dict) or type(info.get("bytes")) is not int or not isinstance(info.get("sha256"),
                                                                                              str):
             raise EdgecError(f"{where}: file {name}: needs an integer 'bytes' and a 'sha256' string")
+    adapters = m.get("adapters", [])
+    if not isinstance(adapters, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("path"), str)
+            and isinstance(a.get("sha256"), str) and isinstance(a.get("scale"), (int, float)) for a in adapters):
+        raise EdgecError(f"{where}: 'adapters' must be a list of objects with name, path, sha256 and a number scale")
     return Manifest(folder, m["target"], m.get("runtime") if isinstance(m.get("runtime"), str) else None,
                     m.get("recipe", {}), m.get("source", {}), GptOssConfig.from_dict(m["config"], where), files,
-                    m.get("edgec_version"))
+                    m.get("edgec_version"), tuple(adapters))
 
 
 def problems(m: Manifest, full: bool = False) -> list[str]:

@@ -152,10 +152,15 @@ def thresholds_for(profile: dict[str, Any], recipe: dict[str, Any], precision: s
 
 def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions: int | None = None,
                tokens: int = 8, overrides: dict[str, float] | None = None, full_verify: bool = False,
-               progress: bool = False, options: dict[str, Any] | None = None, browser: bool = False) -> dict[str, Any]:
+               progress: bool = False, options: dict[str, Any] | None = None, browser: bool = False,
+               adapters: list[Path] | None = None, no_adapters: bool = False) -> dict[str, Any]:
     """Compare OUT's runtime with the numpy reference on SRC (either layout of the same model) over the prompts;
-    `browser`: OUT's onnx-webgpu graph in headless Chromium (edgec/web/runner.py) instead of its runtime."""
+    `browser`: OUT's onnx-webgpu graph in headless Chromium (edgec/web/runner.py) instead of its runtime.
+    The reference is the model OUT was made from: SRC with the LoRA adapters OUT's manifest lists merged, read
+    again from their recorded paths (or `adapters`, in the same order) and checked by sha256; `no_adapters`: SRC
+    as it is (how far the adapters moved the model)."""
     from . import manifest as mf
+    from .convert.adapter import recorded_adapters
     from .runtime.base import load_backend
     from .runtime.reference_backend import ReferenceBackend
 
@@ -167,6 +172,10 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
         theirs = m.config.as_dict()
         diff = [f"{k} {v} vs {theirs[k]}" for k, v in ref.config.as_dict().items() if v != theirs[k]]
         raise EdgecError(f"{out}: was converted from another model than {src} ({', '.join(diff)})")
+    if adapters and not m.adapters:
+        raise EdgecError(f"{out}: merged no adapter (its edgec.json lists none), --adapter has nothing to check")
+    if m.adapters and not no_adapters:
+        ref.ckpt.adapters = recorded_adapters(list(m.adapters), ref.config, str(Path(out) / mf.NAME), adapters)
     tok_folder = ref.ckpt.tokenizer_folder() or out  # beside the weights, above original/, or the copy in OUT
     prompts = load_prompts(prompts_file, tok_folder) if prompts_file else builtin_prompts(tok_folder, positions)
     for p in prompts:
@@ -183,7 +192,7 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
         else:
             backend = load_backend(out, max_context=max(longest, 256), **(options or {}))
         report = _run(ref, backend, m, prompts, tokens, overrides, progress)
-    report = {"source": str(src), "out": str(out), **report}
+    report = {"source": str(src), "out": str(out), "adapters": [str(a.path) for a in ref.ckpt.adapters], **report}
     if browser:
         from .web.runner import placement_failures
 
@@ -285,8 +294,10 @@ def render(report: dict[str, Any]) -> None:
     recipe = report["recipe"]
     lm = f", lm_head {recipe['lm_head']}" if recipe.get("lm_head", recipe.get("dense")) != recipe.get("dense") else ""
     prec = f", {report['precision']}" if report.get("precision") else ""
+    ads = f"; reference + adapters {', '.join(Path(a).name for a in report['adapters'])}" if report.get(
+        "adapters") else ""
     t = Table(title=f"parity {report['target']} ({report['backend']} runtime{prec}): dense {recipe.get('dense')}{lm}, "
-                    f"experts {recipe.get('experts')}")
+                    f"experts {recipe.get('experts')}{ads}")
     for col in ("prompt", "positions", "max |diff|", "mean |diff|", "min cos", "top-1", "max KL", "greedy"):
         t.add_column(col, justify="right" if col != "prompt" else "left")
     for r in report["prompts"]:

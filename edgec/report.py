@@ -119,7 +119,7 @@ def _inspect_output(folder: Path, context: int | None) -> dict[str, Any]:
                "transient_bytes": None, "total_bytes": None, "note": f"no runtime plan: {e}"}
     return {
         "path": str(folder), "kind": "edgec output", "target": m.target, "runtime": m.runtime,
-        "edgec_version": m.edgec_version, "recipe": recipe, "source": m.source,
+        "edgec_version": m.edgec_version, "recipe": recipe, "source": m.source, "adapters": list(m.adapters),
         "architecture": _architecture(cfg), "params": _params(cfg),
         "files": files, "bytes_on_disk": total, "problems": problems,
         "memory_plan": {"context": ctx, "targets": [row]},
@@ -210,6 +210,9 @@ def render_report(report: dict[str, Any]) -> None:
         src = report.get("source") or {}
         t.add_row("converted from", f"{src.get('path', '?')} ({src.get('layout', '?')} layout), "
                                     f"edgec {report.get('edgec_version')}")
+        for ad in report.get("adapters", []):
+            t.add_row("adapter merged", f"{ad['name']} (scale {ad['scale']:g}, sha256 {ad['sha256'][:12]}) from "
+                                        f"{ad['path']}")
         t.add_row("files", f"{len(report['files'])} files, {human_bytes(report['bytes_on_disk'])}")
     else:
         t.add_row("layout", report["layout"] + (" (+ original/)" if report.get("has_original") else ""))

@@ -13,18 +13,22 @@ from ..errors import EdgecError
 from ..fsutil import check_output
 from ..memory import peak_rss_bytes
 from ..targets import load_profile
+from .adapter import load_adapters
 
 
 def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None = None,
                 experts: str | None = None, force: bool | str = False, progress: bool = True,
                 lm_head: str | None = None, strict: bool = False, keep_16bit: bool = False,
+                adapters: list[str | Path] = (), adapter_scales: list[float] = (),
                 warn: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Validate SRC, convert it for `target` into OUT atomically, return a summary (also in edgec.json).
 
     force: True replaces an earlier edgec output, "foreign" any folder (never the source). Non-finite weights
     and a missing tokenizer.json go to `warn` before the work starts and into the summary's `warnings`; with
     `strict` non-finite weights are an error. `keep_16bit`: a source with dense 16-bit experts keeps them as dense
-    matrices (the `decomposed` expert format, priced at the dense format's bytes by memory.py) instead of MXFP4."""
+    matrices (the `decomposed` expert format, priced at the dense format's bytes by memory.py) instead of MXFP4.
+    `adapters`: PEFT LoRA folders merged into the weights as they are read (convert.adapter), `adapter_scales` none
+    or one each."""
     profile = load_profile(target)
     out = Path(out)
     check_output(out, force, [Path(src)])  # fail fast; atomic_dir checks again, with every source file
@@ -34,6 +38,7 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
     ckpt = Checkpoint.open(src)
     if keep_16bit and ckpt.experts_layout == "mxfp4":
         raise EdgecError(f"{src}: --keep-16bit: the source's experts are MXFP4 already (no 16-bit experts to keep)")
+    ckpt.adapters = load_adapters(list(adapters), ckpt.config, list(adapter_scales))  # refused before any work
     warnings = checkpoint_warnings(ckpt, strict)
     for w in warnings:
         warn(w)
@@ -42,6 +47,8 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
     summary = module.convert(ckpt, profile, out, **formats, force=force, progress=progress)
     summary.update(target=target, source=str(src), out=str(out), **formats, seconds=time.perf_counter() - t0,
                    peak_rss_bytes=peak_rss_bytes(), warnings=warnings)
+    if ckpt.adapters:
+        summary["adapters"] = [ad.record() for ad in ckpt.adapters]
     if ckpt.quant_error:
         summary["quantization"] = q = ckpt.quant_summary()
         summary.setdefault("lossy", []).append(quant_line(ckpt.experts_layout, q))
@@ -60,7 +67,8 @@ def keep_16bit_format(profile: dict[str, Any], experts: str | None) -> str:
 def quant_line(layout: str, q: dict[str, dict[str, float]]) -> str:
     """The one line `convert` prints for dense experts it quantized: relative error per tensor kind."""
     parts = [f"{k} mean {v['mean']:.4%} worst {v['worst']:.4%} ({v['matrices']} matrices)" for k, v in q.items()]
-    return f"experts quantized from {layout.lower()} to MXFP4, relative error ||W-Q(W)||/||W||: " + "; ".join(parts)
+    what = "adapted experts requantized" if layout == "mxfp4" else f"experts quantized from {layout.lower()}"
+    return f"{what} to MXFP4, relative error ||W-Q(W)||/||W||: " + "; ".join(parts)
 
 
 def checkpoint_warnings(ckpt: Checkpoint, strict: bool = False) -> list[str]:

@@ -45,12 +45,43 @@ class Adapter:
     path: Path
     sha256: str  # of adapter_model.safetensors
     scale: float
+    config_sha256: str = ""  # of adapter_config.json
     linear: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # HF weight name -> (A, B)
     experts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # HF parameter -> (A, B)
 
     def record(self) -> dict[str, object]:
         """What the manifest keeps of it (parity re-applies it to the source from this)."""
-        return {"path": str(self.path), "sha256": self.sha256, "scale": self.scale}
+        return {"name": self.path.name, "path": str(self.path.resolve()), "sha256": self.sha256,
+                "config_sha256": self.config_sha256, "scale": self.scale,
+                "modules": len(self.linear) + len(self.experts)}
+
+
+def load_adapters(folders: list, config: GptOssConfig, scales: list[float] | None = None) -> list[Adapter]:
+    """`convert --adapter DIR ... [--adapter-scale X ...]`: no scale (each adapter's lora_alpha / r) or one each."""
+    scales = list(scales or [])
+    if scales and len(scales) != len(folders):
+        raise EdgecError(f"--adapter-scale given {len(scales)} time(s) for {len(folders)} --adapter folder(s): give "
+                         "none (lora_alpha / r each) or one per adapter, in the same order")
+    return [load_adapter(f, config, scales[i] if scales else None) for i, f in enumerate(folders)]
+
+
+def recorded_adapters(records: list[dict], config: GptOssConfig, where: str,
+                      folders: list | None = None) -> list[Adapter]:
+    """The adapters a manifest lists, read again from their recorded path (or from `folders`, in the same order)
+    with the recorded scale; each must be the very adapter merged (sha256 of its weights and config)."""
+    if folders and len(folders) != len(records):
+        raise EdgecError(f"{where}: records {len(records)} adapter(s), --adapter given {len(folders)} time(s)")
+    out = []
+    for i, rec in enumerate(records):
+        folder = Path(folders[i]) if folders else Path(rec["path"])
+        if not folder.is_dir():
+            raise EdgecError(f"{where}: adapter {rec['name']}: {folder} is gone (pass its folder with --adapter DIR)")
+        ad = load_adapter(folder, config, float(rec["scale"]))
+        if (ad.sha256, ad.config_sha256) != (rec["sha256"], rec.get("config_sha256", ad.config_sha256)):
+            raise EdgecError(f"{folder}: not the adapter {rec['name']} this output merged (sha256 differs from "
+                             f"{where})")
+        out.append(ad)
+    return out
 
 
 def load_adapter(folder: str | Path, config: GptOssConfig, scale: float | None = None) -> Adapter:
@@ -74,7 +105,7 @@ def load_adapter(folder: str | Path, config: GptOssConfig, scale: float | None =
         raise EdgecError(f"{cfg_path}: r must be a positive integer and lora_alpha a number")
     if scale is None:
         scale = alpha / (math.sqrt(r) if c.get("use_rslora") else r)
-    ad = Adapter(root, sha256_file(st_path), float(scale))
+    ad = Adapter(root, sha256_file(st_path), float(scale), sha256_file(cfg_path))
     tensors = _read(st_path)
     for key in sorted(k for k in tensors if ".lora_A." in k):
         a, b = tensors.pop(key), tensors.pop(key.replace(".lora_A.", ".lora_B."), None)

@@ -23,6 +23,11 @@ def copy_tokenizer_files(ckpt: Checkpoint, out: Path) -> list[str]:
     return names
 
 
+def experts_from(ckpt: Checkpoint) -> str:
+    """What quantized experts were made from: "bf16" (a 16-bit source) or "mxfp4+lora" (MXFP4 plus adapter deltas)."""
+    return ckpt.experts_layout.lower() + ("+lora" if ckpt.experts_layout == "mxfp4" else "")
+
+
 def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe: dict[str, Any],
                    known_sha256: dict[str, str] | None = None) -> dict[str, Any]:
     """edgec.json: target, recipe, source config hash, edgec version, the config with its sha256, and the sha256 of
@@ -44,9 +49,11 @@ def write_manifest(out: Path, ckpt: Checkpoint, profile: dict[str, Any], recipe:
         "files": files,
     }
     manifest["source"]["experts"] = ckpt.experts_layout
-    if ckpt.quant_error:  # dense experts quantized here (convert.quantize): the error it cost, per tensor kind;
-        # parity then also applies the profile's [parity."<experts>-from-16bit"] bounds
-        manifest["recipe"] = {**recipe, "experts_from": ckpt.experts_layout.lower()}
+    if ckpt.adapters:  # LoRA merged as read (convert.adapter): parity merges the same ones into its reference
+        manifest["adapters"] = [ad.record() for ad in ckpt.adapters]
+    if ckpt.quant_error:  # experts quantized here (convert.quantize), dense or MXFP4 ones an adapter changed: the
+        # error it cost, per tensor kind; parity then also applies the profile's [parity."<experts>-from-16bit"] bounds
+        manifest["recipe"] = {**recipe, "experts_from": experts_from(ckpt)}
         manifest["quantization"] = {"experts": "mxfp4", "rule": QUANT_RULE, "relative_error": ckpt.quant_summary()}
     if profile.get("runtime_defaults"):  # the runtime's options per device (e.g. mlx: compute, kv_dtype)
         manifest["runtime_defaults"] = profile["runtime_defaults"]
