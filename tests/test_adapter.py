@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import peft
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import hf_logits
 
-from edgec.convert.adapter import expert_delta, linear_delta, load_adapter
+from edgec.checkpoint import Checkpoint
+from edgec.cli import main
+from edgec.convert.adapter import WEIGHTS, expert_delta, linear_delta, load_adapter
 from edgec.errors import EdgecError
+from edgec.fsutil import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +141,116 @@ def test_mxfp4_source_requantizes_only_adapted_experts(tiny, tmp_path):
     assert not np.array_equal(ckpt.raw(p0 + "_blocks"), ckpt.stored(p0 + "_blocks"))
     assert ckpt.raw(p1 + "_blocks") is not None and ckpt.file_range(ckpt.raw(p1 + "_blocks")) is not None  # as stored
     assert list(ckpt.quant_error) == ["gate_up_proj"] and len(ckpt.quant_error["gate_up_proj"]) == 8
+
+
+# ---- convert --adapter, inspect, parity, and the oracle: merge_and_unload() logits -------------------------------
+IDS = list(range(200000, 200006)) + [12194, 11, 1495, 553, 481, 30, 3085, 0] * 8  # 70 positions
+
+
+def _convert(src, ad_dir, target, out, *extra):
+    r = CliRunner().invoke(main, ["convert", str(src), "-t", target, "-o", str(out), "--adapter", str(ad_dir),
+                                  "--json", *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def _oracle_logits(src, merged_state, dense_bf16: bool) -> np.ndarray:
+    """transformers fp32 (eager) on merge_and_unload()'s weights stored as edgec stores them: experts quantized to
+    MXFP4 (edgec's quantizer, pinned by brute force in test_quantize.py) from PEFT's merged float32, and for a bf16
+    target the merged linear weights rounded to bf16. So the bound is the float32 reorder bound (tests/tolerance.py),
+    not a measured figure: what is left is the order of the sums. (On this fixture edgec's merged float32 equals
+    PEFT's bit for bit, so a rounding flip at a quantization boundary would be a real difference.)"""
+    from transformers import GptOssForCausalLM
+
+    from edgec import mxfp4
+    from edgec.convert.quantize import quantize_mxfp4
+
+    model = GptOssForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    state = {}
+    for k, v in merged_state.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]
+            v = np.stack([mxfp4.decode(*quantize_mxfp4(np.ascontiguousarray(w.T))).T for w in v])
+        elif dense_bf16 and k.endswith("_proj.weight"):
+            v = torch.from_numpy(v).to(torch.bfloat16).float().numpy()
+        state[k] = torch.from_numpy(np.ascontiguousarray(v, np.float32))
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+@pytest.mark.float_sensitive
+@pytest.mark.parametrize("target", ["mlx", "onnx-cpu"])
+def test_converted_logits_match_merge_and_unload(merged, tmp_path, target):
+    from tolerance import assert_reordered
+
+    from edgec.runtime.base import load_backend
+
+    src, ad_dir, _, out_state = merged
+    summary = _convert(src, ad_dir, target, tmp_path / target)
+    assert summary["adapters"][0]["scale"] == 2.0 and summary["quantization"]["gate_up_proj"]["matrices"] == 16
+    opts = {"compute": "float32-upcast", "kv_dtype": "float32"} if target == "mlx" else {}  # the float32 runs
+    got = load_backend(tmp_path / target, **opts).forward(IDS, all_logits=True)
+    want = _oracle_logits(src, out_state, dense_bf16=target == "mlx")  # onnx-cpu keeps dense weights in fp32
+    cfg = Checkpoint.open(src).config
+    assert_reordered(got, want, cfg, len(IDS))
+    base = hf_logits(src, IDS)  # the base model, no adapter: far outside that bound
+    assert np.abs(base - want).max() > 100 * np.abs(got - want).max()
+
+
+def test_convert_error_figures_equal_a_recomputation(merged, tmp_path):
+    """convert's relative error per kind equals one recomputed from PEFT's merged float32 and the blocks OUT holds."""
+    from edgec.convert.quantize import relative_error
+
+    src, ad_dir, _, out_state = merged
+    summary = _convert(src, ad_dir, "onnx-cpu", tmp_path / "o")
+    held = Checkpoint.open(src)
+    held.adapters = [load_adapter(ad_dir, held.config)]
+    for kind in ("gate_up_proj", "down_proj"):
+        rel = []
+        for n in range(held.config.num_hidden_layers):
+            p = f"model.layers.{n}.mlp.experts.{kind}"
+            blocks, scales = held.raw(p + "_blocks"), held.raw(p + "_scales")
+            w = out_state[p].transpose(0, 2, 1).astype(np.float64)  # PEFT's merged, [E, out, in]
+            rel += list(relative_error(w, blocks, scales))
+        assert summary["quantization"][kind]["mean"] == pytest.approx(np.mean(rel), rel=1e-9)
+        assert summary["quantization"][kind]["worst"] == pytest.approx(np.max(rel), rel=1e-9)
+
+
+def test_manifest_inspect_and_parity(merged, tmp_path):
+    src, ad_dir, _, _ = merged
+    out = tmp_path / "mlx"
+    _convert(src, ad_dir, "mlx", out)
+    rec = json.loads((out / "edgec.json").read_text())["adapters"]
+    assert rec == [{"name": "ad", "path": str(ad_dir.resolve()), "sha256": sha256_file(ad_dir / WEIGHTS),
+                    "config_sha256": sha256_file(ad_dir / "adapter_config.json"), "scale": 2.0, "modules": 12}]
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "adapter merged" in r.output and rec[0]["sha256"][:12] in r.output, r.output
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([IDS]))
+    args = ["parity", str(src), str(out), "--prompts", str(prompts), "--tokens", "2", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["passed"] and rep["adapters"] == [str(ad_dir.resolve())] and rep["thresholds"]["max_abs"] == 2.5
+    r = CliRunner().invoke(main, [*args, "--no-adapters"])  # against the base: the adapter's change is seen
+    assert r.exit_code == 1 and "parity failed" in r.output, r.output
+    moved = tmp_path / "moved"
+    shutil.copytree(ad_dir, moved)
+    c = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**c, "lora_alpha": 16}))
+    r = CliRunner().invoke(main, [*args, "--adapter", str(moved)])
+    assert r.exit_code == 2 and "not the adapter ad this output merged" in r.output, r.output
+
+
+def test_convert_refusals_one_line(merged, tmp_path):
+    src, ad_dir, _, _ = merged
+    base = ["convert", str(src), "-t", "mlx", "-o", str(tmp_path / "x"), "--adapter", str(ad_dir)]
+    r = CliRunner().invoke(main, [*base, "--adapter-scale", "1", "--adapter-scale", "2"])
+    assert r.exit_code == 2 and "--adapter-scale given 2 time(s) for 1" in r.output, r.output
+    bad = tmp_path / "bad"
+    shutil.copytree(ad_dir, bad)
+    c = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**c, "r": 8}))
+    r = CliRunner().invoke(main, ["convert", str(src), "-t", "mlx", "-o", str(tmp_path / "y"), "--adapter", str(bad)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "adapter_model.safetensors: tensor" in r.output, r.output
+    assert not (tmp_path / "y").exists()
