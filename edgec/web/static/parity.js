@@ -25,3 +25,14 @@ export function rows(start, end) {  // rows [start, end) of the last forward, fl
 }
 
 export function reset() { model.reset(); }
+
+export async function bench(ids, tokens) {  // bench/bench_webgpu.py: prefill of ids, then tokens - 1 greedy steps
+  model.reset();
+  const argmax = l => l.reduce((best, v, i) => (v > l[best] ? i : best), 0);
+  const t0 = performance.now();
+  let next = argmax(await model.forward(ids));
+  const t1 = performance.now();
+  for (let i = 1; i < tokens; i++) next = argmax(await model.forward([next]));
+  const t2 = performance.now();
+  return {prefill_s: (t1 - t0) / 1000, decode_s: (t2 - t1) / 1000};
+}
