@@ -897,6 +897,7 @@ def body(c: Check) -> None:
     bench_builder(c)
     if not c.dry:
         parity(c, "slice")
+    browser(c)
 
 
 def model_dir(c: Check, model: str) -> Path:
@@ -1125,6 +1126,30 @@ def bench(c: Check) -> None:
     bench_one(c, f"bench/{onnx.name}/genai", "genai", onnx)
     bench_one(c, f"bench/{mlx.name}/edgec-mlx", "edgec", mlx)
     bench_one(c, f"bench/{mlx.name}/mlx-lm", "mlx_lm", mlx)
+
+
+def browser(c: Check) -> None:
+    """The WebGPU row on the machine's own adapter (bench/bench_webgpu.py, EDGEC_WEBGPU_ADAPTER=gpu), where Chromium,
+    chromedriver and onnxruntime-web are there; a skip saying what is missing otherwise. The dry run keeps
+    SwiftShader."""
+    def run(limit: float) -> dict:
+        missing = [b for b in ("chromium", "chromedriver") if shutil.which(b) is None]
+        if not (REPO / "edgec" / "web" / "node_modules" / "onnxruntime-web").is_dir():
+            missing.append("onnxruntime-web (npm ci --prefix edgec/web)")
+        if missing:
+            raise Skip("not installed: " + ", ".join(missing))
+        cmd = c.python(str(REPO / "bench" / "bench_webgpu.py"), str(model_dir(c, "tiny")), "--work",
+                       str(c.work / "webgpu"), "--json")
+        if not c.dry:
+            cmd = ["env", "EDGEC_WEBGPU_ADAPTER=gpu", *cmd]
+        r = c.sh(name, cmd, limit)
+        res = last_json(r["stdout"])
+        web, cpu = res["rows"]
+        return {**web, "prompt": res["prompt"], "onnx_cpu": cpu, "webgpu_over_cpu": res["webgpu_over_cpu"],
+                "peak_rss_mib": r["peak_rss_mib"]}
+
+    name = "bench/tiny-onnx-webgpu/onnxruntime-web"
+    c.step(name, 240, run)
 
 
 def bench_builder(c: Check) -> None:

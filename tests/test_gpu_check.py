@@ -90,7 +90,8 @@ def test_dry_run_runs_every_cpu_step(dry):
                 *(f"parity/tiny/{n}/{rt}" for n in ("onnx-cuda-mxfp4", "onnx-cuda-exact", "onnx-trt-rtx")
                   for rt in ("edgec-loop", "genai")), "parity/tiny/mlx/edgec-mlx",
                 *(f"bench/tiny-onnx-cuda-exact/{rt}" for rt in ("edgec-loop", "genai")),
-                "bench/tiny-mlx/edgec-mlx", "bench/tiny-mlx/mlx-lm", "bench/tiny-builder-cuda-int4/genai"}
+                "bench/tiny-mlx/edgec-mlx", "bench/tiny-mlx/mlx-lm", "bench/tiny-builder-cuda-int4/genai",
+                "bench/tiny-onnx-webgpu/onnxruntime-web"}  # the browser row: SwiftShader in the dry run
     assert set(steps) == expected
     skipped = {n for n, s in steps.items() if s["status"] == "skip"}
     assert skipped == {"install", "parity/tiny/onnx-cuda-mxfp4/edgec-loop", "parity/tiny/onnx-cuda-mxfp4/genai"}

@@ -102,6 +102,10 @@ def test_server_serves_only_files_with_types_and_ranges(site, outs):
     assert _get(site + "/model/model.onnx.data", {"Range": "bytes=-10"})[2] == data[-10:]
     assert _get(site + "/model/model.onnx.data", {"Range": f"bytes={len(data)}-"})[0] == 416
     assert _get(site + "/model/model.onnx.data")[2] == data
+    (web / "model.onnx.data.1").write_bytes(b"part")  # a split output's next data file (max_data_file_bytes)
+    status, head, body = _get(site + "/model/model.onnx.data.1")
+    assert status == 200 and head["Content-Type"] == "application/octet-stream" and body == b"part"
+    (web / "model.onnx.data.1").unlink()
     (web / ".hidden").write_text("x")
     for bad in ("/model/", "/ort/", "/model/.hidden", "/model/%2e%2e/w32/edgec.json", "/../etc/passwd",
                 "/model/../../etc/passwd", "/nope.js"):

@@ -8,7 +8,7 @@ import pytest
 
 import edgec.convert as conv
 from edgec.convert import run_convert
-from edgec.convert.onnx_graph import EDGEC_GRAPH, GENAI_GRAPH, ITEMSIZE
+from edgec.convert.onnx_graph import EDGEC_GRAPH, GENAI_GRAPH, ITEMSIZE, data_files
 from edgec.errors import EdgecError
 from edgec.runtime.onnx_backend import OnnxBackend
 from edgec.targets import load_profile
@@ -16,10 +16,11 @@ from edgec.targets import load_profile
 IDS = [200006, 17360, 200008, 3, 1, 200007, 199999, 0]  # both ends of the vocabulary: first, middle, last shards
 
 
-def convert_capped(monkeypatch, src, out, cap, **formats):
-    """`edgec convert --target onnx-webgpu` with the profile's max_buffer_bytes set to `cap` (0: no cap)."""
+def convert_capped(monkeypatch, src, out, cap, file_cap=0, **formats):
+    """`edgec convert --target onnx-webgpu` with the profile's max_buffer_bytes set to `cap` and its
+    max_data_file_bytes to `file_cap` (0: no cap)."""
     prof = load_profile("onnx-webgpu")
-    prof["max_buffer_bytes"] = cap
+    prof["max_buffer_bytes"], prof["max_data_file_bytes"] = cap, file_cap
     monkeypatch.setattr(conv, "load_profile", lambda name: prof)
     run_convert(src, "onnx-webgpu", out, progress=False, **formats)
     return out
@@ -68,6 +69,48 @@ def test_unshardable_tensor_over_the_cap_is_one_line(monkeypatch, tmp_path, tiny
     assert "max_buffer_bytes" in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
 
 
+def locations(folder, graph=EDGEC_GRAPH):
+    """{initializer: the data file its `location` names}."""
+    g = onnx.load(str(folder / graph), load_external_data=False).graph
+    return {t.name: {e.key: e.value for e in t.external_data}["location"] for t in g.initializer if t.external_data}
+
+
+FILE_CAP = 64 << 20  # over the tiny fp32 embedding / lm_head (51 MB each), under both together: several files
+
+
+def test_split_data_files_give_the_one_file_logits(monkeypatch, tmp_path, tiny):
+    """max_data_file_bytes splits the external data into model.onnx.data, .1, ... with no tensor across two: each
+    initializer's location names one file and its bytes lie within it, edgec.json hashes every file, onnx.checker
+    passes and onnxruntime's CPU run gives the one-file output's logits exactly (the same graph, the same bytes)."""
+    import json
+
+    whole = convert_capped(monkeypatch, tiny, tmp_path / "whole", 0, dense="fp32")
+    parts = convert_capped(monkeypatch, tiny, tmp_path / "parts", 0, FILE_CAP, dense="fp32")
+    assert [f.name for f in data_files(whole)] == ["model.onnx.data"]
+    files = data_files(parts)
+    assert len(files) >= 2 and [f.name for f in files[:2]] == ["model.onnx.data", "model.onnx.data.1"]
+    assert max(f.stat().st_size for f in files) <= FILE_CAP
+    assert sum(f.stat().st_size for f in files) >= sum(initializer_bytes(whole).values())
+    for graph in (GENAI_GRAPH, EDGEC_GRAPH):
+        g = onnx.load(str(parts / graph), load_external_data=False).graph
+        for t in g.initializer:
+            if t.external_data:
+                e = {x.key: x.value for x in t.external_data}
+                assert int(e["offset"]) + int(e["length"]) <= (parts / e["location"]).stat().st_size, t.name
+        assert {*locations(parts, graph).values()} <= {f.name for f in files}
+        onnx.checker.check_model(str(parts / graph))
+    manifest = json.loads((parts / "edgec.json").read_text())["files"]
+    assert all(manifest[f.name]["bytes"] == f.stat().st_size for f in files)
+    np.testing.assert_array_equal(cpu_logits(whole), cpu_logits(parts))
+
+
+def test_tensor_over_the_file_cap_is_one_line(monkeypatch, tmp_path, tiny):
+    """A tensor larger than max_data_file_bytes (it would not fit any file): refused in one line naming it."""
+    with pytest.raises(EdgecError) as e:
+        convert_capped(monkeypatch, tiny, tmp_path / "o", 0, 1 << 20, dense="fp32")
+    assert "max_data_file_bytes" in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
+
+
 CHUNK = 16  # the chat page's prefill chunk (edgec/web/page/chat.js): the most positions one run computes logits for
 
 
@@ -111,8 +154,9 @@ def check_20b_limits(folder, cap):
         assert max(sizes.values()) <= cap, max(sizes.items(), key=lambda kv: kv[1])
         # every weight's bytes live in model.onnx.data (the external-data path onnxruntime-web loads)
         assert sum(initializer_bytes(folder, graph, external=False).values()) < 1 << 20
-    data = (folder / "model.onnx.data").stat().st_size
-    assert data >= sum(initializer_bytes(folder, GENAI_GRAPH).values())
+    files = data_files(folder)  # model.onnx.data, .1, ...: each within the profile's max_data_file_bytes
+    assert len(files) > 1 and max(f.stat().st_size for f in files) <= load_profile("onnx-webgpu")["max_data_file_bytes"]
+    assert sum(f.stat().st_size for f in files) >= sum(initializer_bytes(folder, GENAI_GRAPH).values())
     acts = bounded_activations(folder, cfg)
     names = set(acts)
     # the big ones are bounded: the logits, each lm_head shard's product, the embedding shards and their sum
@@ -149,7 +193,7 @@ def test_20b_shape_within_browser_limits(tmp_path, slice20b, dense):
     from edgec.runtime.onnx_backend import OnnxBackend
 
     held = OnnxBackend.held_weights(out)
-    assert held.embedding == 201088 * 2880 * item and held.total >= (out / "model.onnx.data").stat().st_size
+    assert held.embedding == 201088 * 2880 * item and held.total >= sum(f.stat().st_size for f in data_files(out))
 
 
 def test_sharded_graph_in_chromium_webgpu(monkeypatch, tmp_path, tiny):
@@ -172,3 +216,18 @@ def test_sharded_graph_in_chromium_webgpu(monkeypatch, tmp_path, tiny):
     assert np.abs(a - b).max() <= reorder_bound(64, float(np.abs(a).max()))
     assert int(a.argmax()) == int(b.argmax())
     np.testing.assert_allclose(b, cpu_logits(parts, ids)[-1], atol=1e-3)  # and the CPU run (test_webgpu's bound)
+
+
+def test_split_data_files_in_chromium_webgpu(monkeypatch, tmp_path, tiny):
+    """model.js hands every data file to onnxruntime-web by URL (edgec.json's list): the split output's logits in
+    headless Chromium's WebGPU equal the one-file output's there (the same graph, the same bytes, the same device)."""
+    from test_webgpu import _browser_logits
+
+    ids = IDS[:4]
+    whole = convert_capped(monkeypatch, tiny, tmp_path / "whole", 0, dense="fp32")
+    parts = convert_capped(monkeypatch, tiny, tmp_path / "parts", 0, FILE_CAP, dense="fp32")
+    assert len(data_files(parts)) >= 2
+    a, b = _browser_logits(whole, "fp32", ids), _browser_logits(parts, "fp32", ids)
+    assert "error" not in a and "error" not in b, (a.get("error"), b.get("error"))
+    assert b["arch"] == "swiftshader" and b["length"] == len(ids)
+    np.testing.assert_array_equal(np.asarray(a["logits"], np.float32), np.asarray(b["logits"], np.float32))

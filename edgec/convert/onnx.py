@@ -67,7 +67,8 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     with atomic_dir(out, force, keep=ckpt.source_files()) as tmp, \
             byte_progress(meter.total, f"onnx {profile['name']}", progress) as adv:
         meter.advance = adv
-        ext = ExternalData(tmp / DATA, release=ckpt.release_pages, cap=int(profile.get("max_buffer_bytes", 0)))
+        ext = ExternalData(tmp / DATA, release=ckpt.release_pages, cap=int(profile.get("max_buffer_bytes", 0)),
+                           file_cap=int(profile.get("max_data_file_bytes", 0)))
         try:
             g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense, meter)
         finally:
@@ -86,7 +87,7 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
                   "ort_device": profile.get("ort_device", "cpu"), "moe": moe_kind(profile, experts),
                   "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy}
         write_manifest(tmp, ckpt, profile, recipe)
-    return {"files": [GENAI_GRAPH, EDGEC_GRAPH, DATA, "genai_config.json", *tok], "recipe": recipe,
+    return {"files": [GENAI_GRAPH, EDGEC_GRAPH, *ext.files, "genai_config.json", *tok], "recipe": recipe,
             "lossy": lossy, "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 

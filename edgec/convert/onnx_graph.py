@@ -80,15 +80,25 @@ def row_shards(rows: int, row_bytes: int, cap: int) -> list[tuple[int, int]]:
     return [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
+def data_files(folder: Path) -> list[Path]:
+    """The folder's external-data files in write order: model.onnx.data, then model.onnx.data.1, .2, ..."""
+    parts = sorted(Path(folder).glob(DATA + ".*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    return [p for p in [Path(folder) / DATA, *parts] if p.is_file() and (p.name == DATA or p.suffix[1:].isdigit())]
+
+
 class ExternalData:
-    """Append-only external-data file; `add` returns an EXTERNAL TensorProto (no bytes in the graph).
+    """Append-only external-data file(s); `add` returns an EXTERNAL TensorProto (no bytes in the graph).
 
     `cap` (bytes, 0: none): the largest initializer the target's device allocates as one buffer (the onnx-webgpu
-    profile's `max_buffer_bytes`); a larger one is refused before any of its bytes are written."""
+    profile's `max_buffer_bytes`); a larger one is refused before any of its bytes are written.
+    `file_cap` (bytes, 0: one file): the largest data file (onnx-webgpu's `max_data_file_bytes`: onnxruntime-web
+    fetches each file into one ArrayBuffer). A tensor that would cross it starts the next file, `model.onnx.data.1`,
+    `.2`, ...; no tensor is split, each one's `location` names its file."""
 
-    def __init__(self, path: Path, release=None, release_every: int = 64 << 20, cap: int = 0):
-        self.cap = cap
-        self.path = Path(path)
+    def __init__(self, path: Path, release=None, release_every: int = 64 << 20, cap: int = 0, file_cap: int = 0):
+        self.cap, self.file_cap = cap, file_cap
+        self.path = self.first = Path(path)
+        self.files = [self.path.name]
         self.f = open(self.path, "wb")
         self.offset = 0
         self.inits: list[Any] = []
@@ -102,7 +112,12 @@ class ExternalData:
         if self.cap and size > self.cap:
             raise EdgecError(f"{name}: {size} bytes, over the target's max_buffer_bytes ({self.cap}: one device "
                              f"buffer per initializer); convert with a smaller format (--experts int4)")
+        if self.file_cap and size > self.file_cap:
+            raise EdgecError(f"{name}: {size} bytes, over the target's max_data_file_bytes ({self.file_cap})")
         pad = (-self.offset) % ALIGN
+        if self.file_cap and self.offset and self.offset + pad + size > self.file_cap:
+            self.next_file()
+            pad = 0
         if pad:
             self.f.write(b"\0" * pad)
             self.offset += pad
@@ -123,6 +138,13 @@ class ExternalData:
         self.inits.append(t)
         self.names.add(name)
         return name
+
+    def next_file(self) -> None:
+        self.f.close()
+        self.path = self.first.with_name(f"{self.first.name}.{len(self.files)}")
+        self.files.append(self.path.name)
+        self.f = open(self.path, "wb")
+        self.offset = 0
 
     def close(self) -> None:
         self.f.close()

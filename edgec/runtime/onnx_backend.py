@@ -77,7 +77,7 @@ class OnnxBackend(WindowedBackend):
         """The weights file's bytes (and the graphs'); `embedding`: the embedding table's bytes in it; `experts`:
         the expert weights' bytes that the CPU provider runs as stored (see `_extents`)."""
         folder = Path(folder)
-        total = sum((folder / f).stat().st_size for f in (G.EDGEC_GRAPH, G.DATA) if (folder / f).is_file())
+        total = sum(f.stat().st_size for f in [folder / G.EDGEC_GRAPH, *G.data_files(folder)] if f.is_file())
         extents, experts = cls._extents(folder)
         return Weights(total, embedding=sum(n for _, n in _embedding_extents(extents)),
                        experts=sum(extents.get(i, (0, 0))[1] for i in experts))
@@ -94,7 +94,7 @@ class OnnxBackend(WindowedBackend):
         return {k: (int(e.get("offset", 0)), int(e.get("length", 0))) for k, e in ext.items()}, experts
 
     def embedding_range(self) -> tuple[Path, int, int]:
-        """The embedding table's bytes in model.onnx.data: (file, start, end)."""
+        """The embedding table's bytes in model.onnx.data: (file, start, end) (an unsplit output's: onnx-cpu's)."""
         parts = _embedding_extents(self._extents(self.folder)[0]) or [(0, 0)]
         return self.folder / G.DATA, min(o for o, _ in parts), max(o + n for o, n in parts)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -31,6 +32,7 @@ FLAGS = (
     "--use-webgpu-adapter=swiftshader",
     "--disable-vulkan-surface",
 )
+SOFTWARE = ("--use-vulkan=swiftshader", "--use-webgpu-adapter=swiftshader")  # EDGEC_WEBGPU_ADAPTER=gpu: without
 
 
 def require_js() -> Path:
@@ -100,8 +102,10 @@ def chrome(script_timeout_s: float = 600):
         raise MissingBackend("selenium is not installed: pip install 'edgec[web]'") from None
     options = webdriver.ChromeOptions()
     options.binary_location = _binary("chromium", "/usr/bin/chromium", "google-chrome", "chrome")
+    gpu = os.environ.get("EDGEC_WEBGPU_ADAPTER") == "gpu"  # the machine's own GPU (bench/gpu_check.py)
     for flag in FLAGS:
-        options.add_argument(flag)
+        if not (gpu and flag in SOFTWARE):
+            options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(_binary("chromedriver", "/usr/bin/chromedriver")))
     driver.set_script_timeout(script_timeout_s)

@@ -7,6 +7,10 @@
 
 const PIECE = 16;
 
+// model.onnx.data, model.onnx.data.1, ...: the external-data files edgec.json lists, in write order
+export const dataFiles = (manifest) => Object.keys(manifest.files).filter((f) => /^model\.onnx\.data(\.\d+)?$/.test(f))
+  .sort((a, b) => (Number(a.split('.')[3]) || 0) - (Number(b.split('.')[3]) || 0));
+
 export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {}) {
   const base = baseUrl.endsWith('/') ? baseUrl : baseUrl + '/';
   const gpuAdapter = await navigator.gpu.requestAdapter();
@@ -26,7 +30,8 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
   try {
     session = await ort.InferenceSession.create(base + 'model.edgec.onnx', {
       executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0,
-      externalData: [{path: 'model.onnx.data', data: base + 'model.onnx.data'}],
+      // every data file by URL (convert splits them under the profile's max_data_file_bytes): the browser fetches each
+      externalData: dataFiles(manifest).map((f) => ({path: f, data: base + f})),
     });
   } finally { for (const h of hooks) console[h] = saved[h]; }
   let ep = null;

@@ -25,3 +25,17 @@ export function rows(start, end) {  // rows [start, end) of the last forward, fl
 }
 
 export function reset() { model.reset(); }
+
+export async function bench(ids, n) {  // bench/bench_webgpu.py: prefill `ids`, then n greedy steps, timed in the page
+  model.reset();
+  let t0 = performance.now(), logits = await model.forward(ids);
+  const prefill = (performance.now() - t0) / 1000, out = [];
+  t0 = performance.now();
+  for (let i = 0; i < n; i++) {
+    let best = 0;
+    for (let j = 1; j < logits.length; j++) if (logits[j] > logits[best]) best = j;
+    out.push(best);
+    logits = await model.forward([best]);
+  }
+  return {prefill_s: prefill, decode_s: (performance.now() - t0) / 1000, tokens: out};
+}
