@@ -254,3 +254,21 @@ def test_convert_refusals_one_line(merged, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(src), "-t", "mlx", "-o", str(tmp_path / "y"), "--adapter", str(bad)])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "adapter_model.safetensors: tensor" in r.output, r.output
     assert not (tmp_path / "y").exists()
+
+
+def test_mxfp4_source_with_adapter_parity(tiny, tmp_path):
+    """An MXFP4 source + adapter: the adapted experts are requantized (recipe experts_from mxfp4+lora), parity
+    against SRC + adapter passes, against SRC alone fails."""
+    ad = write_lora(tmp_path / "ad", Checkpoint.scan(tiny).config)
+    out = tmp_path / "o"
+    summary = _convert(tiny, ad, "onnx-cpu", out)
+    q = summary["quantization"]
+    assert list(q) == ["gate_up_proj"] and q["gate_up_proj"]["matrices"] == 8  # layer 0 only
+    assert json.loads((out / "edgec.json").read_text())["recipe"]["experts_from"] == "mxfp4+lora"
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([IDS]))
+    args = ["parity", str(tiny), str(out), "--prompts", str(prompts), "--tokens", "1"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "--no-adapters"])
+    assert r.exit_code == 1, r.output
