@@ -34,6 +34,12 @@ def merged(tmp_path_factory):
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+    ids = torch.randint(0, base.config.vocab_size, (2, 12))
+    for _ in range(3):  # a few training steps, as a fine-tune leaves it: A and B both moved
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
     pm.save_pretrained(root / "ad")
     ref = GptOssForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
     out = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
