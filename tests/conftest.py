@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,16 +82,20 @@ def tiny_mlx(tiny, tmp_path_factory) -> Path:
     return Path(run_convert(tiny, "mlx", tmp_path_factory.mktemp("conv") / "tiny-mlx", progress=False)["out"])
 
 
-@pytest.fixture(scope="session")
-def slice120_mlx(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def slice120_mlx(tmp_path_factory) -> Iterator[Path]:
     """A 2-layer slice of the 120b shapes (`edgec synth --preset 120b --layers 2`, 5.8 GB, about a minute to
-    write here) converted to mlx; the HF source is removed once converted. Read-only."""
+    write here) converted to mlx; the HF source is removed once converted, the output when the module ends (disk:
+    11.6 GB at the peak). Read-only."""
     from edgec.convert import run_convert
 
     src = make_ckpt(tmp_path_factory.mktemp("ckpt") / "s120", "120b", layout="hf", num_hidden_layers=2)
-    out = Path(run_convert(src, "mlx", tmp_path_factory.mktemp("conv") / "s120-mlx", progress=False)["out"])
-    shutil.rmtree(src)
-    return out
+    try:
+        out = Path(run_convert(src, "mlx", tmp_path_factory.mktemp("conv") / "s120-mlx", progress=False)["out"])
+    finally:
+        shutil.rmtree(src)
+    yield out
+    shutil.rmtree(out)
 
 
 @pytest.fixture(scope="session")

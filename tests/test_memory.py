@@ -4,8 +4,10 @@ context chosen from it; portable process memory."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -218,10 +220,12 @@ def test_inspect_prices_each_target_with_its_runtime_plan(tiny_mlx, tiny):
 
 # ---- resident memory against the plan -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def slice20b(tmp_path_factory) -> Path:
+def slice20b(tmp_path_factory) -> Iterator[Path]:
     """A 2-layer slice of the 20b shape (edgec synth --preset 20b --layers 2: 20b's vocabulary, hidden size, heads
     and 32 experts; 1.6 GB)."""
-    return make_ckpt(tmp_path_factory.mktemp("slice20b") / "src", "20b", layout="hf", num_hidden_layers=2)
+    src = make_ckpt(tmp_path_factory.mktemp("slice20b") / "src", "20b", layout="hf", num_hidden_layers=2)
+    yield src
+    shutil.rmtree(src)  # disk: removed when the module ends
 
 
 @pytest.mark.parametrize("target", ["mlx", "onnx-cpu"])
@@ -232,8 +236,6 @@ def test_resident_memory_against_the_plan(slice20b, target, tmp_path):
     weight at load. onnxruntime maps model.onnx.data: the experts it runs as stored page in as they are routed to
     (the plan's `paged`), and of the embedding table, which the plan prices apart as `mapped`, only the pages of
     tokens seen, which the measurement also reports apart and must stay within the table."""
-    import shutil
-
     from edgec.bench import measure_memory
     from edgec.convert import run_convert
 

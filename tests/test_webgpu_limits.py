@@ -2,6 +2,8 @@
 `max_buffer_bytes` (the embedding and lm_head as vocabulary shards), the sharded graph's logits identical to the
 unsharded graph's, and the 20b shape's graphs within the limits."""
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -172,7 +174,9 @@ def slice20b(tmp_path_factory):
     (2880), heads and 32 experts of 5760 x 2880, so the embedding, lm_head and expert tensors are 20b's."""
     from conftest import make_ckpt
 
-    return make_ckpt(tmp_path_factory.mktemp("slice20b") / "src", "20b", layout="hf", num_hidden_layers=1)
+    src = make_ckpt(tmp_path_factory.mktemp("slice20b") / "src", "20b", layout="hf", num_hidden_layers=1)
+    yield src
+    shutil.rmtree(src)  # disk: removed when the module ends
 
 
 @pytest.mark.parametrize("dense", ["fp16", "fp32"])
