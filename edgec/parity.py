@@ -197,7 +197,7 @@ def run_parity(src: Path, out: Path, prompts_file: Path | None = None, positions
         from .web.runner import placement_failures
 
         info = backend.info
-        report.update(runtime="onnxruntime-web", variant=info["variant"], adapter=info["adapter"],
+        report.update(runtime="onnxruntime-web", variant=backend.precision or info["variant"], adapter=info["adapter"],
                       nodes_total=info["nodesTotal"], nodes_on_webgpu=info["nodesOnWebgpu"])
         report["failures"] += placement_failures(info["placement"])
         report["passed"] = not report["failures"]

@@ -110,9 +110,34 @@ def test_placement_off_webgpu_fails():
     assert placement_failures({}) != []
 
 
-def test_fp16_output_on_adapter_without_f16_is_one_line(tiny, tmp_path, prompts):
+def test_default_fp16_output_passes_widened(tiny, tmp_path, prompts):
+    """`edgec convert SRC --target onnx-webgpu -o OUT && edgec parity SRC OUT --browser` (issue 21's "Done when"),
+    on SwiftShader (no shader-f16): model.js runs model.f32.edgec.onnx, the fp16 weights widened in the page, with
+    the profile's [parity."fp16+int4+fp32-widened"] bounds."""
+    w16, report = tmp_path / "w16", tmp_path / "r.json"
+    subprocess.run([*EDGEC, "convert", str(tiny), "--target", "onnx-webgpu", "-o", str(w16)], check=True)
+    r = subprocess.run([*EDGEC, "parity", str(tiny), str(w16), "--browser", "--prompts", str(prompts), "--tokens", "4",
+                        "--report", str(report)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["passed"] and rep["variant"] == "fp32-widened" and rep["recipe"]["dense"] == "fp16"
+    assert rep["adapter"]["architecture"] == "swiftshader" and "shader-f16" not in rep["adapter"]["features"]
+    assert 0 < rep["nodes_on_webgpu"] <= rep["nodes_total"]
+    from edgec.parity import thresholds_for
+    from edgec.targets import load_profile
+
+    assert rep["thresholds"] == thresholds_for(load_profile("onnx-webgpu"), rep["recipe"], "fp32-widened")
+    assert "fp16+int4+fp32-widened" in load_profile("onnx-webgpu")["parity"]
+
+
+def test_fp16_output_without_f32_graph_is_one_line(tiny, tmp_path, prompts):
+    """An fp16 output as older edgec wrote it (no model.f32.edgec.onnx) on an adapter without shader-f16."""
     w16 = tmp_path / "w16"
     subprocess.run([*EDGEC, "convert", str(tiny), "--target", "onnx-webgpu", "-o", str(w16)], check=True)
+    (w16 / "model.f32.edgec.onnx").unlink()
+    m = json.loads((w16 / "edgec.json").read_text())
+    del m["files"]["model.f32.edgec.onnx"], m["recipe"]["variants"], m["recipe"]["widened"]
+    (w16 / "edgec.json").write_text(json.dumps(m))
     r = _parity(tiny, w16, prompts, tmp_path / "r.json")
     assert r.exit_code == 2 and "--dense fp32" in r.output and "shader-f16" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1

@@ -242,6 +242,11 @@ def test_typed_prompt_streams_and_greedy_ids_equal_onnx_cpu(page, outs, tmp_path
     assert turn.find_element("css selector", ".final").get_attribute("textContent") == final
     assert turn.find_element("css selector", ".reasoning").get_attribute("textContent") == analysis
 
+    _greedy_equals_cpu(last, cpu, text, tmp_path)
+
+
+def _greedy_equals_cpu(last, cpu, text, tmp_path):
+    """The page's greedy ids and top-5 logits per step (`last`) vs `edgec generate` / `edgec logits` on `cpu`."""
     conv = tmp_path / "conv.json"
     conv.write_text(_conversation(text).to_json())
     run = subprocess.run([*EDGEC, "generate", str(cpu), "--conversation", str(conv), "--temperature", "0",
@@ -262,6 +267,39 @@ def test_typed_prompt_streams_and_greedy_ids_equal_onnx_cpu(page, outs, tmp_path
     else:
         a, b = last["tokens"][flip], ref[flip]
         assert abs(cpu_logits[flip, a] - cpu_logits[flip, b]) <= 1e-3, "not a near-tie"
+
+
+@pytest.mark.float_sensitive
+def test_default_fp16_output_greedy_ids_equal_its_widened_graph_on_cpu(tiny, tmp_path):
+    """The page on a default (fp16) output, SwiftShader (no shader-f16): model.js runs model.f32.edgec.onnx with the
+    fp16 weights widened in the page. The honest peer is that same graph and those same widened weights on
+    onnxruntime's CPU provider (tests/widened.py materialises them; onnx-cpu's own conversion rounds bf16 to fp32,
+    other weights): both float32 from identical weights, so the rule of the test above holds (top-5 logits within
+    1e-3 at every step, the same 16 ids but for a near-tie)."""
+    from widened import widened_folder
+
+    w16 = tmp_path / "w16"
+    subprocess.run([*EDGEC, "convert", str(tiny), "--target", "onnx-webgpu", "-o", str(w16)], check=True)
+    cpu = widened_folder(w16, tmp_path / "cpu")
+    srv = server.make_server(w16)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with browser.chrome(script_timeout_s=120) as driver:
+            driver.get(f"http://127.0.0.1:{srv.server_address[1]}/?date={DATE}&context=256")
+            _until(driver, "window.edgec.ready || window.edgec.error", 120)
+            assert driver.execute_script("return window.edgec.error") is None
+            variant = driver.find_element("id", "variant").text
+            assert variant == "fp32 widened from fp16 (adapter has no shader-f16)", variant
+            text = "What is the capital of France?"
+            _set(driver, temperature=0, max_tokens=16)
+            _send(driver, text)
+            _until(driver, "!window.edgec.running", 120)
+            assert driver.execute_script("return window.edgec.error") is None
+            last = driver.execute_script("return window.edgec.last")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    _greedy_equals_cpu(last, cpu, text, tmp_path)
 
 
 def test_stop_button(page):

@@ -98,3 +98,70 @@ def test_model_js_fp32_runs_on_swiftshader_and_fp16_does_not(tmp_path, tiny):
     assert {"QMoE", "GroupQueryAttention"} <= on_gpu and on_gpu & {"MatMulNBits", "MatMul"}
     off = {op for k, v in got["placement"].items() if k != "WebGpuExecutionProvider" for op, _ in v}
     assert not off & {"QMoE", "MatMulNBits", "MatMul", "GroupQueryAttention"}
+
+
+@pytest.mark.float_sensitive
+def test_default_fp16_output_runs_widened_on_swiftshader(tmp_path, tiny):
+    """The default (fp16) output's model.f32.edgec.onnx: the fp16 graph's nodes with float32 types, every fp16
+    initializer a float32 one in the widened files (the recipe's table; convert writes none of them), checked by
+    onnx.checker. tests/widened.py materialises those files as model.js builds them: each value is its fp16 value
+    exactly, the structure is the fp16 graph's. On onnxruntime's CPU provider its logits are the fp16 graph's up to
+    fp16 compute: tests/tolerance.py's bound at fp16's eps (the fp16 graph rounds every reduction at 2**-11; the
+    widened one is the exact oracle here, fp16 weights in float32), top-1 the same on most positions. In Chromium
+    (SwiftShader, no shader-f16) model.js picks the widened variant and agrees with that CPU run within 1e-3, the
+    float32 reordering bound of the test above (identical weights, both float32).
+    Measured (40 positions): widened vs fp16 max|diff| 0.021, mean 0.0023, top-1 100%."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from tolerance import logits_bound
+    from widened import widened_folder
+
+    from edgec.convert.onnx_graph import EDGEC_GRAPH, F32_GRAPH, FLOAT16
+    from edgec.jsonio import load_json
+    from edgec.manifest import read
+    from edgec.runtime.onnx_backend import OnnxBackend
+
+    w16 = tmp_path / "w16"
+    subprocess.run([sys.executable, "-m", "edgec", "convert", str(tiny), "--target", "onnx-webgpu", "-o", str(w16)],
+                   check=True)
+    recipe = load_json(w16 / "edgec.json")["recipe"]
+    assert recipe["variants"] == {"fp16": EDGEC_GRAPH, "fp32": F32_GRAPH} and recipe["widened"]["data"]
+    assert not list(w16.glob("model.onnx.data.f32*")) and (w16 / F32_GRAPH).stat().st_size < 1 << 20
+    g16 = onnx.load(str(w16 / EDGEC_GRAPH), load_external_data=False).graph
+    f32 = onnx.load(str(w16 / F32_GRAPH), load_external_data=False)
+    assert [(n.op_type, list(n.input)) for n in g16.node] == [(n.op_type, list(n.input)) for n in f32.graph.node]
+    wide = {t["tensor"] for t in recipe["widened"]["tensors"]}
+    assert wide == {t.name for t in g16.initializer if t.data_type == FLOAT16 and t.external_data}
+    with tempfile.TemporaryDirectory() as stub:  # the checker only needs each location to be a regular file
+        for loc in {e.value for t in f32.graph.initializer for e in t.external_data if e.key == "location"}:
+            open(os.path.join(stub, loc), "wb").close()
+        cwd = os.getcwd()
+        os.chdir(stub)
+        try:
+            onnx.checker.check_model(f32)
+        finally:
+            os.chdir(cwd)
+    full16 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(w16 / EDGEC_GRAPH)).graph.initializer
+              if t.name in wide}  # before the hard links (onnx.load refuses a linked data file)
+    cpu = widened_folder(w16, tmp_path / "cpu")
+    for t in recipe["widened"]["tensors"]:
+        b = np.fromfile(cpu / t["wide_file"], dtype="<f4", count=t["count"], offset=t["wide_offset"])
+        assert np.array_equal(full16[t["tensor"]].astype(np.float32).reshape(-1), b), t["tensor"]
+    del full16
+    ids = list(range(1, 41))
+    lw = OnnxBackend(cpu, provider="CPUExecutionProvider").forward(ids, all_logits=True)
+    l16 = OnnxBackend(w16, provider="CPUExecutionProvider").forward(ids, all_logits=True)
+    bound = logits_bound(read(w16).config, lw, len(ids), eps=float(np.finfo(np.float16).eps))
+    assert np.abs(lw - l16.astype(np.float32)).max() <= bound
+    assert (lw.argmax(-1) == l16.argmax(-1)).mean() >= 0.9
+    got = _browser_logits(w16, None, [1, 2, 3])
+    assert got.get("variant") == "fp32" and got["arch"] == "swiftshader", got.get("error")
+    web = np.asarray(got["logits"], dtype=np.float32)
+    ref = OnnxBackend(cpu, provider="CPUExecutionProvider").forward([1, 2, 3])[-1]
+    assert np.abs(web - ref).max() <= 1e-3 and int(web.argmax()) == int(ref.argmax())

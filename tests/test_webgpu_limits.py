@@ -10,7 +10,7 @@ import pytest
 
 import edgec.convert as conv
 from edgec.convert import run_convert
-from edgec.convert.onnx_graph import EDGEC_GRAPH, GENAI_GRAPH, ITEMSIZE, data_files
+from edgec.convert.onnx_graph import EDGEC_GRAPH, F32_GRAPH, GENAI_GRAPH, ITEMSIZE, data_files
 from edgec.errors import EdgecError
 from edgec.runtime.onnx_backend import OnnxBackend
 from edgec.targets import load_profile
@@ -52,8 +52,8 @@ def test_sharded_logits_equal_unsharded(monkeypatch, tmp_path, tiny, dense):
     sizes = initializer_bytes(parts)
     assert max(sizes.values()) <= cap and max(initializer_bytes(parts, external=False).values()) <= cap
     shards = [n for n in sizes if n.startswith("model.embed_tokens.weight.")]
-    item = {"fp32": 4, "fp16": 2}[dense]
-    assert len(shards) == -(-201088 * 64 * item // cap) == len([n for n in sizes if n.startswith("lm_head.weight.")])
+    # fp16 is sharded at its widened (float32) width: model.f32.edgec.onnx's tensors hold the cap too
+    assert len(shards) == -(-201088 * 64 * 4 // cap) == len([n for n in sizes if n.startswith("lm_head.weight.")])
     assert max(initializer_bytes(whole).values()) > cap  # the unsharded graph really is over the cap
     # every byte written is counted: shards and all
     assert sum(sizes.values()) == sum(initializer_bytes(whole).values())
@@ -150,10 +150,15 @@ def check_20b_limits(folder, cap):
     import json
 
     cfg = json.loads((folder / "edgec.json").read_text())["config"]
-    for graph in (GENAI_GRAPH, EDGEC_GRAPH):
+    wide = json.loads((folder / "edgec.json").read_text())["recipe"].get("widened")
+    for graph in (GENAI_GRAPH, EDGEC_GRAPH, *([F32_GRAPH] if wide else [])):  # the f32 graph: widened bytes
         assert (folder / graph).stat().st_size < 2 << 30  # protobuf's limit: only the graph is in the proto
         sizes = initializer_bytes(folder, graph)
         assert max(sizes.values()) <= cap, max(sizes.items(), key=lambda kv: kv[1])
+    if wide:  # the widened files the browser builds, each within max_data_file_bytes too
+        assert max(f["bytes"] for f in wide["files"]) <= load_profile("onnx-webgpu")["max_data_file_bytes"]
+    sizes = initializer_bytes(folder, EDGEC_GRAPH)
+    for graph in (GENAI_GRAPH, EDGEC_GRAPH):
         # every weight's bytes live in model.onnx.data (the external-data path onnxruntime-web loads)
         assert sum(initializer_bytes(folder, graph, external=False).values()) < 1 << 20
     files = data_files(folder)  # model.onnx.data, .1, ...: each within the profile's max_data_file_bytes
@@ -183,15 +188,17 @@ def slice20b(tmp_path_factory):
 def test_20b_shape_within_browser_limits(tmp_path, slice20b, dense):
     """`edgec convert --target onnx-webgpu` (its default int4 experts) of the 20b shape, fp16 and --dense fp32:
     every initializer within the profile's max_buffer_bytes (256 MiB: the embedding and lm_head, 1.16 GB fp16 /
-    2.32 GB fp32 each, as vocabulary shards; QMoE's gate_up at 253 MiB as it is), every activation shape inference
-    sizes for a prefill chunk within it too, both graphs far under protobuf's 2 GB with the weights external."""
+    2.32 GB fp32 each, as vocabulary shards, 9 in both: fp16's are sized so model.f32.edgec.onnx's widened ones fit;
+    QMoE's gate_up at 253 MiB as it is), every activation shape inference sizes for a prefill chunk within it too,
+    both graphs far under protobuf's 2 GB with the weights external."""
     out = tmp_path / "w"
     run_convert(slice20b, "onnx-webgpu", out, dense=dense, progress=False)
     cap = load_profile("onnx-webgpu")["max_buffer_bytes"]
     sizes, _ = check_20b_limits(out, cap)
     item = {"fp16": 2, "fp32": 4}[dense]
     shards = [n for n in sizes if n.startswith("model.embed_tokens.weight.")]
-    assert len(shards) == -(-201088 * 2880 * item // cap) == len([n for n in sizes if n.startswith("lm_head.")])
+    # fp16 too: shards sized at the widened (float32) width
+    assert len(shards) == -(-201088 * 2880 * 4 // cap) == len([n for n in sizes if n.startswith("lm_head.")])
     assert sizes["model.layers.0.moe.experts.gate_up_proj.qweight"] == 32 * 5760 * 2880 // 2
     # the memory plan counts the bytes written: shards included
     from edgec.runtime.onnx_backend import OnnxBackend

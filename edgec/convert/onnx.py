@@ -30,6 +30,7 @@ from .onnx_graph import (
     DATA,
     EDGEC,
     EDGEC_GRAPH,
+    F32_GRAPH,
     GENAI,
     GENAI_GRAPH,
     GRAPH_FORMAT,
@@ -37,7 +38,6 @@ from .onnx_graph import (
     INT32,
     INT64,
     IO_CODE,
-    ITEMSIZE,
     LOGITS,
     LOGITS_FROM,
     PAST,
@@ -52,6 +52,7 @@ from .onnx_graph import (
     keep_scales,
     row_shards,
     to_io,
+    widen_f32,
 )
 from .onnx_moe import moe, moe_kind
 
@@ -67,8 +68,11 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
     with atomic_dir(out, force, keep=ckpt.source_files()) as tmp, \
             byte_progress(meter.total, f"onnx {profile['name']}", progress) as adv:
         meter.advance = adv
+        # fp16 on a profile with an fp32 variant (onnx-webgpu: adapters without shader-f16): F32_GRAPH beside it
+        widen = bool(profile.get("fp32_variant")) and io_dtype(dense) == "fp16"
+        file_cap = int(profile.get("max_data_file_bytes", 0))
         ext = ExternalData(tmp / DATA, release=ckpt.release_pages, cap=int(profile.get("max_buffer_bytes", 0)),
-                           file_cap=int(profile.get("max_data_file_bytes", 0)))
+                           file_cap=file_cap, widen=widen)
         try:
             g = build(ckpt, ext, dense, experts, ctx, profile, lm_head or dense, meter)
         finally:
@@ -77,6 +81,13 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
         opset = int(profile.get("opset", 21))
         for name, only in ((GENAI_GRAPH, GENAI), (EDGEC_GRAPH, EDGEC)):
             (tmp / name).write_bytes(g.model(ext, opset, only).SerializeToString())
+        variants = {}
+        if widen:  # the fp16 graph as written, its dtypes rewritten; no second copy of the weights
+            import onnx
+
+            f32, table = widen_f32(onnx.load(str(tmp / EDGEC_GRAPH), load_external_data=False), file_cap)
+            (tmp / F32_GRAPH).write_bytes(f32.SerializeToString())
+            variants = {"variants": {"fp16": EDGEC_GRAPH, "fp32": F32_GRAPH}, "widened": table}
         genai = genai_config(ckpt, profile, ctx)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
         tok = copy_tokenizer_files(ckpt, tmp)
@@ -85,9 +96,10 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
                   "context_length": ctx, "graph_format": GRAPH_FORMAT,
                   "execution_provider": profile.get("execution_provider"),
                   "ort_device": profile.get("ort_device", "cpu"), "moe": moe_kind(profile, experts),
-                  "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy}
+                  "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy, **variants}
         write_manifest(tmp, ckpt, profile, recipe)
-    return {"files": [GENAI_GRAPH, EDGEC_GRAPH, *ext.files, "genai_config.json", *tok], "recipe": recipe,
+    return {"files": [GENAI_GRAPH, EDGEC_GRAPH, *([F32_GRAPH] if widen else []), *ext.files, "genai_config.json",
+                      *tok], "recipe": recipe,
             "lossy": lossy, "output_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
@@ -256,7 +268,7 @@ def _embedding(g: Graph, ext: ExternalData, emb: np.ndarray, io: str) -> str:
     [batch, seq, hidden] outputs gives every id its row exactly (one term non-zero)."""
     V, H = emb.shape
     code = IO_CODE[io]
-    shards = row_shards(V, H * ITEMSIZE[code], ext.cap)
+    shards = row_shards(V, H * ext.width(code), ext.cap)  # sized at float32 when the fp16 graph is also widened
     if len(shards) == 1:
         ext.add(EMBEDDING, code, (V, H), _rows(emb, 0, V, io))
         return g.node("Gather", [EMBEDDING, INPUT_IDS], name="/model/embed_tokens/Gather")[0]
@@ -281,7 +293,7 @@ def _lm_head(g: Graph, ext: ExternalData, lm: np.ndarray, y: str, io: str, fmt: 
     V, H = lm.shape
     code = IO_CODE[io]
     bits = INT_BITS.get(fmt)
-    row_bytes = H * bits // 8 if bits else H * ITEMSIZE[code]
+    row_bytes = H * bits // 8 if bits else H * ext.width(code)
     shards = row_shards(V, row_bytes, ext.cap)
     tag = (lambda j: "") if len(shards) == 1 else (lambda j: f".{j}")
     flat = None if bits else g.node("Reshape", [y, g.i64(-1, H)], name="/lm_head/Reshape_in")[0]

@@ -12,6 +12,10 @@ The contract (named here once; `convert/onnx.py` builds it, `runtime/onnx_backen
                                   SLIDING_SEQLENS_K / SLIDING_TOTAL / POSITION_IDS (a buffer that keeps history past
                                   the window, for exact rollback), and LOGITS_FROM picks the first position whose
                                   logits are computed (-1: the last only).
+  F32_GRAPH (model.f32.edgec.onnx) an fp16 onnx-webgpu output's float32-activation twin of EDGEC_GRAPH, for adapters
+                                  without shader-f16 (`widen_f32`): its fp16 initializers are FLOAT ones in widened
+                                  files (WIDE, WIDE.1, ...) that are never written; the browser builds them from
+                                  model.onnx.data by the table edgec.json's recipe records (edgec/web/static/model.js).
 GRAPH_FORMAT is recorded in edgec.json; a folder written under another contract is refused with "re-convert".
 """
 
@@ -29,6 +33,7 @@ ALIGN = 4096  # page-aligned offsets so onnxruntime can memory-map the weights
 
 GRAPH_FORMAT = 2
 GENAI_GRAPH, EDGEC_GRAPH, DATA = "model.onnx", "model.edgec.onnx", "model.onnx.data"
+F32_GRAPH, WIDE = "model.f32.edgec.onnx", DATA + ".f32"
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 PAST, PRESENT = "past_key_values.%d.%s", "present.%d.%s"  # % (layer, "key" | "value")
 SLIDING_SEQLENS_K, SLIDING_TOTAL, POSITION_IDS, LOGITS_FROM = ("sliding_seqlens_k", "sliding_total_sequence_length",
@@ -83,7 +88,8 @@ def row_shards(rows: int, row_bytes: int, cap: int) -> list[tuple[int, int]]:
 def data_files(folder: Path) -> list[Path]:
     """The folder's external-data files in write order: model.onnx.data, then model.onnx.data.1, .2, ..."""
     parts = sorted(Path(folder).glob(DATA + ".*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
-    return [p for p in [Path(folder) / DATA, *parts] if p.is_file() and (p.name == DATA or p.suffix[1:].isdigit())]
+    ok = lambda p: p.name == DATA or p.name[len(DATA) + 1:].isdigit()  # not a widened WIDE.1 (`materialize_wide`)
+    return [p for p in [Path(folder) / DATA, *parts] if p.is_file() and ok(p)]
 
 
 class ExternalData:
@@ -93,10 +99,12 @@ class ExternalData:
     profile's `max_buffer_bytes`); a larger one is refused before any of its bytes are written.
     `file_cap` (bytes, 0: one file): the largest data file (onnx-webgpu's `max_data_file_bytes`: onnxruntime-web
     fetches each file into one ArrayBuffer). A tensor that would cross it starts the next file, `model.onnx.data.1`,
-    `.2`, ...; no tensor is split, each one's `location` names its file."""
+    `.2`, ...; no tensor is split, each one's `location` names its file.
+    `widen`: FLOAT16 tensors are also read as float32 (F32_GRAPH, `widen_f32`): both caps hold for widened bytes."""
 
-    def __init__(self, path: Path, release=None, release_every: int = 64 << 20, cap: int = 0, file_cap: int = 0):
-        self.cap, self.file_cap = cap, file_cap
+    def __init__(self, path: Path, release=None, release_every: int = 64 << 20, cap: int = 0, file_cap: int = 0,
+                 widen: bool = False):
+        self.cap, self.file_cap, self.widen = cap, file_cap, widen
         self.path = self.first = Path(path)
         self.files = [self.path.name]
         self.f = open(self.path, "wb")
@@ -108,12 +116,14 @@ class ExternalData:
     def add(self, name: str, code: int, dims: Iterable[int], chunks: np.ndarray | Iterable[np.ndarray]) -> str:
         from onnx import TensorProto
 
-        size = int(np.prod(list(dims), dtype=np.int64)) * ITEMSIZE[code]
-        if self.cap and size > self.cap:
-            raise EdgecError(f"{name}: {size} bytes, over the target's max_buffer_bytes ({self.cap}: one device "
-                             f"buffer per initializer); convert with a smaller format (--experts int4)")
-        if self.file_cap and size > self.file_cap:
-            raise EdgecError(f"{name}: {size} bytes, over the target's max_data_file_bytes ({self.file_cap})")
+        count = int(np.prod(list(dims), dtype=np.int64))
+        size, wide = count * ITEMSIZE[code], count * self.width(code)
+        if self.cap and wide > self.cap:
+            raise EdgecError(f"{name}: {wide} bytes{' as float32' if wide > size else ''}, over the target's "
+                             f"max_buffer_bytes ({self.cap}: one device buffer per initializer); convert with a "
+                             f"smaller format (--experts int4)")
+        if self.file_cap and wide > self.file_cap:
+            raise EdgecError(f"{name}: {wide} bytes, over the target's max_data_file_bytes ({self.file_cap})")
         pad = (-self.offset) % ALIGN
         if self.file_cap and self.offset and self.offset + pad + size > self.file_cap:
             self.next_file()
@@ -138,6 +148,10 @@ class ExternalData:
         self.inits.append(t)
         self.names.add(name)
         return name
+
+    def width(self, code: int) -> int:
+        """Bytes per element a device buffer holds: FLOAT16 as float32 when widened, else the stored size."""
+        return ITEMSIZE[FLOAT] if self.widen and code == FLOAT16 else ITEMSIZE[code]
 
     def next_file(self) -> None:
         self.f.close()
@@ -211,3 +225,73 @@ def io_value(name: str, code: int, shape: list[Any]):
     from onnx import helper
 
     return helper.make_tensor_value_info(name, code, shape)
+
+
+def widen_f32(model, file_cap: int = 0) -> tuple[Any, dict[str, Any]]:
+    """F32_GRAPH from an fp16 graph (a ModelProto loaded without external data; changed in place): every FLOAT16
+    input, output and value_info -> FLOAT, Casts to FLOAT16 -> FLOAT, in-graph fp16 constants and attribute tensors
+    widened, and each external FLOAT16 initializer a FLOAT one at a 4096-aligned offset of the widened files WIDE,
+    WIDE.1, ... (each within `file_cap`, 0: one file); other initializers (uint8 experts, int64) keep their place in
+    the real data files. Returns (model, table): table = {"files": [{name, bytes}], "data": [real files the graph
+    still reads], "tensors": [{tensor, file, offset, count, wide_file, wide_offset}]}, what the browser widens."""
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    def tensor(t):  # an in-graph tensor, fp16 -> fp32 (external ones are handled below)
+        if t.data_type == FLOAT16 and t.data_location != TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+
+    g = model.graph
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.type.tensor_type.elem_type == FLOAT16:
+            v.type.tensor_type.elem_type = FLOAT
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == FLOAT16:
+                a.i = FLOAT
+            elif a.type == AttributeProto.TENSOR:
+                tensor(a.t)
+            elif a.type == AttributeProto.TENSORS:
+                for t in a.tensors:
+                    tensor(t)
+    files: list[dict[str, Any]] = []
+    data: set[str] = set()
+    table: list[dict[str, Any]] = []
+    for t in g.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            tensor(t)
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        if t.data_type != FLOAT16:
+            data.add(ext["location"])
+            continue
+        count = int(np.prod(list(t.dims), dtype=np.int64))
+        size = count * ITEMSIZE[FLOAT]
+        at = -(-files[-1]["bytes"] // ALIGN) * ALIGN if files else 0
+        if not files or (file_cap and at and at + size > file_cap):
+            files.append({"name": WIDE if not files else f"{WIDE}.{len(files)}", "bytes": 0})
+            at = 0
+        files[-1]["bytes"] = at + size
+        table.append({"tensor": t.name, "file": ext["location"], "offset": int(ext.get("offset", 0)), "count": count,
+                      "wide_file": files[-1]["name"], "wide_offset": at})
+        t.data_type = FLOAT
+        del t.external_data[:]
+        for k, v in (("location", files[-1]["name"]), ("offset", str(at)), ("length", str(size))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    return model, {"files": files, "data": sorted(data), "tensors": table}
+
+
+def materialize_wide(folder: Path, table: dict[str, Any], dst: Path) -> list[Path]:
+    """Write the widened files of `table` (widen_f32's) into `dst` from `folder`'s data files, as model.js builds
+    them in the browser (fp16 -> fp32 is exact). For tests and CPU checks; convert never writes them."""
+    out = []
+    for f in table["files"]:
+        with open(Path(dst) / f["name"], "wb") as fh:
+            fh.truncate(f["bytes"])
+        out.append(Path(dst) / f["name"])
+    for t in table["tensors"]:
+        x = np.fromfile(Path(folder) / t["file"], dtype="<f2", count=t["count"], offset=t["offset"])
+        with open(Path(dst) / t["wide_file"], "r+b") as fh:
+            fh.seek(t["wide_offset"])
+            fh.write(x.astype("<f4").tobytes())
+    return out

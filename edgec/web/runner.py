@@ -19,6 +19,7 @@ from ..errors import EdgecError
 from . import browser
 
 COMPUTE_OPS = ("MatMul", "MatMulNBits", "QMoE", "GroupQueryAttention", "MultiHeadAttention", "Attention")
+WIDENED = "fp32-widened"  # the variant of an fp16 output run as its f32 graph (reported, and its bounds' key)
 ROWS = 16  # logits rows per round trip (16 x 201k float32 = 13 MB of base64)
 
 CALL_JS = """const done = arguments[arguments.length - 1], [fn, args] = [arguments[0], arguments[1]];
@@ -63,8 +64,9 @@ def placement_failures(placement: dict[str, list[list[str]]]) -> list[str]:
 
 @contextlib.contextmanager
 def open_browser(out: Path, manifest: Any, max_context: int) -> Iterator[BrowserBackend]:
-    """Chromium on OUT (an onnx-webgpu output): one line, exit 2, for another target or an fp16 output on an adapter
-    without shader-f16; exit 3 for a missing chromium/chromedriver/selenium/onnxruntime-web."""
+    """Chromium on OUT (an onnx-webgpu output): one line, exit 2, for another target or an fp16 output without
+    model.f32.edgec.onnx on an adapter without shader-f16; exit 3 for a missing chromium/chromedriver/selenium/
+    onnxruntime-web."""
     if manifest.target != "onnx-webgpu":
         raise EdgecError(f"{out}: target is {manifest.target}; --browser runs onnx-webgpu outputs "
                          f"(`edgec convert SRC --target onnx-webgpu --dense fp32 -o OUT`)")
@@ -73,8 +75,13 @@ def open_browser(out: Path, manifest: Any, max_context: int) -> Iterator[Browser
         driver.get(base + "/parity.html")
         gpu = browser.adapter(driver)
         io = manifest.recipe.get("io_dtype", "fp16")
-        if io != "fp32" and "shader-f16" not in gpu["features"]:
-            raise EdgecError(f"{out}: fp16 activations, and this WebGPU adapter ({gpu.get('architecture')}) has no "
-                             f"shader-f16: convert with `edgec convert SRC --target onnx-webgpu --dense fp32`")
+        f32 = manifest.recipe.get("variants", {}).get("fp32")  # an fp16 output's widened graph (model.js)
+        if io != "fp32" and not f32 and "shader-f16" not in gpu["features"]:
+            raise EdgecError(f"{out}: fp16 activations without model.f32.edgec.onnx, and this WebGPU adapter "
+                             f"({gpu.get('architecture')}) has no shader-f16: convert again with this edgec, or "
+                             f"with `edgec convert SRC --target onnx-webgpu --dense fp32`")
         info = BrowserBackend(driver, manifest.config.vocab_size, {}).call("load", max_context)
-        yield BrowserBackend(driver, manifest.config.vocab_size, info)
+        backend = BrowserBackend(driver, manifest.config.vocab_size, info)
+        if info.get("widened"):  # bounds: the profile's [parity."<dense>+<experts>+fp32-widened"] (parity.py)
+            backend.precision = WIDENED
+        yield backend

@@ -126,14 +126,14 @@ async function main() {
   $('status').textContent = 'loading the tokenizer…';
   const tok = state.tokenizer = new Tokenizer(await (await fetch('/model/tokenizer.json')).json());
   $('status').textContent = 'loading the model…';
-  // an fp32 output runs on every adapter; an fp16 one needs shader-f16 (model.js says so when it is absent)
+  // an fp32 output runs on every adapter; an fp16 one needs shader-f16, or runs its widened fp32 graph (model.js)
   const manifest = await (await fetch('/model/edgec.json')).json();
   const variant = manifest.recipe.io_dtype === 'fp32' ? 'fp32' : undefined;
   const model = state.model = await loadModel('/model/', {ort, variant, maxContext: state.maxContext});
   const a = model.adapter;
   state.adapter = a;
   $('device').textContent = a.description || [a.vendor, a.architecture].filter(Boolean).join(' ') || 'unknown adapter';
-  $('variant').textContent = `${model.variant} (adapter ${a.features.includes('shader-f16') ? 'has' : 'has no'} shader-f16)`;
+  $('variant').textContent = `${model.variant}${model.widened ? ' widened from fp16' : ''} (adapter ${a.features.includes('shader-f16') ? 'has' : 'has no'} shader-f16)`;
   const send = async () => {
     const text = $('prompt').value;
     if (state.running || !text.trim()) return;

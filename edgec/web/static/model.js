@@ -4,6 +4,8 @@
 // (GQA's local_window_size limits what sliding layers attend to); sw_start stays 0.
 // Variant = the output's io dtype (edgec.json recipe.io_dtype): `edgec convert SRC --target onnx-webgpu` gives fp16,
 // `--dense fp32` float32 activations with the same int4 experts, for adapters without shader-f16 (SwiftShader).
+// An fp16 output also holds model.f32.edgec.onnx (recipe.variants.fp32): on an adapter without shader-f16 it runs
+// that graph, its fp16 initializers widened here to float32 (`widen`, the table in recipe.widened): variant fp32.
 
 const PIECE = 16;
 
@@ -19,19 +21,24 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
   const manifest = await (await fetch(base + 'edgec.json')).json(), cfg = manifest.config;
   const has = manifest.recipe.io_dtype === 'fp32' ? 'fp32' : 'fp16';
   variant = variant || (gpuAdapter.features.has('shader-f16') ? 'fp16' : 'fp32');
-  if (variant !== has) throw new Error(`this output is ${has}; the ${variant} variant needs ` +
-    (variant === 'fp32' ? '`edgec convert SRC --target onnx-webgpu --dense fp32` (the adapter has no shader-f16)' :
+  const widened = variant === 'fp32' && has === 'fp16' && !!(manifest.recipe.variants || {}).fp32;
+  if (variant !== has && !widened) throw new Error(`this output is ${has}; the ${variant} variant needs ` +
+    (variant === 'fp32' ? 'model.f32.edgec.onnx (convert again with this edgec) or `edgec convert SRC --target ' +
+     'onnx-webgpu --dense fp32` (the adapter has no shader-f16)' :
      'an fp16 output (edgec convert SRC --target onnx-webgpu)'));
+  // every data file by URL (convert splits them under the profile's max_data_file_bytes): the browser fetches each;
+  // widened: the real files the f32 graph still reads (int4 experts) by URL, the widened ones built here
+  const externalData = widened ? [...manifest.recipe.widened.data.map((f) => ({path: f, data: base + f})),
+    ...await widen(base, manifest.recipe.widened)] : dataFiles(manifest).map((f) => ({path: f, data: base + f}));
   const layers = cfg.num_hidden_layers, heads = cfg.num_key_value_heads, dim = cfg.head_dim;
   // node placement from ORT's own verbose log (session_state.cc VerifyEachNodeIsAssignedToAnEp), read off the console
   const placement = {}, seen = [], hooks = ['log', 'info', 'warn', 'error', 'debug'], saved = {};
   for (const h of hooks) { saved[h] = console[h]; console[h] = (...a) => { seen.push(a.join(' ')); }; }
   let session;
   try {
-    session = await ort.InferenceSession.create(base + 'model.edgec.onnx', {
-      executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0,
-      // every data file by URL (convert splits them under the profile's max_data_file_bytes): the browser fetches each
-      externalData: dataFiles(manifest).map((f) => ({path: f, data: base + f})),
+    const graph = widened ? manifest.recipe.variants.fp32 : 'model.edgec.onnx';
+    session = await ort.InferenceSession.create(base + graph, {
+      executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0, externalData,
     });
   } finally { for (const h of hooks) console[h] = saved[h]; }
   let ep = null;
@@ -85,7 +92,7 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
     return logits.type === 'float16' ? Float32Array.from(logits.data, halfToFloat) : logits.data;
   }
   return {
-    variant, adapter: {vendor: info.vendor, architecture: info.architecture, description: info.description, features},
+    variant, widened, adapter: {vendor: info.vendor, architecture: info.architecture, description: info.description, features},
     nodesTotal, nodesOnWebgpu, placement,
     async forward(chunk) {
       const data = await run(chunk, false), v = data.length;
@@ -97,6 +104,25 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
     reset,
     release() { session.release(); },
   };
+}
+
+// The widened files of an fp16 output's f32 graph (edgec/convert/onnx_graph.py widen_f32): each real data file
+// fetched once, each of its fp16 tensors written as float32 into a preallocated buffer at its recorded offset
+// (fp16 -> fp32 is exact: a 65536-entry table). Returns onnxruntime-web externalData entries.
+async function widen(base, table) {
+  const f32 = new Float32Array(65536);
+  for (let h = 0; h < 65536; h++) f32[h] = halfToFloat(h);
+  const out = Object.fromEntries(table.files.map((f) => [f.name, new ArrayBuffer(f.bytes)]));
+  for (const file of [...new Set(table.tensors.map((t) => t.file))]) {
+    const src = await (await fetch(base + file)).arrayBuffer();
+    for (const t of table.tensors) {
+      if (t.file !== file) continue;
+      const from = new Uint16Array(src, t.offset, t.count);
+      const to = new Float32Array(out[t.wide_file], t.wide_offset, t.count);
+      for (let i = 0; i < t.count; i++) to[i] = f32[from[i]];
+    }
+  }
+  return table.files.map((f) => ({path: f.name, data: new Uint8Array(out[f.name])}));
 }
 
 function halfToFloat(h) {

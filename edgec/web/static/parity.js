@@ -8,7 +8,7 @@ let model = null, last = null, vocab = 0;
 export async function load(maxContext) {
   model = await loadModel('/model/', {ort, maxContext});
   vocab = (await (await fetch('/model/edgec.json')).json()).config.vocab_size;
-  return {variant: model.variant, adapter: model.adapter, nodesTotal: model.nodesTotal,
+  return {variant: model.variant, widened: model.widened, adapter: model.adapter, nodesTotal: model.nodesTotal,
           nodesOnWebgpu: model.nodesOnWebgpu, placement: model.placement};
 }
 
