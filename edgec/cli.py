@@ -237,19 +237,26 @@ def parse_ids(ids: str | None, ids_file: Path | None) -> list[int]:
               help="a PEFT LoRA adapter folder merged into the weights (float32, before any quantization); repeatable")
 @click.option("--adapter-scale", "adapter_scales", multiple=True, type=float,
               help="scale of each --adapter, in order (default: its lora_alpha / r)")
+@click.option("--max-buffer", metavar="SIZE",
+              help="the largest initializer (bytes, or 128MiB, 1GiB), in place of the target's max_buffer_bytes "
+                   "(onnx-webgpu: 256MiB; a WebGPU adapter guarantees a 128MiB binding): the embedding and lm_head "
+                   "are sharded under it, QMoE's experts split into groups, each token then running its top-k in "
+                   "every group (20b at 128MiB: 2 groups, 2x the expert work at decode)")
 @click.option("--json", "as_json", is_flag=True, help="print the conversion summary as JSON")
 def convert(src: Path, target: str, out: Path, dense: str | None, experts: str | None, lm_head: str | None,
             force: bool, force_foreign: bool, strict: bool, keep_16bit: bool, adapters: tuple[Path, ...],
-            adapter_scales: tuple[float, ...], as_json: bool) -> None:
+            adapter_scales: tuple[float, ...], max_buffer: str | None, as_json: bool) -> None:
     """Convert a gpt-oss checkpoint for a deployment target. SRC: a checkpoint folder or a Hugging Face id from the
     local cache (openai/gpt-oss-20b, ORG/NAME/original, ORG/NAME@REVISION); edgec never downloads."""
     from .convert import run_convert
     from .hub import source_path
+    from .memory import parse_size
 
     src = source_path(src)
+    cap = None if max_buffer is None else parse_size(max_buffer, "--max-buffer")
     summary = run_convert(src, target, out, dense=dense, experts=experts, force=force_mode(force, force_foreign),
                           lm_head=lm_head, strict=strict, keep_16bit=keep_16bit, adapters=adapters,
-                          adapter_scales=adapter_scales, warn=warn)
+                          adapter_scales=adapter_scales, max_buffer=cap, warn=warn)
     if as_json:
         emit_json(summary)
     else:
@@ -260,6 +267,11 @@ def convert(src: Path, target: str, out: Path, dense: str | None, experts: str |
         for a in summary.get("adapters", []):
             stderr.print(f"merged adapter {escape(a['name'])} (scale {a['scale']:g}, {a['modules']} modules, sha256 "
                          f"{a['sha256'][:12]})", highlight=False, soft_wrap=True)
+        recipe = summary.get("recipe") or {}
+        if recipe.get("expert_groups", 1) > 1:  # QMoE split under the buffer cap: say so, and what it costs
+            stderr.print(f"experts in {recipe['expert_groups']} QMoE groups per layer (no expert tensor over "
+                         f"--max-buffer {recipe['max_buffer_bytes']} bytes): each token runs its top-k in every group",
+                         highlight=False, soft_wrap=True)
         stderr.print(f"[green]converted[/] {src} -> {out} ({target}: experts {summary['experts']}, dense "
                      f"{summary['dense']}{lm}; {'LOSSY' if lossy else 'exact weights'}) in "
                      f"{summary.get('seconds', 0):.1f}s, peak RSS {summary.get('peak_rss_bytes', 0) / 2**20:.0f} MiB")

@@ -214,11 +214,11 @@ class Budget:
         return f"{gib(self.bytes)} ({self.source})" if self.bytes else f"unknown ({self.source})"
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--memory-budget") -> int:
     """'10.7GB', '10GiB', '8000MB', '512M', or plain bytes -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
     if not m or not float(m.group(1)):
-        raise EdgecError(f"--memory-budget {text!r}: expected a size such as 10.7GB, 10GiB or 8000MB")
+        raise EdgecError(f"{option} {text!r}: expected a size such as 10.7GB, 10GiB or 8000MB")
     base = 1024 if m.group(3) or not m.group(2) else 1000
     return int(float(m.group(1)) * base ** " kmgt".index(m.group(2) or " "))
 

@@ -205,8 +205,8 @@ def render_report(report: dict[str, Any]) -> None:
     t.add_column()
     if report["kind"] == "edgec output":
         t.add_row("target", f"{report.get('target')} ({report.get('runtime') or '?'})")
-        t.add_row("recipe", ", ".join(f"{k}={v}" for k, v in (report.get("recipe") or {}).items()
-                                      if v is not None) or "-")
+        t.add_row("recipe", ", ".join(f"{k}={v}" + (f" ({human_bytes(v)})" if k.endswith("_bytes") else "")
+                                      for k, v in (report.get("recipe") or {}).items() if v is not None) or "-")
         src = report.get("source") or {}
         t.add_row("converted from", f"{src.get('path', '?')} ({src.get('layout', '?')} layout), "
                                     f"edgec {report.get('edgec_version')}")

@@ -207,6 +207,32 @@ def test_20b_shape_within_browser_limits(tmp_path, slice20b, dense):
     assert held.embedding == 201088 * 2880 * item and held.total >= sum(f.stat().st_size for f in data_files(out))
 
 
+def test_20b_shape_at_the_128mib_floor(tmp_path, slice20b):
+    """`--max-buffer 128MiB` (WebGPU's guaranteed maxStorageBufferBindingSize) on the 20b shape, --dense fp32 only
+    (one conversion: disk is scarce; the output is removed at the end): every initializer and bounded activation
+    within 128 MiB, the 32 experts' QMoE in 2 groups of 16 (gate_up int4: 253 MiB whole, 126.6 MiB a group), the
+    embedding and lm_head in 18 vocabulary shards each, and edgec.json recording the cap."""
+    import json
+    import shutil
+
+    out, cap = tmp_path / "w128", 128 << 20
+    run_convert(slice20b, "onnx-webgpu", out, dense="fp32", max_buffer=cap, progress=False)
+    try:
+        sizes, _ = check_20b_limits(out, cap)
+        for graph in (GENAI_GRAPH, EDGEC_GRAPH):
+            g = onnx.load(str(out / graph), load_external_data=False).graph
+            assert sum(n.op_type == "QMoE" for n in g.node) == 2  # 1 layer x 2 groups
+        for j in range(2):
+            assert sizes[f"model.layers.0.moe.experts.g{j}.gate_up_proj.qweight"] == 16 * 5760 * 2880 // 2
+        assert "model.layers.0.moe.experts.gate_up_proj.qweight" not in sizes
+        assert len([n for n in sizes if n.startswith("model.embed_tokens.weight.")]) == -(-201088 * 2880 * 4 // cap)
+        recipe = json.loads((out / "edgec.json").read_text())["recipe"]
+        assert (recipe["max_buffer_bytes"], recipe["expert_groups"]) == (cap, 2)
+        assert recipe["largest_initializer_bytes"] == max(sizes.values()) <= cap
+    finally:
+        shutil.rmtree(out)
+
+
 def test_sharded_graph_in_chromium_webgpu(monkeypatch, tmp_path, tiny):
     """The sharded fp32 graph (embedding Gather/Where/Sum shards, lm_head Gemm shards + Concat) runs in headless
     Chromium's WebGPU (SwiftShader) through model.js and gives the unsharded graph's logits there. Everything before

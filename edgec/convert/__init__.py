@@ -12,14 +12,14 @@ from ..checkpoint import Checkpoint, nonfinite_line
 from ..errors import EdgecError
 from ..fsutil import check_output
 from ..memory import peak_rss_bytes
-from ..targets import load_profile
+from ..targets import list_targets, load_profile
 from .adapter import load_adapters
 
 
 def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None = None,
                 experts: str | None = None, force: bool | str = False, progress: bool = True,
                 lm_head: str | None = None, strict: bool = False, keep_16bit: bool = False,
-                adapters: list[str | Path] = (), adapter_scales: list[float] = (),
+                adapters: list[str | Path] = (), adapter_scales: list[float] = (), max_buffer: int | None = None,
                 warn: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Validate SRC, convert it for `target` into OUT atomically, return a summary (also in edgec.json).
 
@@ -28,8 +28,9 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
     `strict` non-finite weights are an error. `keep_16bit`: a source with dense 16-bit experts keeps them as dense
     matrices (the `decomposed` expert format, priced at the dense format's bytes by memory.py) instead of MXFP4.
     `adapters`: PEFT LoRA folders merged into the weights as they are read (convert.adapter), `adapter_scales` none
-    or one each."""
-    profile = load_profile(target)
+    or one each. `max_buffer` (bytes): the largest initializer, in place of the profile's max_buffer_bytes (targets
+    that have one: onnx-webgpu)."""
+    profile = with_max_buffer(load_profile(target), max_buffer)
     out = Path(out)
     check_output(out, force, [Path(src)])  # fail fast; atomic_dir checks again, with every source file
     if keep_16bit:
@@ -53,6 +54,20 @@ def run_convert(src: str | Path, target: str, out: str | Path, dense: str | None
         summary["quantization"] = q = ckpt.quant_summary()
         summary.setdefault("lossy", []).append(quant_line(ckpt.experts_layout, q))
     return summary
+
+
+def with_max_buffer(profile: dict[str, Any], max_buffer: int | None) -> dict[str, Any]:
+    """The profile with its device-buffer cap set to `max_buffer` bytes (None: its own); refused in one line for a
+    target without one (its runtime allocates no buffer per initializer)."""
+    if max_buffer is None:
+        return profile
+    if "max_buffer_bytes" not in profile:
+        capped = [n for n in list_targets() if "max_buffer_bytes" in load_profile(n)]
+        raise EdgecError(f"target {profile['name']} has no device-buffer cap: --max-buffer applies to targets with "
+                         f"max_buffer_bytes ({', '.join(capped)})")
+    if max_buffer <= 0:
+        raise EdgecError(f"--max-buffer {max_buffer}: expected a size in bytes over 0 (such as 128MiB)")
+    return {**profile, "max_buffer_bytes": int(max_buffer)}
 
 
 def keep_16bit_format(profile: dict[str, Any], experts: str | None) -> str:

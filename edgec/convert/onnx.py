@@ -97,6 +97,9 @@ def convert(ckpt: Checkpoint, profile: dict[str, Any], out: Path, dense: str, ex
                   "execution_provider": profile.get("execution_provider"),
                   "ort_device": profile.get("ort_device", "cpu"), "moe": moe_kind(profile, experts),
                   "experts_exact": not any(w.startswith("experts") for w in lossy), "lossy": lossy, **variants}
+        if ext.cap:  # the device-buffer cap (profile or --max-buffer), what was written under it, the QMoE groups
+            recipe.update(max_buffer_bytes=ext.cap, largest_initializer_bytes=ext.largest,
+                          expert_groups=g.expert_groups)
         write_manifest(tmp, ckpt, profile, recipe)
     return {"files": [GENAI_GRAPH, EDGEC_GRAPH, *([F32_GRAPH] if widen else []), *ext.files, "genai_config.json",
                       *tok], "recipe": recipe,
@@ -195,6 +198,7 @@ def build(ckpt: Checkpoint, ext: ExternalData, dense: str, experts: str, ctx: in
 
     residual, pending = x, None
     g.scale_clipped = {}  # layer -> expert blocks whose scale the io dtype cannot hold (exact INT8 in fp16)
+    g.expert_groups = 1  # QMoE nodes per layer (onnx_moe.expert_groups: more where an expert tensor is over ext.cap)
     for i in range(cfg.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"/model/layers.{i}"
         ext.add(p + "input_layernorm.weight", code, (H,), bf16_to_io(ckpt.raw(p + "input_layernorm.weight"), io))

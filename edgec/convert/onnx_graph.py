@@ -41,8 +41,8 @@ SLIDING_SEQLENS_K, SLIDING_TOTAL, POSITION_IDS, LOGITS_FROM = ("sliding_seqlens_
 GENAI, EDGEC = "genai", "edgec"  # the two graphs a node, input or output can be restricted to
 
 # ONNX TensorProto data type codes
-FLOAT, UINT8, INT64, INT32, FLOAT16, BFLOAT16, FLOAT8E8M0 = 1, 2, 7, 6, 10, 16, 24
-ITEMSIZE = {FLOAT: 4, UINT8: 1, INT64: 8, INT32: 4, FLOAT16: 2, BFLOAT16: 2, FLOAT8E8M0: 1}
+FLOAT, UINT8, INT64, INT32, BOOL, FLOAT16, BFLOAT16, FLOAT8E8M0 = 1, 2, 7, 6, 9, 10, 16, 24
+ITEMSIZE = {FLOAT: 4, UINT8: 1, INT64: 8, INT32: 4, BOOL: 1, FLOAT16: 2, BFLOAT16: 2, FLOAT8E8M0: 1}
 
 
 def to_io(x: np.ndarray, io: str) -> np.ndarray:
@@ -96,7 +96,8 @@ class ExternalData:
     """Append-only external-data file(s); `add` returns an EXTERNAL TensorProto (no bytes in the graph).
 
     `cap` (bytes, 0: none): the largest initializer the target's device allocates as one buffer (the onnx-webgpu
-    profile's `max_buffer_bytes`); a larger one is refused before any of its bytes are written.
+    profile's `max_buffer_bytes`, or `convert --max-buffer`); a larger one is refused before any of its bytes are
+    written (the embedding and lm_head are sharded under it, QMoE's experts grouped: onnx_moe.py).
     `file_cap` (bytes, 0: one file): the largest data file (onnx-webgpu's `max_data_file_bytes`: onnxruntime-web
     fetches each file into one ArrayBuffer). A tensor that would cross it starts the next file, `model.onnx.data.1`,
     `.2`, ...; no tensor is split, each one's `location` names its file.
@@ -105,6 +106,7 @@ class ExternalData:
     def __init__(self, path: Path, release=None, release_every: int = 64 << 20, cap: int = 0, file_cap: int = 0,
                  widen: bool = False):
         self.cap, self.file_cap, self.widen = cap, file_cap, widen
+        self.largest = 0  # bytes of the largest initializer a device holds (widened where widen)
         self.path = self.first = Path(path)
         self.files = [self.path.name]
         self.f = open(self.path, "wb")
@@ -121,7 +123,7 @@ class ExternalData:
         if self.cap and wide > self.cap:
             raise EdgecError(f"{name}: {wide} bytes{' as float32' if wide > size else ''}, over the target's "
                              f"max_buffer_bytes ({self.cap}: one device buffer per initializer); convert with a "
-                             f"smaller format (--experts int4)")
+                             f"smaller format (--experts int4) or a larger --max-buffer")
         if self.file_cap and wide > self.file_cap:
             raise EdgecError(f"{name}: {wide} bytes, over the target's max_data_file_bytes ({self.file_cap})")
         pad = (-self.offset) % ALIGN
@@ -146,6 +148,7 @@ class ExternalData:
             e = t.external_data.add()
             e.key, e.value = k, v
         self.inits.append(t)
+        self.largest = max(self.largest, wide)
         self.names.add(name)
         return name
 

@@ -9,7 +9,9 @@
   int4   INT4 QMoE, per-block scale chosen to minimise squared error (`mxfp4.to_qmoe_int4`; lossy)
   decomposed  dequantized expert matrices in the io dtype (exact)
 All take the layer's normed hidden state and router logits and return the MoE output (com.microsoft.QMoE: swiglu,
-interleaved fusion; the standard-op forms compute the same).
+interleaved fusion; the standard-op forms compute the same). Where a QMoE expert tensor of all E experts is over the
+target's buffer cap (onnx-webgpu's max_buffer_bytes, `convert --max-buffer`), the experts are split into groups, one
+QMoE node each, with gpt-oss's routing over all E kept (`_grouped`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ import numpy as np
 from .. import mxfp4
 from ..checkpoint import Checkpoint
 from ..errors import EdgecError
-from .onnx_graph import FLOAT, FLOAT8E8M0, INT32, IO_CODE, UINT8, ExternalData, Graph, bf16_to_io, keep_scales, to_io
+from .onnx_graph import (
+    BOOL,
+    FLOAT,
+    FLOAT8E8M0,
+    INT32,
+    IO_CODE,
+    UINT8,
+    ExternalData,
+    Graph,
+    bf16_to_io,
+    keep_scales,
+    to_io,
+)
 
 MOE_KIND = {"mxfp4": "QMoE fp4 (the checkpoint's MXFP4 bytes)", "exact": "QMoE int8, blocks of 32 (exact MXFP4)",
             "int4": "QMoE int4, blocks of 32 (lossy)", "decomposed": "decomposed MatMuls (dense experts)"}
@@ -51,39 +65,69 @@ def _standard_ops(profile: dict[str, Any]) -> bool:
 
 def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router: str, io: str, experts: str,
           profile: dict[str, Any]) -> str:
+    """com.microsoft.QMoE over all E experts; over expert groups (`_grouped`) where one of its expert tensors of
+    all E is over the target's buffer cap (`ext.cap`: onnx-webgpu's max_buffer_bytes, or `--max-buffer`)."""
     cfg = ckpt.config
     E, H, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    item, pack = ext.width(IO_CODE[io]), 1 if experts == "exact" else 2
+    scale_item = 1 if experts == "mxfp4" else item  # E8M0 bytes, or scales in the io dtype
+    per_expert = [b for n, kk in ((2 * inter, H), (H, inter)) for b in (n * kk // pack, n * kk // 32 * scale_item,
+                                                                        n * item)]  # qweight, scales, bias
+    groups = expert_groups(E, max(per_expert), ext.cap)
+    g.expert_groups = len(groups)
+    probs = g.node("Reshape", [router, g.i64(-1, E)], name=f"/model/layers.{i}/moe/router/Reshape")[0]
+    if len(groups) == 1:
+        return _qmoe_group(g, ext, ckpt, i, h, probs, io, experts, profile, 0, E, "")
+    return _grouped(g, ext, ckpt, i, h, probs, io, experts, profile, groups)
+
+
+def expert_groups(E: int, per_expert: int, cap: int) -> list[tuple[int, int]]:
+    """[(lo, hi), ...]: the E experts in the fewest contiguous groups of ceil(E/G) (the last smaller) whose tensors
+    fit `cap` bytes (0: no cap), `per_expert` the bytes one expert adds to the largest. One expert over the cap
+    still makes a group of one (ExternalData refuses its tensor in one line)."""
+    if not cap or E * per_expert <= cap:
+        return [(0, E)]
+    n = -(-E // max(1, cap // per_expert))
+    step = -(-E // n)
+    return [(lo, min(E, lo + step)) for lo in range(0, E, step)]
+
+
+def _qmoe_group(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, probs: str, io: str, experts: str,
+                profile: dict[str, Any], lo: int, hi: int, tag: str) -> str:
+    """One QMoE node over experts lo..hi (router logits `probs` [T, hi - lo], top-min(k, hi - lo)), its tensors
+    named `model.layers.{i}.moe.experts.{tag}{gate_up_proj|down_proj}.*` (tag "" for all the experts)."""
+    cfg = ckpt.config
+    H, inter, E = cfg.hidden_size, cfg.intermediate_size, hi - lo
     p, code = f"model.layers.{i}.", IO_CODE[io]
     rows = experts == "mxfp4" and profile.get("experts", {}).get("mxfp4_layout") == "rows"
     names = []
     for which, n, k in (("gate_up_proj", 2 * inter, H), ("down_proj", H, inter)):
         src = p + f"mlp.experts.{which}"
         blocks, scales = ckpt.raw(src + "_blocks"), ckpt.raw(src + "_scales")
-        dst = p + f"moe.experts.{which}"
+        dst = p + f"moe.experts.{tag}{which}"
         if experts == "mxfp4":  # dims are the logical [E, K, N/2] in both layouts
             pack = np.asarray if rows else mxfp4.to_qmoe_fp4
-            ext.add(dst + ".qweight", UINT8, (E, k, n // 2), (pack(blocks[e]) for e in range(E)))
-            ext.add(dst + ".scales", FLOAT8E8M0, (E, n, k // 32), (np.asarray(scales[e]) for e in range(E)))
+            ext.add(dst + ".qweight", UINT8, (E, k, n // 2), (pack(blocks[e]) for e in range(lo, hi)))
+            ext.add(dst + ".scales", FLOAT8E8M0, (E, n, k // 32), (np.asarray(scales[e]) for e in range(lo, hi)))
         else:
             conv = _int8 if experts == "exact" else mxfp4.to_qmoe_int4
             # weights and scales go to two tensors: write weights first, keeping only the small scales
             sc: list[np.ndarray] = []
             pack = 1 if experts == "exact" else 2
             ext.add(dst + ".qweight", UINT8, (E, n, k // pack),
-                    (keep_scales(conv(blocks[e], scales[e]), sc) for e in range(E)))
+                    (keep_scales(conv(blocks[e], scales[e]), sc) for e in range(lo, hi)))
             ext.add(dst + ".scales", code, (E, n, k // 32), (to_io(s_, io) for s_ in sc))
             if experts == "exact" and io == "fp16":  # 2**(s-128) is exact in fp16 for E8M0 104..143 only
                 bad = sum(int(((s_ < 2.0 ** -24) | (s_ > 2.0 ** 15)).sum()) for s_ in sc)
                 if bad:
                     g.scale_clipped[i] = g.scale_clipped.get(i, 0) + bad
-        ext.add(dst + ".bias", code, (E, n), bf16_to_io(ckpt.raw(src + "_bias"), io))
+        ext.add(dst + ".bias", code, (E, n), bf16_to_io(ckpt.raw(src + "_bias")[lo:hi], io))
         names.append(dst)
     (w1, w2) = names
-    probs = g.node("Reshape", [router, g.i64(-1, E)], name=f"/model/layers.{i}/moe/router/Reshape")[0]
     inputs = [h, probs, w1 + ".qweight", w1 + ".scales", w1 + ".bias", w2 + ".qweight", w2 + ".scales", w2 + ".bias",
               "", "", "", "", "", ""]
     attrs = dict(activation_alpha=cfg.swiglu_alpha, activation_beta=1.0, activation_type="swiglu",
-                 expert_weight_bits=8 if experts == "exact" else 4, k=cfg.num_experts_per_tok, block_size=32,
+                 expert_weight_bits=8 if experts == "exact" else 4, k=min(cfg.num_experts_per_tok, E), block_size=32,
                  normalize_routing_weights=1, swiglu_fusion=1, use_sparse_mixer=0, swiglu_limit=cfg.swiglu_limit)
     if experts == "mxfp4":
         for nm in (w1, w2):
@@ -94,7 +138,58 @@ def _qmoe(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, router:
             attrs["weights_prepacked"] = 1  # "row-major MXFP4": the layout onnxruntime's CPU kernel runs
     elif profile.get("execution_provider") == "CUDAExecutionProvider":  # integer experts on CUDA: absent means
         attrs["weights_prepacked"] = 0  # CUTLASS-prepacked; ours are raw [E, N, K/pack], as the builder marks them
-    return g.node("QMoE", inputs, name=f"/model/layers.{i}/moe/QMoE", domain="com.microsoft", **attrs)[0]
+    return g.node("QMoE", inputs, name=f"/model/layers.{i}/moe/{tag.replace('.', '/')}QMoE", domain="com.microsoft",
+                  **attrs)[0]
+
+
+# A group's router input (`_grouped`): a chosen expert's logit less the token's top-1 logit, floored at -CHOSEN_FLOOR;
+# every other expert at -UNCHOSEN. Both finite in fp16, and exp() of both is a normal float32 (> 0, under 1)
+CHOSEN_FLOOR, UNCHOSEN = 40.0, 80.0
+
+
+def _grouped(g: Graph, ext: ExternalData, ckpt: Checkpoint, i: int, h: str, logits: str, io: str, experts: str,
+             profile: dict[str, Any], groups: list[tuple[int, int]]) -> str:
+    """The MoE over G expert groups (`expert_groups`), each its own QMoE node and tensors (`...moe.experts.g{j}.*`),
+    so no expert tensor is over the target's buffer cap (20b's int4 gate_up of 32 experts is 253 MiB; WebGPU
+    guarantees a 128 MiB binding). Routing stays gpt-oss's, top-k over all E logits and a softmax over those k:
+      TopK(k) of the [T, E] logits once: vals, idx; w = Softmax(vals) [T, k]
+      chosen [T, E]: Equal(idx, arange(E)), ReduceMax over the k (as `_moe_mxfp4_lut`)
+      group g's router input: Slice lo_g..hi_g of Where(chosen, max(logit - top-1 logit, -CHOSEN_FLOOR), -UNCHOSEN)
+      S_g [T, 1]: the sum of w over the chosen experts in group g (its share of the softmax mass)
+      output = sum_g S_g * QMoE_g(h, logits_g), with k_g = min(k, group size)
+    QMoE_g takes the top k_g of its logits and a softmax over them: its c_g chosen experts (shift-invariant: their
+    weights within the group) and k_g - c_g others, each weighted <= e**(CHOSEN_FLOOR - UNCHOSEN) = e**-40 of a chosen
+    one; times S_g, each chosen expert gets its gpt-oss weight. A group with no chosen expert (S_g = 0) gets a
+    finite uniform mix of k_g experts, and 0 * finite = 0: no NaN. Finite is not enough: some of onnxruntime's QMoE
+    gates take exp() of the logits without subtracting their max (the multi-token `gate.wgsl.template` at some
+    commits) and divide by the sum unguarded, where a -1e4 fill would make every exp() 0 and the weights 0/0 = NaN
+    (and NaN * 0 is NaN). Shifted by the top-1 logit and floored, every value's exp() is a normal float32, so the
+    weights are the same whether a kernel subtracts the max or not (onnxruntime 1.32 CPU and onnxruntime-web 1.31.1
+    both gave finite outputs on an all -1e4 router row here).
+    The cost: each token runs k_g experts in every group, G x the expert work at decode (a prompt's tokens route to
+    most experts anyway), plus G QMoE launches; only outputs converted with a cap below the expert tensor pay it."""
+    cfg = ckpt.config
+    E, H, k, code = cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok, IO_CODE[io]
+    q = f"/model/layers.{i}/moe"
+    vals, idx = g.node("TopK", [logits, g.i64(k)], n_out=2, name=q + "/TopK", axis=-1, largest=1, sorted=1)
+    w = g.node("Softmax", [vals], name=q + "/Softmax", axis=-1)[0]  # [T, k]
+    hit = g.node("Equal", [g.node("Unsqueeze", [idx, g.i64(-1)])[0],
+                           g.const("/const/i64/experts", np.arange(E, dtype=np.int64))])[0]  # [T, k, E]
+    hit = g.node("Cast", [hit], to=code)[0]
+    share = g.node("ReduceSum", [g.node("Mul", [hit, g.node("Unsqueeze", [w, g.i64(-1)])[0]])[0], g.i64(1)],
+                   name=q + "/Share", keepdims=0)[0]  # [T, E]: each expert's routing weight, 0 where not chosen
+    chosen = g.node("Cast", [g.node("ReduceMax", [hit, g.i64(1)], keepdims=0)[0]], to=BOOL)[0]  # [T, E]
+    top = g.node("Slice", [vals, g.i64(0), g.i64(1), g.i64(1)])[0]  # [T, 1]: the top-1 logit
+    shifted = g.node("Max", [g.node("Sub", [logits, top])[0], g.scalar(-CHOSEN_FLOOR, io)])[0]
+    masked = g.node("Where", [chosen, shifted, g.scalar(-UNCHOSEN, io)], name=q + "/Masked")[0]  # [T, E]
+    cut = lambda x, lo, hi: g.node("Slice", [x, g.i64(lo), g.i64(hi), g.i64(1)])[0]  # [T, E] -> experts lo..hi
+    out = None
+    for j, (lo, hi) in enumerate(groups):
+        s = g.node("ReduceSum", [cut(share, lo, hi), g.i64(1)], name=f"{q}/g{j}/Share", keepdims=1)[0]  # [T, 1]
+        y = _qmoe_group(g, ext, ckpt, i, h, cut(masked, lo, hi), io, experts, profile, lo, hi, f"g{j}.")
+        y = g.node("Mul", [g.node("Reshape", [y, g.i64(-1, H)])[0], s], name=f"{q}/g{j}/Mul")[0]  # [T, H]
+        out = y if out is None else g.node("Add", [out, y], name=f"{q}/g{j}/Add")[0]
+    return g.node("Reshape", [out, g.node("Shape", [h])[0]], name=q + "/Output")[0]
 
 
 def _int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

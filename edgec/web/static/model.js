@@ -19,6 +19,14 @@ export async function loadModel(baseUrl, {ort, variant, maxContext = 1024} = {})
   const info = gpuAdapter.info || {};
   const features = [...gpuAdapter.features];
   const manifest = await (await fetch(base + 'edgec.json')).json(), cfg = manifest.config;
+  // onnxruntime-web binds every initializer whole and asks the device for the adapter's own maxStorageBufferBindingSize
+  // and maxBufferSize (WebGPU guarantees 128 MiB / 256 MiB): refuse an output whose largest initializer (edgec.json
+  // recipe, under convert's --max-buffer) is over either, before any weights are fetched
+  const lim = gpuAdapter.limits, limit = Math.min(lim.maxStorageBufferBindingSize, lim.maxBufferSize);
+  const largest = manifest.recipe.largest_initializer_bytes ?? manifest.recipe.max_buffer_bytes ?? 0;
+  if (largest > limit) throw new Error(`this output's largest initializer is ${largest} bytes, over this adapter's ` +
+    `buffer limit of ${limit} bytes (maxStorageBufferBindingSize ${lim.maxStorageBufferBindingSize}, maxBufferSize ` +
+    `${lim.maxBufferSize}): convert with \`edgec convert SRC --target onnx-webgpu --dense fp32 --max-buffer 128MiB\``);
   const has = manifest.recipe.io_dtype === 'fp32' ? 'fp32' : 'fp16';
   variant = variant || (gpuAdapter.features.has('shader-f16') ? 'fp16' : 'fp32');
   const widened = variant === 'fp32' && has === 'fp16' && !!(manifest.recipe.variants || {}).fp32;
